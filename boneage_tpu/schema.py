@@ -1,0 +1,153 @@
+"""The one TFRecord schema and manifest format, shared by the converter and every reader.
+
+Writer (`tools.make_tfrecords`) and readers (`boneage_tpu.data`, evaluation, TFDS) take the
+feature names, types and the stratum definition from here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+ENCODINGS = ("jpeg", "png", "raw")
+
+# Age bands in months (0-2, 2-6, 6-10, 10-13, 13-16, 16-20 years): used for the stratified
+# split, the balanced sampler (band x sex strata) and the per-band evaluation metrics.
+AGE_BAND_EDGES_MONTHS = (0, 24, 72, 120, 156, 192, 241)
+AGE_BAND_NAMES = ("0-2y", "2-6y", "6-10y", "10-13y", "13-16y", "16-19y")
+NUM_AGE_BANDS = len(AGE_BAND_NAMES)
+NUM_STRATA = 2 * NUM_AGE_BANDS
+MAX_AGE_MONTHS = 240.0
+NO_LABEL = -1.0  # boneage value stored in records whose label is absent (RSNA test layout).
+
+# name -> (tf dtype, tfds-style description). Every record carries every feature.
+FEATURES: dict[str, tuple[tf.dtypes.DType, str]] = {
+    "id": (tf.string, "image id as in the source CSV"),
+    "image": (tf.string, "encoded 8-bit single-channel image, longest side = image_size"),
+    "height": (tf.int64, "stored image height in pixels"),
+    "width": (tf.int64, "stored image width in pixels"),
+    "encoding": (tf.string, "jpeg | png | raw (row-major uint8 height x width)"),
+    "boneage": (tf.float32, "bone age in months; -1 when has_label == 0"),
+    "male": (tf.int64, "1 male, 0 female"),
+    "has_label": (tf.int64, "1 when boneage is a real label"),
+    "stratum": (tf.int64, "age_band * 2 + male; -1 when unlabeled"),
+}
+
+
+def age_band(months: float) -> int:
+    """Returns the index of the age band holding `months` (clipped to the outer bands)."""
+    band = int(np.searchsorted(AGE_BAND_EDGES_MONTHS, months, side="right")) - 1
+    return min(max(band, 0), NUM_AGE_BANDS - 1)
+
+
+def stratum(months: float, male: bool) -> int:
+    """Returns the stratum id (age band x sex) used for splitting and balanced sampling."""
+    return age_band(months) * 2 + int(bool(male))
+
+
+def feature_spec() -> dict[str, tf.io.FixedLenFeature]:
+    """Returns the `tf.io.parse_example` spec for one record."""
+    return {name: tf.io.FixedLenFeature([], dtype) for name, (dtype, _) in FEATURES.items()}
+
+
+def _feature(dtype: tf.dtypes.DType, value: Any) -> tf.train.Feature:
+    if dtype == tf.string:
+        raw = value.encode("utf-8") if isinstance(value, str) else bytes(value)
+        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[raw]))
+    if dtype == tf.int64:
+        return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(value)]))
+    return tf.train.Feature(float_list=tf.train.FloatList(value=[float(value)]))
+
+
+def encode_example(
+    *,
+    image_id: str,
+    image: bytes,
+    height: int,
+    width: int,
+    encoding: str,
+    boneage: float | None,
+    male: bool,
+) -> bytes:
+    """Serializes one record; `boneage=None` marks it unlabeled (for prediction)."""
+    if encoding not in ENCODINGS:
+        raise ValueError(f"encoding must be one of {ENCODINGS}, got {encoding!r}")
+    has_label = boneage is not None
+    values = {
+        "id": image_id,
+        "image": image,
+        "height": height,
+        "width": width,
+        "encoding": encoding,
+        "boneage": float(boneage) if has_label else NO_LABEL,
+        "male": int(bool(male)),
+        "has_label": int(has_label),
+        "stratum": stratum(boneage, male) if has_label else -1,
+    }
+    feats = {name: _feature(FEATURES[name][0], v) for name, v in values.items()}
+    return tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString()
+
+
+def parse_examples(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
+    """Parses a scalar or a batch of serialized records into feature tensors."""
+    if serialized.shape.rank == 0:
+        return tf.io.parse_single_example(serialized, feature_spec())
+    return tf.io.parse_example(serialized, feature_spec())
+
+
+def tfds_features():
+    """Returns the TFDS FeaturesDict equivalent of `FEATURES` (for folder-dataset metadata)."""
+    import tensorflow_datasets as tfds  # Imported lazily: only the converter needs it.
+
+    return tfds.features.FeaturesDict(
+        {
+            name: tfds.features.Tensor(shape=(), dtype=dtype, doc=doc)
+            for name, (dtype, doc) in FEATURES.items()
+        }
+    )
+
+
+def shard_name(split: str, index: int, num_shards: int) -> str:
+    """Returns the shard file name, e.g. `train-00000-of-00016.tfrecord`."""
+    return f"{split}-{index:05d}-of-{num_shards:05d}.tfrecord"
+
+
+class ManifestError(ValueError):
+    """Raised when a data folder has no usable manifest."""
+
+
+def read_manifest(data_dir: str) -> dict[str, Any]:
+    """Reads and checks `data_dir/manifest.json` (local path or gs://)."""
+    path = f"{data_dir.rstrip('/')}/{MANIFEST_NAME}"
+    if not tf.io.gfile.exists(path):
+        raise ManifestError(
+            f"no {MANIFEST_NAME} in {data_dir}: is it an output folder of tools.make_tfrecords?"
+        )
+    with tf.io.gfile.GFile(path, "r") as f:
+        manifest = json.load(f)
+    version = manifest.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ManifestError(
+            f"{path} has schema version {version}, this boneage_tpu reads {SCHEMA_VERSION}: "
+            "re-run tools.make_tfrecords with this version"
+        )
+    return manifest
+
+
+def split_info(manifest: Mapping[str, Any], split: str) -> Mapping[str, Any]:
+    """Returns the manifest entry of `split`, or raises a one-line error naming the splits."""
+    splits = manifest.get("splits", {})
+    if split not in splits:
+        raise ManifestError(f"split {split!r} not in the data; it has: {sorted(splits)}")
+    return splits[split]
+
+
+def shard_paths(data_dir: str, manifest: Mapping[str, Any], split: str) -> list[str]:
+    """Returns the full paths of a split's shards, in manifest order."""
+    return [f"{data_dir.rstrip('/')}/{s['name']}" for s in split_info(manifest, split)["shards"]]

@@ -1,0 +1,31 @@
+"""Shared pytest fixtures: paths to the optional ../shared data and a quiet TensorFlow."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def rsna_sample_dir() -> pathlib.Path:
+    """The 12 real RSNA PNGs in Kaggle layout; skips when ../shared is absent."""
+    path = SHARED_DATA / "rsna-sample"
+    if not (path / "boneage-training-dataset.csv").exists():
+        pytest.skip("../shared/data/rsna-sample not present")
+    return path
+
+
+@pytest.fixture(scope="session")
+def rsna_labels_csv() -> pathlib.Path:
+    """The official 12,611 RSNA training labels; skips when ../shared is absent."""
+    path = SHARED_DATA / "rsna-train-labels.csv"
+    if not path.exists():
+        pytest.skip("../shared/data/rsna-train-labels.csv not present")
+    return path

@@ -1,0 +1,1 @@
+"""Command-line tools: phantom data, converter, benchmarks, local GCS emulator."""
