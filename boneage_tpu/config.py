@@ -44,6 +44,7 @@ class TrainConfig:
     dense_units: tuple[int, ...] = (256, 128)
     dropout: float = 0.2
     attention: bool = False
+    norm: str = "batch"  # batch | group | none: normalisation of the tiny backbone only
     batch_size: int = 32  # global
     train_steps: int = 1000
     steps_per_loop: int = 0  # 0: platform default (larger on TPU)
@@ -54,12 +55,18 @@ class TrainConfig:
     warmup_steps: int = 0
     weight_decay: float = 0.0
     optimizer: str = "adam"  # adam | adamw
-    loss: str = "l1"  # l1 | mse | huber
+    lr_schedule: str = "cosine"  # cosine | constant | plateau (each after the linear warmup)
+    plateau_patience: int = 3  # evaluations without val MAE improvement before a plateau cut
+    plateau_factor: float = 0.5  # learning-rate multiplier of a plateau cut
+    loss: str = "l1"  # l1 | mse | huber (on the z-scored target)
     precision: str = "auto"  # auto | bf16 | fp16 | fp32
+    jit_compile: str = "auto"  # auto | yes | no: XLA for the replica step (always on TPU)
     augment: bool = True
     balance: str = "none"  # none | age_sex
     cache: str = "auto"  # auto | yes | no
     seed: int = 0
+    val_split: str = "val"  # split evaluated during training ("" disables)
+    eval_batch_size: int = 0  # global; 0: same as batch_size
     tpu: str = ""
     virtual_cpus: int = 0
     # Filled from the data manifest at the start of training (targets are z-scored with them).

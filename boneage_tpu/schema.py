@@ -91,7 +91,9 @@ def encode_example(
         "stratum": stratum(boneage, male) if has_label else -1,
     }
     feats = {name: _feature(FEATURES[name][0], v) for name, v in values.items()}
-    return tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString()
+    example = tf.train.Example(features=tf.train.Features(feature=feats))
+    # deterministic: map field order must not vary between processes (resumed conversions).
+    return example.SerializeToString(deterministic=True)
 
 
 def parse_examples(serialized: tf.Tensor) -> dict[str, tf.Tensor]:

@@ -9,8 +9,24 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+# The gs:// fixtures set what TensorFlow's GCS filesystem reads at `import tensorflow`, so
+# they load with this file, before any test module imports TensorFlow.
+pytest_plugins = ["tests.gcs_fixtures"]
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Splits the CPU into 8 logical devices for the whole session, before TF's first op.
+
+    Multi-replica tests (MirroredStrategy over virtual CPUs) need it; single-device code is
+    unaffected, and doing it here makes the session independent of test-module import order.
+    """
+    del config
+    from boneage_tpu import distribute
+
+    distribute.configure_virtual_cpus(8)
 
 
 @pytest.fixture(scope="session")

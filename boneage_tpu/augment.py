@@ -1,0 +1,244 @@
+"""XLA-safe on-device augmentation: one random affine per image + photometric jitter.
+
+Runs inside the replica step on the accelerator, from the uint8 batches the host sends to
+float32 in 0..255. Keras' RandomRotation/Zoom/Shear/Translation lower to
+ImageProjectiveTransformV3, which has no XLA kernel (a TPU runs only XLA), so the geometry is
+one composed 2x3 matrix per image applied by a gather-based bilinear warp. Randomness is
+stateless (`tf.random.stateless_*`) and keyed by (global seed, step, replica id): a run is
+reproducible and every replica draws different transforms. TF's stateless kernels derive
+different streams under XLA and without it, so reproducibility holds per execution mode.
+
+Coordinates: x is the column, y the row (pointing down), both in pixels, about the centre of
+the pixel grid. A matrix maps an OUTPUT pixel (x, y, 1) to the INPUT point it samples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import tensorflow as tf
+
+# Column order of the per-image uniform draws in `sample_params`.
+_PARAM_NAMES = ("angle", "shift_x", "shift_y", "zoom", "shear", "flip", "brightness")
+_PARAM_NAMES += ("contrast", "gamma")
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentConfig:
+    """Ranges of the random augmentation; each image draws its values uniformly.
+
+    Attributes:
+      rotation_deg: rotation in [-r, r] degrees (positive = counter-clockwise on screen).
+      shift: translation in [-s, s] x width (x) and x height (y), drawn independently.
+      zoom: isotropic scale range (min, max); > 1 enlarges the content.
+      shear: x-shear coefficient (tan of the shear angle) in [-k, k]. Keras 3 `RandomShear`
+        reads 0.2 this way; the seed's tf_keras ImageDataGenerator read `shear_range=0.2` as
+        degrees, which is practically no shear.
+      flip: horizontal flip with probability 1/2.
+      brightness: additive shift in [-b, b] x 255.
+      contrast: factor range (min, max) applied about the per-image mean.
+      gamma: exponent range (min, max) applied to the 0..1 intensities.
+    """
+
+    rotation_deg: float = 20.0
+    shift: float = 0.2
+    zoom: tuple[float, float] = (0.8, 1.2)
+    shear: float = 0.2
+    flip: bool = True
+    brightness: float = 0.1
+    contrast: tuple[float, float] = (0.8, 1.2)
+    gamma: tuple[float, float] = (0.8, 1.25)
+
+    def __post_init__(self) -> None:
+        for name in ("rotation_deg", "shift", "shear", "brightness"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"AugmentConfig.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("zoom", "contrast", "gamma"):
+            low, high = getattr(self, name)
+            if not 0 < low <= high:
+                raise ValueError(f"AugmentConfig.{name} must be (min, max) with 0 < min <= max")
+
+    @classmethod
+    def none(cls) -> AugmentConfig:
+        """Returns the disabled configuration (identity: `augment_batch` == `to_float`)."""
+        return cls(0.0, 0.0, (1.0, 1.0), 0.0, False, 0.0, (1.0, 1.0), (1.0, 1.0))
+
+    @property
+    def geometric(self) -> bool:
+        """Whether any geometric transform is enabled."""
+        return bool(self.rotation_deg or self.shift or self.shear or self.flip) or (
+            self.zoom != (1.0, 1.0)
+        )
+
+    @property
+    def photometric(self) -> bool:
+        """Whether any intensity jitter is enabled."""
+        return bool(self.brightness) or self.contrast != (1.0, 1.0) or self.gamma != (1.0, 1.0)
+
+
+def to_float(images: tf.Tensor) -> tf.Tensor:
+    """Converts uint8 images to float32 in 0..255 (the no-augmentation path: eval, serving)."""
+    return tf.cast(images, tf.float32)
+
+
+def replica_seed(global_seed: int, step: tf.Tensor, replica_id: tf.Tensor) -> tf.Tensor:
+    """Returns the stateless seed (int32 [2]) of one replica at one step.
+
+    Args:
+      global_seed: the run's seed.
+      step: the training step counter (integer tensor).
+      replica_id: `tf.distribute.get_replica_context().replica_id_in_sync_group`.
+    """
+    base = tf.constant([int(global_seed), 0x5EED], tf.int64)
+    seed = tf.random.experimental.stateless_fold_in(base, tf.cast(step, tf.int64))
+    return tf.random.experimental.stateless_fold_in(seed, tf.cast(replica_id, tf.int64))
+
+
+def sample_params(seed: tf.Tensor, batch_size: int, config: AugmentConfig) -> dict[str, tf.Tensor]:
+    """Draws per-image augmentation parameters (float32 [B] each) from a stateless seed.
+
+    Returns a dict with `angle` (radians), `shift_x`/`shift_y` (fractions of width/height),
+    `zoom`, `shear`, `flip` (0 or 1), `brightness` (fraction of 255), `contrast`, `gamma`.
+    """
+    u = tf.random.stateless_uniform([batch_size, len(_PARAM_NAMES)], seed=seed)
+    col = dict(zip(_PARAM_NAMES, tf.unstack(u, axis=1), strict=True))
+
+    def symmetric(name: str, limit: float) -> tf.Tensor:
+        return (2.0 * col[name] - 1.0) * limit
+
+    def between(name: str, bounds: tuple[float, float]) -> tf.Tensor:
+        return bounds[0] + col[name] * (bounds[1] - bounds[0])
+
+    flip = tf.cast(col["flip"] < 0.5, tf.float32) if config.flip else tf.zeros_like(col["flip"])
+    return {
+        "angle": symmetric("angle", math.radians(config.rotation_deg)),
+        "shift_x": symmetric("shift_x", config.shift),
+        "shift_y": symmetric("shift_y", config.shift),
+        "zoom": between("zoom", config.zoom),
+        "shear": symmetric("shear", config.shear),
+        "flip": flip,
+        "brightness": symmetric("brightness", config.brightness),
+        "contrast": between("contrast", config.contrast),
+        "gamma": between("gamma", config.gamma),
+    }
+
+
+def _matrix(rows: list[list[tf.Tensor | float]], like: tf.Tensor) -> tf.Tensor:
+    """Stacks 3x3 entries (tensors [B] or Python floats) into a batch of matrices [B, 3, 3]."""
+    entries = [
+        e if isinstance(e, tf.Tensor) else tf.fill(tf.shape(like), e) for r in rows for e in r
+    ]
+    return tf.reshape(tf.stack(entries, axis=1), [-1, 3, 3])
+
+
+def affine_matrices(params: dict[str, tf.Tensor], height: int, width: int) -> tf.Tensor:
+    """Composes the parameters into one output->input matrix per image, float32 [B, 2, 3].
+
+    The forward transform (input content -> output) is flip, then zoom, shear, rotation and
+    shift, about the image centre; the warp needs its inverse, built here factor by factor.
+    """
+    angle = params["angle"]
+    cos, sin = tf.cos(angle), tf.sin(angle)
+    inv_zoom = 1.0 / params["zoom"]
+    flip_sign = 1.0 - 2.0 * params["flip"]
+    cx, cy = (width - 1) / 2.0, (height - 1) / 2.0
+    tx, ty = params["shift_x"] * width, params["shift_y"] * height
+    # Each factor is the inverse of the forward step; applied right to left on output points.
+    uncentre_shift = _matrix([[1.0, 0.0, -cx - tx], [0.0, 1.0, -cy - ty], [0.0, 0.0, 1.0]], angle)
+    unrotate = _matrix([[cos, -sin, 0.0], [sin, cos, 0.0], [0.0, 0.0, 1.0]], angle)
+    unshear = _matrix([[1.0, -params["shear"], 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]], angle)
+    unzoom_flip = _matrix(
+        [[flip_sign * inv_zoom, 0.0, 0.0], [0.0, inv_zoom, 0.0], [0.0, 0.0, 1.0]], angle
+    )
+    recentre = _matrix([[1.0, 0.0, cx], [0.0, 1.0, cy], [0.0, 0.0, 1.0]], angle)
+    m = recentre @ unzoom_flip @ unshear @ unrotate @ uncentre_shift
+    return m[:, :2, :]
+
+
+def warp_affine(images: tf.Tensor, matrices: tf.Tensor) -> tf.Tensor:
+    """Bilinear warp by gathering: output (x, y) samples input `matrices @ (x, y, 1)`.
+
+    Args:
+      images: [B, H, W, C] (any real dtype) with static H, W, C.
+      matrices: float32 [B, 2, 3] output->input pixel maps (see `affine_matrices`).
+
+    Returns:
+      float32 [B, H, W, C]; points outside the input read 0 (the padding colour), blended
+      bilinearly at the border. An identity matrix returns the input exactly.
+    """
+    _, height, width, channels = images.shape
+    batch = tf.shape(images)[0]
+    ys, xs = tf.meshgrid(tf.range(height, dtype=tf.float32), tf.range(width, dtype=tf.float32))
+    # meshgrid's default "xy" indexing gives [W, H]; transpose to row-major pixel order.
+    xs = tf.reshape(tf.transpose(xs), [1, -1])
+    ys = tf.reshape(tf.transpose(ys), [1, -1])
+    m = tf.cast(matrices, tf.float32)
+    x_in = m[:, 0, 0:1] * xs + m[:, 0, 1:2] * ys + m[:, 0, 2:3]
+    y_in = m[:, 1, 0:1] * xs + m[:, 1, 1:2] * ys + m[:, 1, 2:3]
+    x0f, y0f = tf.floor(x_in), tf.floor(y_in)
+    fx, fy = x_in - x0f, y_in - y0f
+    x0, y0 = tf.cast(x0f, tf.int32), tf.cast(y0f, tf.int32)
+    flat = tf.reshape(images, [batch, height * width, channels])
+
+    def corner(xi: tf.Tensor, yi: tf.Tensor, weight: tf.Tensor) -> tf.Tensor:
+        inside = (xi >= 0) & (xi < width) & (yi >= 0) & (yi < height)
+        # Clipped indices keep the gather in bounds; `inside` zeroes their contribution.
+        index = tf.clip_by_value(yi, 0, height - 1) * width + tf.clip_by_value(xi, 0, width - 1)
+        values = tf.cast(tf.gather(flat, index, batch_dims=1), tf.float32)
+        return values * tf.expand_dims(tf.where(inside, weight, 0.0), -1)
+
+    out = (
+        corner(x0, y0, (1.0 - fx) * (1.0 - fy))
+        + corner(x0 + 1, y0, fx * (1.0 - fy))
+        + corner(x0, y0 + 1, (1.0 - fx) * fy)
+        + corner(x0 + 1, y0 + 1, fx * fy)
+    )
+    return tf.reshape(out, [batch, height, width, channels])
+
+
+def adjust_intensity(images: tf.Tensor, params: dict[str, tf.Tensor]) -> tf.Tensor:
+    """Applies gamma, contrast (about the image mean) and brightness; float32 0..255 out.
+
+    Args:
+      images: [B, H, W, C] in 0..255, any real dtype.
+      params: from `sample_params` (uses `gamma`, `contrast`, `brightness`).
+    """
+
+    def per_image(name: str) -> tf.Tensor:
+        return tf.reshape(params[name], [-1, 1, 1, 1])
+
+    # exp(g * log x) is twice as fast as tf.pow under XLA on CPU; the epsilon keeps log finite
+    # at black pixels (they map to ~0.004 grey levels).
+    x = tf.exp(per_image("gamma") * tf.math.log(tf.cast(images, tf.float32) / 255.0 + 1e-6))
+    mean = tf.reduce_mean(x, axis=[1, 2, 3], keepdims=True)
+    x = (x - mean) * per_image("contrast") + mean + per_image("brightness")
+    return tf.clip_by_value(x, 0.0, 1.0) * 255.0
+
+
+def augment_batch(
+    images: tf.Tensor, seed: tf.Tensor, config: AugmentConfig = AugmentConfig()
+) -> tf.Tensor:
+    """Randomly augments a batch on the device; XLA-compilable, stateless.
+
+    Args:
+      images: uint8 [B, H, W, C] with static H, W, C (B may be dynamic).
+      seed: int32/int64 [2], e.g. `replica_seed(global_seed, step, replica_id)`.
+      config: the ranges; `AugmentConfig.none()` returns `to_float(images)` exactly.
+
+    Returns:
+      float32 [B, H, W, C] in 0..255.
+    """
+    if not (config.geometric or config.photometric):
+        return to_float(images)
+    _, height, width, _ = images.shape
+    params = sample_params(seed, tf.shape(images)[0], config)
+    # Warp first: gathering the 1-byte source pixels beat gathering jittered floats (~3.9k vs
+    # ~2.9k img/s at 299 px on 2 CPU cores), and the warp's black fill then gets the same
+    # jitter as the host's black padding.
+    out = (
+        warp_affine(images, affine_matrices(params, height, width)) if config.geometric else images
+    )
+    if config.photometric:
+        return adjust_intensity(out, params)
+    return to_float(out)

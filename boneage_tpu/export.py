@@ -1,0 +1,68 @@
+"""Exports a trained model: `export/model.keras` and a SavedModel serving encoded images.
+
+Both exports are float32 and strategy-free: the trained weights are copied into a fresh fp32
+model built outside any distribution scope, so a model trained in bf16 on a TPU serves on a CPU.
+The SavedModel's `serving_default(image_bytes: string [None], male: float32 [None]) ->
+{"boneage_months": float32 [None]}` decodes with `data.decode_image_bytes`, the same code as
+the training input pipeline, so serving preprocessing equals training preprocessing.
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from boneage_tpu import config as config_lib
+from boneage_tpu import data
+from boneage_tpu.model import model_from_config
+
+
+def serving_model(trained: keras.Model, config: config_lib.TrainConfig) -> keras.Model:
+    """Returns an fp32 copy of `trained`, built outside any strategy scope."""
+    model = model_from_config(config, weights="none", precision="fp32")
+    model.set_weights(trained.get_weights())
+    return model
+
+
+def export_saved_model(model: keras.Model, image_size: int, path: str) -> None:
+    """Writes a SavedModel whose serving signature takes PNG/JPEG bytes and sex."""
+
+    def serve(image_bytes: tf.Tensor, male: tf.Tensor) -> dict[str, tf.Tensor]:
+        images = tf.map_fn(
+            lambda encoded: data.decode_image_bytes(encoded, image_size),
+            image_bytes,
+            fn_output_signature=tf.TensorSpec([image_size, image_size, 1], tf.uint8),
+        )
+        months = model({"image": tf.cast(images, tf.float32), "male": male}, training=False)
+        return {"boneage_months": tf.reshape(tf.cast(months, tf.float32), [-1])}
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint(
+        name="serving_default",
+        fn=serve,
+        input_signature=[
+            tf.TensorSpec([None], tf.string, name="image_bytes"),
+            tf.TensorSpec([None], tf.float32, name="male"),
+        ],
+    )
+    archive.write_out(path, verbose=False)
+
+
+def export_all(trained: keras.Model, config: config_lib.TrainConfig) -> dict[str, str]:
+    """Writes `export/model.keras` and `export/saved_model/` into the model directory.
+
+    Returns:
+      {"keras": path, "saved_model": path}.
+    """
+    export_dir = config_lib.join(config.model_dir, config_lib.EXPORT_SUBDIR)
+    tf.io.gfile.makedirs(export_dir)
+    model = serving_model(trained, config)
+    keras_path = config_lib.join(export_dir, config_lib.KERAS_EXPORT_NAME)
+    saved_model_path = config_lib.join(export_dir, config_lib.SAVED_MODEL_SUBDIR)
+    model.save(keras_path)
+    if tf.io.gfile.exists(saved_model_path):
+        # A resumed run re-exports; stale files from an older export must not mix in.
+        tf.io.gfile.rmtree(saved_model_path)
+    export_saved_model(model, config.image_size, saved_model_path)
+    return {"keras": keras_path, "saved_model": saved_model_path}

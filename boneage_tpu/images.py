@@ -1,0 +1,280 @@
+"""Loading, normalising, resizing and encoding hand radiographs (converter and predict share it).
+
+Every input (PNG 8/16-bit, palette, RGB(A), LA, JPEG, DICOM) becomes an 8-bit single-channel
+image in the pixel order stored in the file: EXIF orientation is ignored, as `tf.io.decode_image`
+does, so the converter, the predict tool and the SavedModel signature all see the same pixels.
+
+Resizing always makes the longest side exactly `size` (the aspect ratio is kept), upsampling
+small images too, so every record and every prediction input follows one scale convention:
+"longest side = image_size".
+
+Importing this module does not import TensorFlow (only `read_bytes` needs it).
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import warnings
+import zlib
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+ENCODINGS = ("jpeg", "png", "raw")  # Same values as schema.ENCODINGS (kept TF-free here).
+PNG_COMPRESS_LEVEL = 6
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+# The errors Pillow raises for corrupt or truncated data (besides UnidentifiedImageError).
+_PIL_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error)
+
+
+class ImageError(ValueError):
+    """An image that cannot be used; the message is the human-readable skip reason."""
+
+
+def decode_grayscale(data: bytes, name: str = "") -> np.ndarray:
+    """Decodes PNG, JPEG or DICOM bytes into an 8-bit single-channel image.
+
+    Args:
+      data: the file's bytes.
+      name: the file name; a `.dcm` extension selects DICOM when the bytes have no magic.
+
+    Returns:
+      A uint8 array of shape (height, width).
+
+    Raises:
+      ImageError: the bytes are empty, corrupt, truncated or in an unsupported format.
+    """
+    return np.array(_decode_pil(data, name))
+
+
+def read_grayscale(path: str) -> np.ndarray:
+    """Reads an image file (local or gs://, through `tf.io.gfile`) as uint8 (height, width)."""
+    return decode_grayscale(read_bytes(path), name=path)
+
+
+def read_bytes(path: str) -> bytes:
+    """Returns a file's bytes through `tf.io.gfile`; a missing file raises `ImageError`."""
+    import tensorflow as tf  # Lazily: decoding alone needs no TensorFlow.
+
+    try:
+        with tf.io.gfile.GFile(path, "rb") as f:
+            return f.read()
+    except tf.errors.NotFoundError as e:
+        raise ImageError(f"image file not found: {path}") from e
+    except tf.errors.PermissionDeniedError as e:
+        raise ImageError(f"image file not readable (permission denied): {path}") from e
+
+
+def resize_longest_side(image: np.ndarray, size: int) -> np.ndarray:
+    """Resizes so that the longest side is exactly `size`, keeping the aspect ratio.
+
+    Downscaling is antialiased: an integer box reduction (`Image.reduce`) to less than twice the
+    target, then Pillow's bilinear filter, which widens with the scale factor (a triangle
+    filter; cheap here because the remaining factor is small). Smaller images are upsampled
+    bilinearly.
+    """
+    return np.array(_resize_pil(Image.fromarray(_check_uint8_2d(image), "L"), size))
+
+
+def target_shape(height: int, width: int, size: int) -> tuple[int, int]:
+    """Returns the (height, width) that `resize_longest_side` gives for an input shape."""
+    if size < 1:
+        raise ValueError(f"size must be >= 1, got {size}")
+    if width >= height:
+        return max(1, round(height * size / width)), size
+    return size, max(1, round(width * size / height))
+
+
+def encode(image: np.ndarray, encoding: str, jpeg_quality: int = 95) -> bytes:
+    """Encodes a uint8 (height, width) image as `jpeg`, `png` or `raw` (row-major bytes)."""
+    return _encode_pil(Image.fromarray(_check_uint8_2d(image), "L"), encoding, jpeg_quality)
+
+
+def decode(data: bytes, encoding: str, height: int, width: int) -> np.ndarray:
+    """Decodes what `encode` wrote back to a uint8 (height, width) array, checking the shape."""
+    if encoding == "raw":
+        if len(data) != height * width:
+            raise ImageError(f"raw image has {len(data)} bytes, expected {height}x{width}")
+        return np.frombuffer(data, np.uint8).reshape(height, width).copy()
+    if encoding not in ENCODINGS:
+        raise ValueError(f"encoding must be one of {ENCODINGS}, got {encoding!r}")
+    image = decode_grayscale(data)
+    if image.shape != (height, width):
+        raise ImageError(f"decoded {encoding} image is {image.shape}, expected {(height, width)}")
+    return image
+
+
+def prepare(
+    data: bytes, name: str, size: int, encoding: str, jpeg_quality: int = 95
+) -> tuple[bytes, int, int]:
+    """Decodes, resizes and encodes one input file: the converter's per-image work.
+
+    Gives exactly `encode(resize_longest_side(decode_grayscale(data, name), size), ...)` but
+    stays in Pillow throughout (no NumPy round trips), which keeps the converter decode-bound.
+
+    Returns:
+      (encoded bytes, height, width) of the stored image.
+
+    Raises:
+      ImageError: the input cannot be decoded.
+    """
+    image = _resize_pil(_decode_pil(data, name), size)
+    return _encode_pil(image, encoding, jpeg_quality), image.height, image.width
+
+
+def prepare_file(
+    path: str, size: int, encoding: str, jpeg_quality: int = 95
+) -> tuple[bytes, int, int]:
+    """`prepare` on a file read through `tf.io.gfile`; a missing file raises `ImageError`."""
+    return prepare(read_bytes(path), path, size, encoding, jpeg_quality)
+
+
+def _check_uint8_2d(image: np.ndarray) -> np.ndarray:
+    if image.dtype != np.uint8 or image.ndim != 2:
+        raise ValueError(f"expected a uint8 (height, width) image, got {image.dtype} {image.shape}")
+    return np.ascontiguousarray(image)
+
+
+def _decode_pil(data: bytes, name: str) -> Image.Image:
+    """Decodes any supported input into a Pillow image of mode L."""
+    if not data:
+        raise ImageError("empty file (0 bytes)")
+    is_dicom = data[128:132] == b"DICM" or (
+        name.lower().endswith(".dcm") and not data.startswith((_PNG_MAGIC, _JPEG_MAGIC))
+    )
+    if is_dicom:
+        return Image.fromarray(_decode_dicom(data), "L")
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except UnidentifiedImageError as e:
+        raise ImageError("not a PNG, JPEG or DICOM image (unrecognised data)") from e
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"image too large: {e}") from e
+    except _PIL_DECODE_ERRORS as e:
+        raise ImageError(f"corrupt or truncated image: {e}") from e
+    return _to_grayscale(image)
+
+
+def _to_grayscale(image: Image.Image) -> Image.Image:
+    """Converts a decoded Pillow image of any mode to 8-bit mode L."""
+    mode = image.mode
+    if mode == "L":
+        return image
+    if mode == "P":
+        return _palette_to_grayscale(image)
+    if mode in _SIXTEEN_BIT_MODES or mode == "I":
+        return Image.fromarray(_sixteen_to_eight(np.asarray(image), mode), "L")
+    if mode in ("LA", "La"):
+        return image.getchannel(0)  # Alpha is dropped, not composited: X-rays have none.
+    if mode == "PA":
+        return image.convert("RGBA").convert("L")
+    if mode == "F":
+        raise ImageError("floating-point images are not supported")
+    try:
+        return image.convert("L")  # RGB, RGBA, CMYK, YCbCr, 1: ITU-R 601 luma.
+    except ValueError as e:
+        raise ImageError(f"cannot convert a {mode} image to grayscale") from e
+
+
+def _palette_to_grayscale(image: Image.Image) -> Image.Image:
+    """Maps palette indices to luma through a 256-entry table (same values as convert('L'))."""
+    palette = np.asarray(image.getpalette("RGB") or [], np.int64).reshape(-1, 3)[:256]
+    # Pillow's own integer luma (L24), so the result equals image.convert("L") bit for bit,
+    # at a third of its cost.
+    luma = (palette[:, 0] * 19595 + palette[:, 1] * 38470 + palette[:, 2] * 7471 + 0x8000) >> 16
+    return image.point(luma.tolist() + [0] * (256 - len(luma)), "L")
+
+
+def _sixteen_to_eight(values: np.ndarray, mode: str) -> np.ndarray:
+    """Scales the full 16-bit range to 8 bits; exact inverse of the usual x * 257 widening."""
+    if mode == "I" and values.size and (values.min() < 0 or values.max() > 65535):
+        raise ImageError("32-bit integer image with values outside 0..65535 is not supported")
+    wide = values.astype(np.uint32)
+    return ((wide * 255 + 32767) // 65535).astype(np.uint8)
+
+
+def _dicom_values(data: bytes) -> tuple[np.ndarray, str]:
+    """Reads a DICOM file's pixels after the modality and VOI LUTs; returns them + photometric."""
+    import pydicom  # Lazily: only DICOM inputs need it.
+    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
+
+    ds = pydicom.dcmread(io.BytesIO(data), force=True)
+    if "PixelData" not in ds:
+        raise ImageError("DICOM file has no pixel data")
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        raise ImageError(f"multi-frame DICOM ({frames} frames) is not supported")
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    pixels = ds.pixel_array
+    if photometric in ("MONOCHROME1", "MONOCHROME2"):
+        return apply_voi_lut(apply_modality_lut(pixels, ds), ds).astype(np.float64), photometric
+    if photometric == "PALETTE COLOR":
+        pixels = apply_color_lut(pixels, ds)
+    if pixels.ndim != 3 or pixels.shape[-1] != 3:
+        raise ImageError(f"unsupported DICOM photometric interpretation {photometric}")
+    return pixels.astype(np.float64) @ np.array([0.299, 0.587, 0.114]), photometric
+
+
+def _decode_dicom(data: bytes) -> np.ndarray:
+    """Decodes a DICOM file: modality LUT, VOI LUT, MONOCHROME1 inverted, min-max to 8 bits."""
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        with warnings.catch_warnings():
+            # pydicom warns per file about parser guesses on odd files; failures still raise.
+            warnings.simplefilter("ignore")
+            values, photometric = _dicom_values(data)
+    except ImageError:
+        raise
+    except (
+        InvalidDicomError,
+        AttributeError,
+        EOFError,
+        KeyError,
+        NotImplementedError,
+        OSError,
+        RuntimeError,
+        TypeError,
+        ValueError,
+    ) as e:
+        raise ImageError(f"unreadable DICOM: {e}") from e
+    if values.ndim != 2:
+        raise ImageError(f"DICOM pixel data has shape {values.shape}, expected 2-D")
+    low, high = float(values.min()), float(values.max())
+    scaled = np.zeros(values.shape, np.uint8)
+    if high > low:
+        scaled = np.rint((values - low) * (255.0 / (high - low))).astype(np.uint8)
+    if photometric == "MONOCHROME1":  # Low values are white in MONOCHROME1.
+        scaled = 255 - scaled
+    return scaled
+
+
+def _resize_pil(image: Image.Image, size: int) -> Image.Image:
+    """Resizes a mode-L image so its longest side is `size` (see `resize_longest_side`)."""
+    height, width = target_shape(image.height, image.width, size)
+    if (width, height) == image.size:
+        return image
+    factor = min(image.width // width, image.height // height)
+    if factor >= 2:
+        # A cheap box reduction first: resampling cost then no longer scales with the input.
+        image = image.reduce(factor)
+    return image.resize((width, height), Image.Resampling.BILINEAR)
+
+
+def _encode_pil(image: Image.Image, encoding: str, jpeg_quality: int) -> bytes:
+    if encoding == "raw":
+        return image.tobytes()
+    buffer = io.BytesIO()
+    if encoding == "jpeg":
+        if not 1 <= jpeg_quality <= 100:
+            raise ValueError(f"jpeg_quality must be in 1..100, got {jpeg_quality}")
+        image.save(buffer, "JPEG", quality=jpeg_quality)
+    elif encoding == "png":
+        image.save(buffer, "PNG", compress_level=PNG_COMPRESS_LEVEL)
+    else:
+        raise ValueError(f"encoding must be one of {ENCODINGS}, got {encoding!r}")
+    return buffer.getvalue()

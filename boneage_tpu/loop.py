@@ -1,0 +1,249 @@
+"""The distributed training and validation loops: `strategy.run` inside one `tf.function`.
+
+One call of `TrainLoop.train` runs `num_steps` replica steps in a `tf.range` loop on the
+device side (the standard way to keep a TPU busy: the Python host is not involved per step).
+Keras' `model.fit` cannot do this with several replicas on TF 2.21 (keras#19246).
+
+Replica step: on-device augmentation (uint8 -> float32) -> model -> loss on the z-scored target
+-> gradients, optionally XLA-compiled as one function; then the optimizer, whose gradient
+all-reduce (a sum) runs outside XLA. The loss is divided by the GLOBAL batch, so the summed
+gradients equal those of one device seeing the whole batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from boneage_tpu import augment
+from boneage_tpu.optim import per_example_loss
+
+# Features the replicas need; ids (strings) stay on the host because TPUs cannot hold strings.
+DEVICE_KEYS = ("image", "male", "boneage", "mask")
+
+
+@dataclasses.dataclass
+class LoopMetrics:
+    """Sums over a loop or an evaluation pass, already reduced across replicas."""
+
+    loss_sum: float
+    abs_error_sum: float
+    count: float
+    bad_step: int = -1  # first step whose loss was NaN/inf, -1 if none
+
+    @property
+    def loss(self) -> float:
+        """Mean per-example loss (z-scored units)."""
+        return self.loss_sum / max(self.count, 1.0)
+
+    @property
+    def mae_months(self) -> float:
+        """Mean absolute error in months."""
+        return self.abs_error_sum / max(self.count, 1.0)
+
+
+def device_features(batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    """Keeps the features the replicas use; a missing `mask` becomes all ones."""
+    out = {k: batch[k] for k in DEVICE_KEYS if k in batch}
+    if "mask" not in out:
+        out["mask"] = tf.ones_like(batch["male"], tf.float32)
+    return out
+
+
+def pad_to_replica_multiple(dataset: tf.data.Dataset, replicas: int) -> tf.data.Dataset:
+    """Appends all-masked batches so the batch count is a multiple of `replicas`.
+
+    Every replica then gets a full, static-shape batch on every evaluation step (TPUs need
+    static shapes; a replica without data would stall the all-reduce). The mask is 0 on padding.
+    """
+    if replicas == 1:
+        return dataset
+
+    def pad_group(group: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        missing = replicas - tf.shape(group["mask"])[0]
+        padded = {}
+        for key, value in group.items():
+            paddings = [[0, missing]] + [[0, 0]] * (value.shape.rank - 1)
+            padded[key] = tf.pad(value, paddings)
+        return padded
+
+    return dataset.batch(replicas).map(pad_group).unbatch()
+
+
+class TrainLoop:
+    """Compiled training and validation loops for one model, optimizer and strategy."""
+
+    def __init__(
+        self,
+        strategy: tf.distribute.Strategy,
+        model: keras.Model,
+        optimizer: keras.optimizers.Optimizer,
+        step: tf.Variable,
+        *,
+        global_batch: int,
+        label_std: float,
+        loss: str = "l1",
+        augment_config: augment.AugmentConfig | None = None,
+        seed: int = 0,
+        jit_compile: bool = False,
+    ) -> None:
+        """Builds the loops; `optimizer` must already be built (variables created).
+
+        Args:
+          strategy: the distribution strategy the model and optimizer were created under.
+          model: the Keras model (outputs months).
+          optimizer: a built Keras optimizer (LossScaleOptimizer for fp16).
+          step: int64 variable counting optimizer steps; incremented by the loop.
+          global_batch: batch size over all replicas (the loss divisor).
+          label_std: training label std in months (z-scores the error).
+          loss: "l1", "mse" or "huber".
+          augment_config: on-device augmentation; None disables it.
+          seed: global seed for the stateless augmentation RNG.
+          jit_compile: XLA-compile the replica step (augment + forward + loss + gradients).
+        """
+        self.strategy = strategy
+        self.model = model
+        self.optimizer = optimizer
+        self.step = step
+        self.global_batch = global_batch
+        self.label_std = float(label_std)
+        self.loss_name = loss
+        self.augment_config = augment_config
+        self.seed = seed
+        self.jit_compile = jit_compile
+        # Without XLA a nested tf.function only adds graph-inlining work (it is traced once per
+        # replica), so the plain method is used; with XLA it is the compiled unit.
+        self.gradients = (
+            tf.function(self._gradients, jit_compile=True) if jit_compile else self._gradients
+        )
+        self._train_fn = tf.function(self._train_loop)
+        self._eval_fn = tf.function(self._eval_loop)
+
+    def _gradients(
+        self, batch: dict[str, tf.Tensor], seed: tf.Tensor
+    ) -> tuple[list[tf.Tensor], tf.Tensor]:
+        """Augment + forward + loss + gradients for one replica's batch (XLA-compilable)."""
+        if self.augment_config is not None:
+            images = augment.augment_batch(batch["image"], seed, self.augment_config)
+        else:
+            images = augment.to_float(batch["image"])
+        target = tf.cast(batch["boneage"], tf.float32)
+        mask = tf.cast(batch["mask"], tf.float32)
+        with tf.GradientTape() as tape:
+            months = tf.cast(
+                self.model({"image": images, "male": batch["male"]}, training=True), tf.float32
+            )
+            per_example = (
+                per_example_loss(self.loss_name, (months - target) / self.label_std) * mask
+            )
+            loss = tf.reduce_sum(per_example) / self.global_batch
+            scaled = self.optimizer.scale_loss(loss)
+        grads = tape.gradient(scaled, self.model.trainable_variables)
+        stats = tf.stack(
+            [
+                tf.reduce_sum(per_example),
+                tf.reduce_sum(tf.abs(months - target) * mask),
+                tf.reduce_sum(mask),
+            ]
+        )
+        return grads, stats
+
+    def _replica_step(self, batch: dict[str, tf.Tensor], step: tf.Tensor) -> tf.Tensor:
+        replica_id = tf.distribute.get_replica_context().replica_id_in_sync_group
+        seed = augment.replica_seed(self.seed, step, replica_id)
+        grads, stats = self.gradients(batch, seed)
+        self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables, strict=True))
+        return stats
+
+    def _train_loop(self, iterator: Any, num_steps: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        totals = tf.zeros([3], tf.float32)
+        bad_step = tf.constant(-1, tf.int64)
+        for _ in tf.range(num_steps):
+            per_replica = self.strategy.run(
+                self._replica_step, args=(next(iterator), self.step.read_value())
+            )
+            stats = self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+            self.step.assign_add(1)
+            totals += stats
+            # Remember the first non-finite loss (the caller stops after the loop). No `break`:
+            # a loop condition on device results would make the host wait for every step
+            # before queueing the next one, which idles a TPU.
+            first_bad = (bad_step < 0) & tf.logical_not(tf.math.is_finite(stats[0]))
+            bad_step = tf.where(first_bad, self.step.read_value(), bad_step)
+        return totals, bad_step
+
+    def train(self, iterator: Any, num_steps: int) -> LoopMetrics:
+        """Runs `num_steps` training steps; returns the summed loss/error over them."""
+        totals, bad_step = self._train_fn(iterator, tf.constant(num_steps, tf.int64))
+        loss_sum, abs_sum, count = (float(v) for v in totals.numpy())
+        return LoopMetrics(loss_sum, abs_sum, count, int(bad_step))
+
+    def _eval_replica(self, batch: dict[str, tf.Tensor]) -> tf.Tensor:
+        months = tf.cast(
+            self.model(
+                {"image": augment.to_float(batch["image"]), "male": batch["male"]}, training=False
+            ),
+            tf.float32,
+        )
+        target = tf.cast(batch["boneage"], tf.float32)
+        mask = tf.cast(batch["mask"], tf.float32)
+        per_example = per_example_loss(self.loss_name, (months - target) / self.label_std) * mask
+        return tf.stack(
+            [
+                tf.reduce_sum(per_example),
+                tf.reduce_sum(tf.abs(months - target) * mask),
+                tf.reduce_sum(mask),
+            ]
+        )
+
+    def _eval_loop(self, dataset: Any) -> tf.Tensor:
+        totals = tf.zeros([3], tf.float32)
+        for batch in dataset:
+            per_replica = self.strategy.run(self._eval_replica, args=(batch,))
+            totals += self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+        return totals
+
+    def evaluate(self, dataset: Any) -> LoopMetrics:
+        """One pass over a distributed evaluation dataset (padding rows carry mask 0)."""
+        with warnings.catch_warnings():
+            # tf.data warns about options when a distributed dataset is iterated in a graph;
+            # the options are ours and known, so the warning only adds noise.
+            warnings.filterwarnings("ignore", message="To make it possible to preserve tf.data")
+            totals = self._eval_fn(dataset)
+        loss_sum, abs_sum, count = (float(v) for v in totals.numpy())
+        return LoopMetrics(loss_sum, abs_sum, count)
+
+
+def distribute(
+    strategy: tf.distribute.Strategy,
+    dataset_fn: Callable[[tf.distribute.InputContext], tf.data.Dataset],
+    *,
+    per_replica_batch: int,
+    training: bool,
+) -> Any:
+    """Distributes per-replica-batch datasets with one pipeline per host.
+
+    Checks the batch dimension the function produces, keeps only the device features and, for
+    evaluation, pads the batch count to a multiple of the host's replicas.
+    """
+
+    def fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
+        dataset = dataset_fn(context)
+        batch_dim = dataset.element_spec["image"].shape[0]
+        if batch_dim is not None and batch_dim != per_replica_batch:
+            raise ValueError(
+                f"the input function made batches of {batch_dim}, expected the per-replica "
+                f"batch {per_replica_batch}"
+            )
+        dataset = dataset.map(device_features)
+        if not training:
+            local_replicas = context.num_replicas_in_sync // context.num_input_pipelines
+            dataset = pad_to_replica_multiple(dataset, local_replicas)
+        return dataset.prefetch(tf.data.AUTOTUNE)
+
+    return strategy.distribute_datasets_from_function(fn)

@@ -1,0 +1,330 @@
+"""The bone-age network: a keras.applications (or tiny) backbone, a sex branch and a dense head.
+
+Inputs are a dict `{"image": [B, S, S, 1] 0..255 (float32 or uint8), "male": float32 [B]}`; the
+output is bone age in months, float32 [B], also under mixed precision. Everything the model needs
+to turn raw pixels into months lives inside it, so an exported model needs no side files:
+grayscale -> 3 channels and the backbone's own input scaling at the bottom, and the train label
+mean/std at the top (the head predicts a z-score, which keeps the last layer well scaled).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from boneage_tpu.config import TrainConfig
+
+# name -> (keras.applications constructor, input scaling mode, smallest image size).
+# Scaling modes: "tf" -> [-1, 1]; "caffe" -> BGR mean subtraction; "raw" -> the model
+# rescales 0..255 itself (EfficientNetV2's include_preprocessing); "unit" -> [0, 1].
+_APPLICATIONS: dict[str, tuple[str, str, int]] = {
+    "xception": ("Xception", "tf", 71),
+    "inception_v3": ("InceptionV3", "tf", 75),
+    "vgg19": ("VGG19", "caffe", 32),
+    "efficientnetv2_s": ("EfficientNetV2S", "raw", 32),
+    "resnet50": ("ResNet50", "caffe", 32),
+}
+BACKBONES = (*_APPLICATIONS, "tiny")
+NORMS = ("batch", "group", "none")
+PRECISIONS = {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
+_CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)
+_TINY_MIN_SIZE = 16
+
+
+class WeightsError(ValueError):
+    """Raised when the requested initial weights cannot be obtained or do not fit."""
+
+
+@keras.saving.register_keras_serializable(package="boneage_tpu")
+class GrayscaleToBackbone(keras.layers.Layer):
+    """Casts 0..255 pixels to float, repeats 1 channel to 3 and applies the backbone's scaling."""
+
+    def __init__(self, mode: str = "tf", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if mode not in ("tf", "caffe", "raw", "unit"):
+            raise ValueError(f"unknown scaling mode {mode!r}")
+        self.mode = mode
+
+    def call(self, images: Any) -> Any:
+        x = keras.ops.cast(images, self.compute_dtype)
+        if x.shape[-1] == 1:
+            x = keras.ops.repeat(x, 3, axis=-1)
+        if self.mode == "tf":
+            return x / 127.5 - 1.0
+        if self.mode == "caffe":
+            # Gray has R = G = B, so the BGR channel flip is a no-op; only the means differ.
+            return x - keras.ops.convert_to_tensor(_CAFFE_BGR_MEAN, self.compute_dtype)
+        if self.mode == "unit":
+            return x / 255.0
+        return x
+
+    def compute_output_shape(self, input_shape: Sequence[int | None]) -> tuple[int | None, ...]:
+        return (*input_shape[:-1], 3)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "mode": self.mode}
+
+
+@keras.saving.register_keras_serializable(package="boneage_tpu")
+class MaskedAveragePooling(keras.layers.Layer):
+    """Pools features weighted by a spatial attention mask: sum(f * m) / sum(m)."""
+
+    def call(self, inputs: Sequence[Any]) -> Any:
+        features, mask = inputs
+        mask = keras.ops.cast(mask, features.dtype)
+        weighted = keras.ops.sum(features * mask, axis=(1, 2))
+        # The epsilon only guards an all-zero sigmoid mask, which cannot occur in practice.
+        return weighted / (keras.ops.sum(mask, axis=(1, 2)) + 1e-3)
+
+    def compute_output_shape(self, input_shapes: Sequence[Sequence[int | None]]) -> tuple:
+        return (input_shapes[0][0], input_shapes[0][-1])
+
+
+@keras.saving.register_keras_serializable(package="boneage_tpu")
+class ZScoreToMonths(keras.layers.Layer):
+    """Maps the head's z-score [B, 1] to months [B] with the training label mean and std."""
+
+    def __init__(self, label_mean: float = 0.0, label_std: float = 1.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.label_mean = float(label_mean)
+        self.label_std = float(label_std)
+
+    def call(self, z: Any) -> Any:
+        z = keras.ops.cast(keras.ops.squeeze(z, axis=-1), self.compute_dtype)
+        return z * self.label_std + self.label_mean
+
+    def compute_output_shape(self, input_shape: Sequence[int | None]) -> tuple[int | None, ...]:
+        return tuple(input_shape[:-1])
+
+    def get_config(self) -> dict[str, Any]:
+        return {
+            **super().get_config(),
+            "label_mean": self.label_mean,
+            "label_std": self.label_std,
+        }
+
+
+@contextlib.contextmanager
+def precision_policy(precision: str) -> Iterator[None]:
+    """Sets Keras' global dtype policy for `precision` (fp32|bf16|fp16) and restores it after."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(PRECISIONS[precision])
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def min_image_size(backbone: str) -> int:
+    """Returns the smallest input size `backbone` accepts."""
+    if backbone == "tiny":
+        return _TINY_MIN_SIZE
+    if backbone not in _APPLICATIONS:
+        raise ValueError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
+    return _APPLICATIONS[backbone][2]
+
+
+def _norm_layer(norm: str, channels: int, name: str) -> keras.layers.Layer | None:
+    if norm == "batch":
+        # momentum 0.9 (Keras: 0.99): the moving statistics settle within the few hundred
+        # steps of a CPU quickstart, so mid-run validation is meaningful too.
+        return keras.layers.BatchNormalization(momentum=0.9, name=name)
+    if norm == "group":
+        return keras.layers.GroupNormalization(groups=min(8, channels), name=name)
+    return None
+
+
+def tiny_backbone(image_size: int, norm: str = "batch") -> keras.Model:
+    """Returns a small, CPU-fast CNN (16x downsampling, 128 channels) for tests and quickstarts.
+
+    Args:
+      image_size: square input size (3-channel input, already scaled to [0, 1]).
+      norm: "batch", "group" or "none" (no normalisation: replica-count independent maths).
+    """
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    inputs = keras.Input((image_size, image_size, 3), name="pixels")
+    x = inputs
+    # Stride-2 convs shrink early so most compute runs at low resolution: fast on 2 CPU cores.
+    stages = ((16, 2), (32, 1), (32, 2), (64, 1), (64, 2), (128, 1), (128, 2))
+    for i, (filters, stride) in enumerate(stages):
+        x = keras.layers.Conv2D(
+            filters, 3, strides=stride, padding="same", use_bias=norm == "none", name=f"conv{i}"
+        )(x)
+        layer = _norm_layer(norm, filters, f"norm{i}")
+        if layer is not None:
+            x = layer(x)
+        x = keras.layers.ReLU(name=f"relu{i}")(x)
+    return keras.Model(inputs, x, name="tiny")
+
+
+@contextlib.contextmanager
+def _local_weights(path: str) -> Iterator[str]:
+    """Yields a local path for a weights file; gs:// files go through a temp copy (h5py reads
+    only local files), removed afterwards."""
+    if not tf.io.gfile.exists(path):
+        raise WeightsError(
+            f"--weights {path}: file not found (use imagenet, none or a weights file)"
+        )
+    if "://" not in path:
+        yield path
+        return
+    fd, local = tempfile.mkstemp(suffix=os.path.splitext(path)[1] or ".h5")
+    os.close(fd)
+    try:
+        tf.io.gfile.copy(path, local, overwrite=True)
+        yield local
+    finally:
+        os.remove(local)
+
+
+def _application_backbone(backbone: str, image_size: int, weights: str) -> keras.Model:
+    ctor_name, _, _ = _APPLICATIONS[backbone]
+    ctor: Callable[..., keras.Model] = getattr(keras.applications, ctor_name)
+    kwargs: dict[str, Any] = {"include_top": False, "input_shape": (image_size, image_size, 3)}
+    if backbone == "efficientnetv2_s":
+        kwargs["include_preprocessing"] = True
+    if weights == "none":
+        return ctor(weights=None, **kwargs)
+    if weights == "imagenet":
+        try:
+            return ctor(weights="imagenet", **kwargs)
+        except Exception as err:  # keras.utils.get_file raises a plain Exception when offline.
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise WeightsError(
+                f"--weights imagenet: could not download the {backbone} ImageNet weights "
+                f"({reason}); offline, use --weights none or --weights PATH to a weights file"
+            ) from err
+    with _local_weights(weights) as local:
+        try:
+            return ctor(weights=local, **kwargs)
+        except (ValueError, OSError) as err:
+            raise WeightsError(f"--weights {weights}: does not fit {backbone}: {err}") from err
+
+
+def _build_backbone(backbone: str, image_size: int, weights: str, norm: str) -> keras.Model:
+    if backbone != "tiny":
+        return _application_backbone(backbone, image_size, weights)
+    if weights == "imagenet":
+        raise WeightsError("the tiny backbone has no ImageNet weights: use --weights none or PATH")
+    model = tiny_backbone(image_size, norm)
+    if weights != "none":
+        with _local_weights(weights) as local:
+            try:
+                with warnings.catch_warnings():
+                    # Keras only warns when parts of the file do not match and keeps those
+                    # layers random: a silent partial load, so the warning becomes the error.
+                    warnings.simplefilter("error", UserWarning)
+                    model.load_weights(local)
+            except (ValueError, OSError, UserWarning) as err:
+                raise WeightsError(
+                    f"--weights {weights}: does not fit the tiny backbone: {err}"
+                ) from err
+    return model
+
+
+def build_model(
+    *,
+    backbone: str,
+    image_size: int,
+    weights: str = "none",
+    use_sex: bool = True,
+    sex_units: int = 32,
+    dense_units: Sequence[int] = (256, 128),
+    dropout: float = 0.2,
+    attention: bool = False,
+    label_mean: float = 0.0,
+    label_std: float = 1.0,
+    norm: str = "batch",
+    precision: str = "fp32",
+) -> keras.Model:
+    """Builds the bone-age model.
+
+    Args:
+      backbone: one of `BACKBONES` (keras.applications networks, or "tiny").
+      image_size: square input size S; must be >= `min_image_size(backbone)`.
+      weights: "none", "imagenet" (downloads; needs internet) or a path (local or gs://) to a
+        backbone weights file as keras.applications accepts (e.g. the `*_notop.h5` file).
+      use_sex: feed the sex through Dense(sex_units) next to the image features. The "male"
+        input exists either way so every model has the same interface.
+      sex_units: width of the sex branch.
+      dense_units: widths of the dense layers after the concatenation.
+      dropout: dropout rate after each dense layer (0 disables).
+      attention: the seed's light attention: a learned spatial mask weights the backbone
+        features before pooling.
+      label_mean: training label mean in months (the head predicts z-scores).
+      label_std: training label standard deviation in months.
+      norm: normalisation of the tiny backbone ("batch", "group", "none"); others keep theirs.
+      precision: "fp32", "bf16" or "fp16" (Keras mixed precision; the output stays float32).
+
+    Returns:
+      A functional keras.Model named `boneage_<backbone>`.
+    """
+    if backbone not in BACKBONES:
+        raise ValueError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
+    smallest = min_image_size(backbone)
+    if image_size < smallest:
+        raise ValueError(f"--image_size {image_size} is too small for {backbone} (min {smallest})")
+    if label_std <= 0:
+        raise ValueError(f"label_std must be > 0, got {label_std}")
+    mode = "unit" if backbone == "tiny" else _APPLICATIONS[backbone][1]
+    with precision_policy(precision):
+        image = keras.Input((image_size, image_size, 1), name="image")
+        male = keras.Input((), name="male")
+        x = GrayscaleToBackbone(mode, name="to_backbone_input")(image)
+        features = _build_backbone(backbone, image_size, weights, norm)(x)
+        if attention:
+            a = keras.layers.Conv2D(64, 1, activation="relu", name="attention_conv1")(features)
+            a = keras.layers.Conv2D(16, 1, activation="relu", name="attention_conv2")(a)
+            mask = keras.layers.Conv2D(1, 1, activation="sigmoid", name="attention_mask")(a)
+            x = MaskedAveragePooling(name="attention_pool")([features, mask])
+        else:
+            x = keras.layers.GlobalAveragePooling2D(name="pool")(features)
+        if use_sex:
+            s = keras.layers.Reshape((1,), name="male_column")(male)
+            s = keras.layers.Dense(sex_units, activation="relu", name="sex_dense")(s)
+            x = keras.layers.Concatenate(name="image_and_sex")([x, s])
+        for i, units in enumerate(dense_units):
+            x = keras.layers.Dense(units, activation="relu", name=f"dense{i}")(x)
+            if dropout > 0:
+                x = keras.layers.Dropout(dropout, name=f"dropout{i}")(x)
+        # float32 at the top: z-scores and months need more precision than bf16's 8 bits.
+        z = keras.layers.Dense(1, dtype="float32", name="zscore")(x)
+        months = ZScoreToMonths(label_mean, label_std, dtype="float32", name="months")(z)
+        return keras.Model({"image": image, "male": male}, months, name=f"boneage_{backbone}")
+
+
+def model_from_config(
+    config: TrainConfig, *, weights: str = "none", precision: str = "fp32"
+) -> keras.Model:
+    """Builds the model a TrainConfig describes.
+
+    Args:
+      config: the run's config (backbone, size, head and label stats are used).
+      weights: initial weights; "none" by default because callers restore a checkpoint or an
+        export afterwards (downloading ImageNet weights there would be wasted or fail offline).
+      precision: "fp32", "bf16" or "fp16".
+    """
+    return build_model(
+        backbone=config.backbone,
+        image_size=config.image_size,
+        weights=weights,
+        use_sex=config.use_sex,
+        sex_units=config.sex_units,
+        dense_units=tuple(config.dense_units),
+        dropout=config.dropout,
+        attention=config.attention,
+        label_mean=config.label_mean,
+        label_std=config.label_std,
+        norm=config.norm,
+        precision=precision,
+    )

@@ -1,0 +1,297 @@
+"""Predicts bone age (months) for new hand radiographs with a trained model.
+
+  python -m boneage_tpu.predict --model MODEL_DIR [--sex M|F] IMAGE...
+  python -m boneage_tpu.predict --model MODEL_DIR --labels CSV --images DIR [--output CSV]
+
+IMAGEs are PNG (8/16-bit, palette, RGB), JPEG or DICOM files, local or gs://. `--model` is a
+training run's folder (its export/model.keras when present, else its latest checkpoint; pick
+with --checkpoint) or the path of that folder's export/model.keras. Each image is prepared
+exactly as the converter and the input pipeline prepared the training data, with their code:
+decode to 8-bit grayscale -> resize the longest side to the training data's size -> encode as
+the training data was -> the input pipeline's decode + fit to the model's square input.
+With `--labels`, the CSV may be in any layout the converter reads (Kaggle, RSNA validation or
+test); the bone age, when present, is shown next to the prediction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from boneage_tpu import config as config_lib
+from boneage_tpu import data, images, inference, predict_io, restore, schema
+from boneage_tpu.predict_io import PredictError
+
+DEFAULT_JPEG_QUALITY = 95  # tools.make_tfrecords' default; TrainConfig does not record it.
+
+
+def resolve_model(model_path: str, checkpoint: str = "auto") -> tuple[str, str]:
+    """Returns (model_dir, checkpoint) for a model folder or its export/model.keras path."""
+    path = model_path.rstrip("/")
+    suffix = f"/{config_lib.EXPORT_SUBDIR}/{config_lib.KERAS_EXPORT_NAME}"
+    if path.endswith(".keras"):
+        if not path.endswith(suffix):
+            raise PredictError(
+                f"--model {model_path}: give the training run's folder (or its "
+                f"{suffix[1:]}); a bare .keras file lacks the preprocessing settings"
+            )
+        return path[: -len(suffix)], "export"
+    if checkpoint != "auto":
+        return path, checkpoint
+    export = config_lib.join(path, config_lib.EXPORT_SUBDIR, config_lib.KERAS_EXPORT_NAME)
+    return path, "export" if tf.io.gfile.exists(export) else "latest"
+
+
+def prepare_image(path: str, config: config_lib.TrainConfig, image_size: int) -> np.ndarray:
+    """Returns the model input uint8 [S, S, 1] for one image file, as training data was made.
+
+    Raises:
+      images.ImageError: the file is missing or cannot be decoded.
+    """
+    if not config.data_image_size or not config.data_encoding:
+        raise PredictError(
+            f"{config.model_dir}/config.json has no data_image_size/data_encoding: the training "
+            "data's preprocessing is unknown"
+        )
+    stored, height, width = images.prepare(
+        images.read_bytes(path),
+        path,
+        config.data_image_size,
+        config.data_encoding,
+        DEFAULT_JPEG_QUALITY,
+    )
+    # Wrapped in a record and parsed by the input pipeline's own function: same decode, same
+    # fit-to-square as the training and evaluation data.
+    record = schema.encode_example(
+        image_id="predict",
+        image=stored,
+        height=height,
+        width=width,
+        encoding=config.data_encoding,
+        boneage=None,
+        male=False,
+    )
+    return data.parse_record(tf.constant(record), image_size, config.data_encoding)["image"].numpy()
+
+
+def _read_all(
+    paths: Sequence[str], config: Any, size: int
+) -> tuple[np.ndarray, list[tuple[str, str]]]:
+    """Prepares every image; returns the batch of readable ones and (path, reason) for the rest."""
+    arrays, problems = [], []
+    for path in paths:
+        try:
+            arrays.append(prepare_image(path, config, size))
+        except images.ImageError as e:
+            problems.append((path, str(e)))
+    batch = np.stack(arrays) if arrays else np.zeros((0, size, size, 1), np.uint8)
+    return batch, problems
+
+
+def _sex_array(males: Any, count: int, loaded: restore.LoadedModel) -> np.ndarray:
+    if males is None:
+        if loaded.config.use_sex:
+            raise PredictError(
+                f"the model in {loaded.model_dir} uses the sex input: give --sex M or F"
+            )
+        males = 0.0  # The model ignores its `male` input.
+    values = np.asarray(males, np.float32)
+    if values.ndim and values.shape != (count,):
+        raise PredictError(f"got {values.size} sex values for {count} images")
+    return np.broadcast_to(values, (count,)).copy()
+
+
+def predict_batch(
+    loaded: restore.LoadedModel,
+    batch: np.ndarray,
+    male: np.ndarray,
+    *,
+    tta: str = "none",
+    batch_size: int = 16,
+) -> np.ndarray:
+    """Runs a restored model over prepared inputs uint8 [N,S,S,1]; returns months float64 [N]."""
+    run = tf.function(inference.tta_predict_fn(loaded.model, tta))
+    months = [np.zeros((0,), np.float32)]
+    for start in range(0, len(batch), batch_size):
+        stop = start + batch_size
+        months.append(run(tf.constant(batch[start:stop]), tf.constant(male[start:stop])).numpy())
+    result = np.concatenate(months).astype(np.float64)
+    if not np.all(np.isfinite(result)):
+        raise PredictError(f"the model in {loaded.model_dir} returned non-finite predictions")
+    return result
+
+
+def predict_images(
+    model_path: str,
+    paths: Sequence[str],
+    males: Sequence[float | bool] | float | bool | None,
+    *,
+    checkpoint: str = "auto",
+    tta: str = "none",
+    batch_size: int = 16,
+) -> list[float]:
+    """Predicts bone age in months for image files.
+
+    Args:
+      model_path: a training run's folder, or its export/model.keras.
+      paths: image files (PNG, JPEG or DICOM; local or gs://).
+      males: per image 1/True for male, 0/False for female; one value for all images; None
+        only when the model was trained without the sex input.
+      checkpoint: auto (the export when present, else the latest checkpoint), latest, export
+        or a training step.
+      tta: none | flip (mean of the image and its mirror).
+      batch_size: images per forward pass.
+
+    Returns:
+      Bone age in months, one float per path, in order.
+
+    Raises:
+      PredictError, images.ImageError, restore.ModelDirError: with a one-line message.
+    """
+    if not paths:
+        raise PredictError("no images given")
+    model_dir, checkpoint = resolve_model(model_path, checkpoint)
+    loaded = restore.load_model(model_dir, checkpoint)
+    male = _sex_array(males, len(paths), loaded)
+    batch, problems = _read_all(paths, loaded.config, restore.model_image_size(loaded))
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise images.ImageError(f"cannot read {problems[0][0]}: {problems[0][1]}{more}")
+    months = predict_batch(loaded, batch, male, tta=tta, batch_size=batch_size)
+    return [float(v) for v in months]
+
+
+@dataclasses.dataclass
+class PredictConfig:
+    """Settings of the predict command."""
+
+    model: str = ""
+    paths: tuple[str, ...] = ()  # image files (positional arguments)
+    sex: str = ""  # M | F for every image in `paths`
+    labels: str = ""  # CSV in a converter layout (with --images_dir)
+    images_dir: str = ""  # the --images folder
+    checkpoint: str = "auto"
+    tta: str = "none"
+    output: str = ""  # CSV path; "" prints a table
+    batch_size: int = 16
+    skip_unreadable: bool = False
+
+
+def run(config: PredictConfig) -> list[dict[str, Any]]:
+    """Predicts every image of the command; returns one row dict per predicted image."""
+    if config.tta not in inference.TTA_MODES:
+        raise PredictError(f"--tta must be one of {inference.TTA_MODES}, got {config.tta!r}")
+    items = predict_io.list_inputs(config.paths, config.sex, config.labels, config.images_dir)
+    model_dir, checkpoint = resolve_model(config.model, config.checkpoint)
+    loaded = restore.load_model(model_dir, checkpoint)
+    males = [i["male"] for i in items]
+    sex = _sex_array(None if None in males else males, len(items), loaded)
+    batch, problems = _read_all(
+        [i["path"] for i in items], loaded.config, restore.model_image_size(loaded)
+    )
+    for path, reason in problems:
+        print(
+            f"{'skipped' if config.skip_unreadable else 'unreadable'} {path}: {reason}",
+            file=sys.stderr,
+        )
+    if problems and not config.skip_unreadable:
+        raise PredictError(
+            f"cannot read {len(problems)} of {len(items)} images (listed above; "
+            "--skip_unreadable predicts the others)"
+        )
+    bad = {path for path, _ in problems}
+    keep = [i["path"] not in bad for i in items]
+    items, sex = [i for i, k in zip(items, keep, strict=True) if k], sex[np.array(keep)]
+    if not items:
+        raise PredictError("no readable images left to predict")
+    months = predict_batch(loaded, batch, sex, tta=config.tta, batch_size=config.batch_size)
+    for item, value, m in zip(items, months, sex, strict=True):
+        item.update(male=int(m > 0.5), predicted=float(value))
+        labeled = item["boneage"] is not None
+        item["error"] = float(value) - item["boneage"] if labeled else None
+    return items
+
+
+def define_flags(flag_values: Any) -> None:
+    """Defines the predict flags on `flag_values` (an absl FlagValues)."""
+    from absl import flags
+
+    fv = {"flag_values": flag_values}
+    flags.DEFINE_string(
+        "model", None, "Training run folder (local or gs://) or its export/model.keras.", **fv
+    )
+    flags.DEFINE_string(
+        "sex", "", "M or F, for every IMAGE (needed when the model uses sex).", **fv
+    )
+    flags.DEFINE_string(
+        "labels", "", "CSV (Kaggle, RSNA validation or test layout) naming the images.", **fv
+    )
+    flags.DEFINE_string("images", "", "Folder of the --labels images (<id>.png|.jpg|.dcm).", **fv)
+    flags.DEFINE_string(
+        "checkpoint",
+        "auto",
+        "auto (export if present, else latest), latest, export or a step.",
+        **fv,
+    )
+    flags.DEFINE_enum(
+        "tta", "none", inference.TTA_MODES, "flip: mean of the image and its mirror.", **fv
+    )
+    flags.DEFINE_string(
+        "output", "", "Write a CSV here (local or gs://) instead of printing a table.", **fv
+    )
+    flags.DEFINE_integer("batch_size", 16, "Images per forward pass.", **fv)
+    flags.DEFINE_bool(
+        "skip_unreadable", False, "List unreadable images and predict the others.", **fv
+    )
+
+
+def main(argv: Sequence[str]) -> int:
+    """Parses `argv` (argv[0] is the program), predicts and prints; returns the exit code."""
+    from absl import flags
+
+    flag_values = flags.FlagValues()
+    define_flags(flag_values)
+    if any(a in ("--help", "-h", "--helpfull", "--helpshort") for a in argv[1:]):
+        print(__doc__)
+        print(flag_values.get_help())
+        return 0
+    try:
+        rest = flag_values(list(argv))
+    except flags.Error as e:
+        print(f"predict: error: {e}", file=sys.stderr)
+        return 2
+    config = PredictConfig(
+        model=flag_values.model or "",
+        paths=tuple(rest[1:]),
+        sex=flag_values.sex,
+        labels=flag_values.labels,
+        images_dir=flag_values.images,
+        checkpoint=flag_values.checkpoint,
+        tta=flag_values.tta,
+        output=flag_values.output,
+        batch_size=flag_values.batch_size,
+        skip_unreadable=flag_values.skip_unreadable,
+    )
+    try:
+        if not config.model:
+            raise PredictError("--model is required: a training run's folder")
+        rows = run(config)
+    except (PredictError, images.ImageError, restore.ModelDirError, FileNotFoundError) as e:
+        print(f"predict: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 1
+    if config.output:
+        with tf.io.gfile.GFile(config.output, "w") as f:
+            f.write(predict_io.format_rows(rows, as_csv=True))
+        print(f"wrote {len(rows)} predictions to {config.output}")
+    else:
+        sys.stdout.write(predict_io.format_rows(rows, as_csv=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

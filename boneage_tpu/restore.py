@@ -1,0 +1,184 @@
+"""Finds and restores trained models in a model directory (checkpoints or the Keras export).
+
+Shared by `boneage_tpu.evaluate` (including its continuous mode) and `boneage_tpu.predict`.
+The directory layout is the one documented in `boneage_tpu.config`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import tensorflow as tf
+
+from boneage_tpu import config as config_lib
+
+_STEP_KEY = "step/.ATTRIBUTES/VARIABLE_VALUE"
+_CKPT_NUMBER = re.compile(r"ckpt-(\d+)$")
+
+
+class ModelDirError(ValueError):
+    """A model directory, checkpoint or export that cannot be used; the message is one line."""
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A restored model with what is needed to feed it and to name its results."""
+
+    model: Any  # keras.Model: {"image": float32 [B,S,S,1] 0..255, "male": float32 [B]} -> [B]
+    config: config_lib.TrainConfig
+    model_dir: str
+    step: int | None  # training step of the weights; None for an export without DONE
+    source: str  # checkpoint path or export path
+
+
+def checkpoint_dir(model_dir: str) -> str:
+    """Returns the folder holding the CheckpointManager's checkpoints."""
+    return config_lib.join(model_dir, config_lib.CHECKPOINT_SUBDIR)
+
+
+def checkpoint_step(path: str) -> int:
+    """Returns the training step stored in a checkpoint (its `step` variable, else `ckpt-<N>`).
+
+    The checkpoint number is the manager's save counter, not necessarily the step, so the `step`
+    variable wins when the checkpoint has one.
+    """
+    reader = tf.train.load_checkpoint(path)
+    if reader.has_tensor(_STEP_KEY):
+        return int(reader.get_tensor(_STEP_KEY))
+    match = _CKPT_NUMBER.search(path)
+    if not match:
+        raise ModelDirError(f"checkpoint {path} has no `step` variable and no ckpt-<N> name")
+    return int(match.group(1))
+
+
+def list_checkpoints(model_dir: str) -> list[tuple[int, str]]:
+    """Returns (step, path) of every checkpoint the CheckpointManager lists, oldest first.
+
+    Uses the manager's `checkpoint` state file, which is updated only after a checkpoint is
+    completely written, so a checkpoint being saved right now is never listed half-written.
+    """
+    state = tf.train.get_checkpoint_state(checkpoint_dir(model_dir))
+    if state is None:
+        return []
+    found = []
+    for path in state.all_model_checkpoint_paths:
+        try:
+            found.append((checkpoint_step(path), path))
+        except tf.errors.NotFoundError:
+            continue  # Deleted by the trainer's keep-K policy since the state file was read.
+    return sorted(found)
+
+
+def read_done(model_dir: str) -> dict[str, Any] | None:
+    """Returns the DONE marker's JSON when training has finished, else None."""
+    path = config_lib.join(model_dir, config_lib.DONE_NAME)
+    if not tf.io.gfile.exists(path):
+        return None
+    with tf.io.gfile.GFile(path, "r") as f:
+        text = f.read()
+    try:
+        return json.loads(text) if text.strip() else {}
+    except json.JSONDecodeError as e:
+        raise ModelDirError(f"{path} is not valid JSON: {e}") from e
+
+
+def resolve_checkpoint(model_dir: str, checkpoint: str) -> tuple[str, int | None]:
+    """Returns (path, step) for `checkpoint` = latest | export | STEP.
+
+    Raises:
+      ModelDirError: with one line naming what exists, when the checkpoint is not there.
+    """
+    if checkpoint == "export":
+        path = config_lib.join(model_dir, config_lib.EXPORT_SUBDIR, config_lib.KERAS_EXPORT_NAME)
+        if not tf.io.gfile.exists(path):
+            raise ModelDirError(f"no Keras export {path}: has training finished?")
+        done = read_done(model_dir)
+        return path, (int(done["step"]) if done and "step" in done else None)
+    checkpoints = list_checkpoints(model_dir)
+    if not checkpoints:
+        raise ModelDirError(
+            f"no checkpoints in {checkpoint_dir(model_dir)}: is {model_dir} a training run's "
+            "--model_dir, and has it saved a checkpoint yet?"
+        )
+    if checkpoint == "latest":
+        step, path = checkpoints[-1]
+        return path, step
+    if not checkpoint.isdigit():
+        raise ModelDirError(
+            f"--checkpoint must be latest, export or a step number, got {checkpoint!r}"
+        )
+    for step, path in checkpoints:
+        if step == int(checkpoint):
+            return path, step
+    steps = [s for s, _ in checkpoints]
+    raise ModelDirError(f"no checkpoint at step {checkpoint} in {model_dir}; available: {steps}")
+
+
+def check_data_compatible(config: config_lib.TrainConfig, manifest: Mapping[str, Any]) -> None:
+    """Raises ModelDirError when the data was prepared differently from the model's training data.
+
+    The model saw images stored at `data_image_size` px and then fitted to `image_size`; data
+    stored at another size would be resampled differently, so its results would not be valid.
+    """
+    version = manifest.get("schema_version")
+    if config.schema_version and version != config.schema_version:
+        raise ModelDirError(
+            f"data has schema version {version} but {config.model_dir or 'the model'} was "
+            f"trained on schema version {config.schema_version}: reconvert the data"
+        )
+    size = manifest.get("image_size")
+    if config.data_image_size and size != config.data_image_size:
+        raise ModelDirError(
+            f"data images are stored at {size} px but the model was trained on "
+            f"{config.data_image_size} px data: reconvert with "
+            f"tools.make_tfrecords --image_size {config.data_image_size}"
+        )
+
+
+def load_model(model_dir: str, checkpoint: str = "latest", model: Any = None) -> LoadedModel:
+    """Restores the model of `model_dir` at `checkpoint` (latest | export | STEP).
+
+    Call it under `strategy.scope()` so the variables are placed for that strategy.
+
+    Args:
+      model_dir: the training run's folder (local or gs://).
+      checkpoint: latest, export or a training step.
+      model: a model built earlier from the same config.json to restore into (the continuous
+        evaluator reuses one model instead of building one per checkpoint); None builds one.
+    """
+    from boneage_tpu import model as model_lib  # Heavy (Keras); only needed here.
+
+    config = config_lib.load_config(model_dir)
+    path, step = resolve_checkpoint(model_dir, checkpoint)
+    if checkpoint == "export":
+        import keras
+
+        try:
+            model = keras.models.load_model(path)
+        except (OSError, ValueError, TypeError) as e:
+            raise ModelDirError(f"cannot load {path}: {str(e).splitlines()[0]}") from e
+        return LoadedModel(model, config, model_dir, step, path)
+    if model is None:
+        model = model_lib.model_from_config(config)
+    try:
+        status = tf.train.Checkpoint(model=model).restore(path).expect_partial()
+        status.assert_existing_objects_matched()
+    except (AssertionError, ValueError) as e:
+        raise ModelDirError(
+            f"checkpoint {path} does not fit the model described by {model_dir}/config.json: "
+            f"{str(e).splitlines()[0]}"
+        ) from e
+    return LoadedModel(model, config, model_dir, step, path)
+
+
+def model_image_size(loaded: LoadedModel) -> int:
+    """Returns the square input size S the model expects (from the model, else config.json)."""
+    for tensor in getattr(loaded.model, "inputs", None) or ():
+        shape = tuple(tensor.shape)
+        if len(shape) == 4 and shape[1] is not None:
+            return int(shape[1])
+    return int(loaded.config.image_size)

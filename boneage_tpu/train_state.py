@@ -1,0 +1,161 @@
+"""Run state in the model directory: checkpoints, TensorBoard scalars, config and DONE.
+
+Preemption safety: a restarted run with the same --model_dir restores the latest checkpoint
+(step, model, optimizer with its step counter, plateau state, Keras RNG state such as dropout
+seeds) and continues. The augmentation RNG is stateless and keyed by the restored step, so it
+needs no state. TensorBoard steps already on disk are not written again after a restart.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import tensorflow as tf
+
+from boneage_tpu import config as config_lib
+
+# Fields that define the network: resuming with other values cannot restore the checkpoint.
+ARCHITECTURE_FIELDS = (
+    "backbone",
+    "image_size",
+    "use_sex",
+    "sex_units",
+    "dense_units",
+    "attention",
+    "norm",
+)
+
+
+class ResumeError(ValueError):
+    """The model directory holds a run that this config cannot continue."""
+
+
+def checkpoint_dir(model_dir: str) -> str:
+    """Returns the checkpoint folder of a model directory."""
+    return config_lib.join(model_dir, config_lib.CHECKPOINT_SUBDIR)
+
+
+def latest_checkpoint(model_dir: str) -> str | None:
+    """Returns the latest checkpoint path in a model directory, or None."""
+    return tf.train.latest_checkpoint(checkpoint_dir(model_dir))
+
+
+def check_resume(config: config_lib.TrainConfig) -> None:
+    """Raises ResumeError when model_dir has checkpoints of a different network."""
+    if latest_checkpoint(config.model_dir) is None:
+        return
+    path = config_lib.join(config.model_dir, config_lib.CONFIG_NAME)
+    if not tf.io.gfile.exists(path):
+        return
+    previous = config_lib.load_config(config.model_dir)
+    for name in ARCHITECTURE_FIELDS:
+        old, new = getattr(previous, name), getattr(config, name)
+        if isinstance(old, list | tuple):
+            old, new = ",".join(map(str, old)), ",".join(map(str, new))
+        if old != new:
+            raise ResumeError(
+                f"{config.model_dir} holds checkpoints of a model with --{name}={old}, this run "
+                f"asks for --{name}={new}: resume with the same model flags or use a new --model_dir"
+            )
+
+
+def rng_state(model: Any) -> tf.Module:
+    """Returns a trackable holding the model's Keras RNG states (e.g. dropout seeds).
+
+    Keras keeps them in SeedGenerator variables that a tf.train.Checkpoint of the model does
+    not reach, so they are checkpointed explicitly: a resumed run continues the random stream.
+    """
+    module = tf.Module(name="rng")
+    module.seed_states = [v.value for v in model.variables if "seed_generator_state" in v.path]
+    return module
+
+
+class Checkpointing:
+    """The CheckpointManager of a run (`checkpoints/ckpt-<step>`, keys `step` and `model`)."""
+
+    def __init__(self, model_dir: str, keep: int, **objects: Any) -> None:
+        if "step" not in objects or "model" not in objects:
+            raise ValueError("the checkpoint needs `step` and `model`")
+        self.step = objects["step"]
+        self.checkpoint = tf.train.Checkpoint(**objects)
+        self.manager = tf.train.CheckpointManager(
+            self.checkpoint,
+            checkpoint_dir(model_dir),
+            max_to_keep=keep,
+            checkpoint_name="ckpt",
+            step_counter=self.step,
+        )
+        self.saved_step = -1
+
+    def restore_latest(self) -> int | None:
+        """Restores the latest checkpoint; returns its step, or None when there is none."""
+        path = self.manager.latest_checkpoint
+        if path is None:
+            return None
+        self.checkpoint.restore(path).assert_existing_objects_matched()
+        self.saved_step = int(self.step.numpy())
+        return self.saved_step
+
+    def save(self) -> str:
+        """Saves a checkpoint named after the current step (once per step)."""
+        step = int(self.step.numpy())
+        path = self.manager.save(checkpoint_number=step)
+        self.saved_step = step
+        return path
+
+
+def last_logged_step(logdir: str) -> int:
+    """Returns the largest step with a summary in `logdir`'s event files (-1 if none)."""
+    last = -1
+    for path in tf.io.gfile.glob(config_lib.join(logdir, "events.out.tfevents.*")):
+        try:
+            for record in tf.data.TFRecordDataset(path):
+                event = tf.compat.v1.Event.FromString(record.numpy())
+                if event.HasField("summary"):
+                    last = max(last, int(event.step))
+        except tf.errors.DataLossError:
+            # A file cut short by a kill: the events read before the torn record still count.
+            continue
+    return last
+
+
+class ScalarLog:
+    """TensorBoard scalars in `logdir` that never repeat a step already on disk."""
+
+    def __init__(self, logdir: str) -> None:
+        self.logdir = logdir
+        self.skip_through = last_logged_step(logdir)
+        self.writer = tf.summary.create_file_writer(logdir)
+
+    def write(self, step: int, scalars: dict[str, float]) -> bool:
+        """Writes the scalars at `step` unless the step was logged before; returns if written."""
+        if step <= self.skip_through:
+            return False
+        with self.writer.as_default(step=step):
+            for name, value in scalars.items():
+                tf.summary.scalar(name, value)
+        self.writer.flush()
+        self.skip_through = step
+        return True
+
+    def close(self) -> None:
+        """Flushes and closes the event file."""
+        self.writer.close()
+
+
+def done_path(model_dir: str) -> str:
+    """Returns the path of the DONE marker."""
+    return config_lib.join(model_dir, config_lib.DONE_NAME)
+
+
+def clear_done(model_dir: str) -> None:
+    """Removes DONE so a continued run is not taken as finished by a continuous evaluator."""
+    if tf.io.gfile.exists(done_path(model_dir)):
+        tf.io.gfile.remove(done_path(model_dir))
+
+
+def write_done(model_dir: str, step: int, metrics: dict[str, Any]) -> None:
+    """Writes DONE (JSON with the final step and metrics); call it last."""
+    with tf.io.gfile.GFile(done_path(model_dir), "w") as f:
+        json.dump({"step": step, "metrics": metrics}, f, indent=2, sort_keys=True)

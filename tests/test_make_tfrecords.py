@@ -1,0 +1,566 @@
+"""Tests for tools.make_tfrecords: records, manifest, bad inputs, splits, resume, TFDS interop."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from boneage_tpu import images, layouts, schema
+from boneage_tpu.layouts import ConvertError
+from tools import make_tfrecords
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _image(seed: int, shape: tuple[int, int] = (52, 40)) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    gradient = np.add.outer(np.arange(shape[0]), np.arange(shape[1])) * 2
+    return np.clip(gradient + rng.integers(0, 60, shape), 0, 255).astype(np.uint8)
+
+
+def _write_csv(path: pathlib.Path, lines: list[str], bom: bool = False, crlf: bool = False):
+    data = (("\r\n" if crlf else "\n").join(lines) + ("\r\n" if crlf else "\n")).encode()
+    path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + data)
+    return path
+
+
+def _dataset(tmp_path: pathlib.Path, n: int = 24, name: str = "data"):
+    """n PNGs with ages spread over all bands and both sexes; returns (csv, images dir, labels)."""
+    folder = tmp_path / name / "images"
+    folder.mkdir(parents=True)
+    labels = {}
+    for i in range(n):
+        image_id = str(1000 + i)
+        Image.fromarray(_image(i)).save(folder / f"{image_id}.png")
+        labels[image_id] = (float((i * 37) % 229 + 3), i % 3 != 0)
+    lines = ["id,boneage,male"] + [f"{k},{a:g},{m}" for k, (a, m) in labels.items()]
+    return _write_csv(tmp_path / name / "labels.csv", lines), folder, labels
+
+
+def _convert(csv, folder, out, **kwargs):
+    kwargs.setdefault("num_workers", 0)
+    kwargs.setdefault("quiet", True)
+    return make_tfrecords.convert(str(csv), str(folder), str(out), **kwargs)
+
+
+def _records(out, split: str) -> list[dict]:
+    manifest = schema.read_manifest(str(out))
+    files = schema.shard_paths(str(out), manifest, split)
+    parsed = tf.data.TFRecordDataset(files).map(schema.parse_examples)
+    return [{k: v.numpy() for k, v in r.items()} for r in parsed]
+
+
+def _shard_bytes(out) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(pathlib.Path(out).glob("*.tfrecord"))}
+
+
+def _without_time(manifest: dict) -> dict:
+    return {k: v for k, v in manifest.items() if k != "created_utc"}
+
+
+def test_convert_writes_records_manifest_and_summary(tmp_path, capsys):
+    csv, folder, labels = _dataset(tmp_path)
+    out = tmp_path / "out"
+    manifest = _convert(csv, folder, out, image_size=32, encoding="png", quiet=False)
+    assert manifest == schema.read_manifest(str(out))
+    assert manifest["schema_version"] == schema.SCHEMA_VERSION and manifest["layout"] == "kaggle"
+    assert (manifest["image_size"], manifest["encoding"], manifest["jpeg_quality"]) == (
+        32,
+        "png",
+        95,
+    )
+    assert manifest["source_csv_sha256"] == hashlib.sha256(csv.read_bytes()).hexdigest()
+    assert manifest["rows_in"] == manifest["records_written"] == 24 and manifest["skipped"] == []
+    assert {s: v["count"] for s, v in manifest["splits"].items()} == {"train": 22, "val": 2}
+    seen = set()
+    for split, info in manifest["splits"].items():
+        names = [s["name"] for s in info["shards"]]
+        assert names == [schema.shard_name(split, i, len(names)) for i in range(len(names))]
+        for shard in info["shards"]:
+            data = (out / shard["name"]).read_bytes()
+            assert (len(data), hashlib.sha256(data).hexdigest()) == (
+                shard["bytes"],
+                shard["sha256"],
+            )
+        records = _records(out, split)
+        assert (
+            len(records)
+            == info["count"]
+            == info["labeled"]
+            == sum(s["records"] for s in info["shards"])
+        )
+        for r in records:
+            image_id = r["id"].decode()
+            age, male = labels[image_id]
+            assert (r["boneage"], r["male"], r["has_label"]) == (age, male, 1)
+            assert r["stratum"] == schema.stratum(age, male)
+            assert (r["height"], r["width"], r["encoding"]) == (32, 25, b"png")
+            stored = images.decode(r["image"], "png", 32, 25)
+            expected = images.resize_longest_side(_image(int(image_id) - 1000), 32)
+            np.testing.assert_array_equal(stored, expected)
+            seen.add(image_id)
+        assert (
+            sum(info["counts_by_stratum"])
+            == sum(info["counts_by_age_band"].values())
+            == info["count"]
+        )
+        assert sum(info["counts_by_sex"].values()) == info["count"]
+    assert seen == set(labels)
+    train_ages = [labels[r["id"].decode()][0] for r in _records(out, "train")]
+    stats = manifest["label_stats"]
+    assert stats["split"] == "train"
+    assert stats["mean_months"] == pytest.approx(np.mean(train_ages))
+    assert stats["std_months"] == pytest.approx(np.std(train_ages))
+    assert not (out / ".convert").exists()
+    printed = capsys.readouterr().out
+    assert "train" in printed and "rows in 24 = records written 24 + rows skipped 0" in printed
+
+
+@pytest.mark.shared
+def test_real_rsna_sample_pixels_match(rsna_sample_dir, tmp_path):
+    csv = rsna_sample_dir / "boneage-training-dataset.csv"
+    folder = rsna_sample_dir / "boneage-training-dataset"
+    manifest = _convert(csv, folder, tmp_path / "out", num_workers=2)
+    assert manifest["records_written"] == 12 and manifest["skipped"] == []
+    records = _records(tmp_path / "out", "train") + _records(tmp_path / "out", "val")
+    assert {"1578", "2110"} <= {r["id"].decode() for r in records}  # The palette PNGs.
+    for r in records:
+        original = images.read_grayscale(str(folder / f"{r['id'].decode()}.png"))
+        expected = images.resize_longest_side(original, 512)
+        stored = images.decode(r["image"], "jpeg", r["height"], r["width"])
+        assert stored.shape == expected.shape == (512, 394)
+        assert np.corrcoef(stored.ravel(), expected.ravel())[0, 1] >= 0.99, r["id"]
+
+
+def _bad_inputs(tmp_path: pathlib.Path, bom: bool, crlf: bool):
+    """A dataset with every kind of bad input; returns (csv, folder, expected reason by id)."""
+    folder = tmp_path / "images"
+    folder.mkdir(exist_ok=True)
+    for i, image_id in enumerate(["g0", "g1", "g2", "g3", "g4", "g5", "dup", "conf"]):
+        Image.fromarray(_image(i)).save(folder / f"{image_id}.png")
+    png = (folder / "g0.png").read_bytes()
+    (folder / "corrupt.png").write_bytes(b"this is not a png" * 20)
+    (folder / "truncated.png").write_bytes(png[: len(png) // 2])
+    (folder / "empty.png").write_bytes(b"")
+    Image.fromarray(_image(9)).save(folder / "orphan.png")
+    lines = [
+        "id,boneage,male",
+        *[f"g{i},{20 * i + 10},{['True', 'False', '1', '0', 'M', 'F'][i]}" for i in range(6)],
+        "corrupt,50,True",
+        "truncated,60,False",
+        "empty,70,True",
+        "missing,80,False",
+        "dup,90,True",
+        "dup,90,True",
+        "conf,100,True",
+        "conf,101,True",
+        "nonnum,abc,True",
+        "neg,-5,False",
+        "old,250,True",
+        "nan,nan,True",
+        "nosex,30,maybe",
+        "noage,,True",
+        "a/b,40,True",
+        "..up,40,True",
+        "short,12",
+    ]
+    expected = {
+        "corrupt": "unrecognised",
+        "truncated": "corrupt or truncated",
+        "empty": "empty file",
+        "missing": "missing image file",
+        "dup": "duplicate id, first seen on line 12",
+        "conf": "duplicate id with conflicting values",
+        "nonnum": "non-numeric bone age",
+        "neg": "negative bone age",
+        "old": "above 240",
+        "nan": "not a finite number",
+        "nosex": "unknown sex value 'maybe'",
+        "noage": "missing bone age",
+        "a/b": "path separator",
+        "..up": "path separator or '..'",
+        "short": "row has 2 fields",
+        "orphan": "image has no CSV row",
+    }
+    return _write_csv(tmp_path / "labels.csv", lines, bom=bom, crlf=crlf), folder, expected
+
+
+def test_every_bad_input_is_skipped_with_a_reason(tmp_path, capsys):
+    baseline = None
+    for bom, crlf in [(False, False), (True, False), (False, True), (True, True)]:
+        case = tmp_path / f"bom{bom:d}crlf{crlf:d}"
+        case.mkdir()
+        csv, folder, expected = _bad_inputs(case, bom, crlf)
+        manifest = _convert(csv, folder, case / "out", encoding="png", quiet=False)
+        printed = capsys.readouterr().out
+        rows_in = len(csv.read_bytes().splitlines()) - 1
+        assert manifest["rows_in"] == rows_in == 23
+        assert manifest["records_written"] + manifest["rows_skipped"] == rows_in
+        assert len(manifest["skipped"]) == manifest["rows_skipped"] + manifest["images_without_row"]
+        assert manifest["images_without_row"] == 1
+        written = {r["id"].decode() for s in manifest["splits"] for r in _records(case / "out", s)}
+        assert written == {"g0", "g1", "g2", "g3", "g4", "g5", "dup"}
+        reasons = {(s["id"], s["reason"]) for s in manifest["skipped"]}
+        for image_id, reason in expected.items():
+            assert any(i == image_id and reason in r for i, r in reasons), (image_id, reasons)
+            assert reason in printed
+        assert sum(1 for s in manifest["skipped"] if s["id"] == "conf") == 2
+        assert sum(1 for s in manifest["skipped"] if s["id"] == "dup") == 1
+        by_id = {s["id"]: s for s in manifest["skipped"]}
+        assert by_id["orphan"]["row"] is None and by_id["orphan"]["path"].endswith("orphan.png")
+        assert by_id["corrupt"]["row"] == 8 and by_id["corrupt"]["path"].endswith("corrupt.png")
+        # A BOM or CRLF changes nothing but the CSV checksum.
+        shards = [s["sha256"] for split in manifest["splits"].values() for s in split["shards"]]
+        skipped = [(s["row"], s["id"], s["reason"]) for s in manifest["skipped"]]
+        baseline = baseline or (shards, skipped)
+        assert (shards, skipped) == baseline
+
+
+def test_sex_values_and_rsna_layouts(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(6):
+        Image.fromarray(_image(i)).save(folder / f"{i}.png")
+    sexes = ["True", "false", "1", "0", "M", "f"]
+    validation = _write_csv(
+        tmp_path / "val.csv",
+        ["Image ID,male,Bone Age (months)"]
+        + [f"{i},{s},{10 * i + 5}" for i, s in enumerate(sexes)],
+    )
+    manifest = _convert(validation, folder, tmp_path / "v", split_name="holdout")
+    assert manifest["layout"] == "rsna_validation" and list(manifest["splits"]) == ["holdout"]
+    assert manifest["label_stats"] == pytest.approx(
+        {
+            "mean_months": 30.0,
+            "std_months": float(np.std([5, 15, 25, 35, 45, 55])),
+            "split": "holdout",
+        }
+    )
+    records = {r["id"].decode(): r for r in _records(tmp_path / "v", "holdout")}
+    assert [int(records[str(i)]["male"]) for i in range(6)] == [1, 0, 1, 0, 1, 0]
+    test = _write_csv(
+        tmp_path / "test.csv", ["Case ID,Sex"] + [f"{i},{'MF'[i % 2]}" for i in range(6)]
+    )
+    manifest = _convert(test, folder, tmp_path / "t")
+    assert manifest["layout"] == "rsna_test" and list(manifest["splits"]) == ["test"]
+    assert (
+        manifest["splits"]["test"]["labeled"] == 0
+        and manifest["label_stats"]["mean_months"] is None
+    )
+    for r in _records(tmp_path / "t", "test"):
+        assert (r["has_label"], r["boneage"], r["stratum"]) == (0, schema.NO_LABEL, -1)
+    partial = _write_csv(
+        tmp_path / "partial.csv",
+        ["Case ID,Sex,Ground truth bone age (months)"]
+        + [f"{i},M,{'' if i < 2 else 99}" for i in range(6)],
+    )
+    manifest = _convert(partial, folder, tmp_path / "p")
+    assert (manifest["splits"]["test"]["count"], manifest["splits"]["test"]["labeled"]) == (6, 4)
+
+
+def test_split_is_stratified_and_deterministic(tmp_path):
+    rows = [
+        layouts.Row(i, f"{i:04d}", float(i * 7 % 240), bool(i % 2), f"{i}.png") for i in range(300)
+    ]
+    split = layouts.assign_splits(rows, val_fraction=0.2, seed=3, split_name="")
+    assert len(split["val"]) == 60 and len(split["train"]) == 240
+    again = layouts.assign_splits(list(reversed(rows)), val_fraction=0.2, seed=3, split_name="")
+    assert split == again  # Row order in the CSV does not matter.
+    other = layouts.assign_splits(rows, val_fraction=0.2, seed=4, split_name="")
+    assert {r.image_id for r in other["val"]} != {r.image_id for r in split["val"]}
+    for stratum in range(schema.NUM_STRATA):
+        total = sum(r.stratum == stratum for r in rows)
+        in_val = sum(r.stratum == stratum for r in split["val"])
+        assert abs(in_val - 0.2 * total) <= 1, stratum
+    assert [r.image_id for r in split["train"]] != sorted(r.image_id for r in split["train"])
+    single = layouts.assign_splits(rows, val_fraction=0.2, seed=3, split_name="all_2")
+    assert list(single) == ["all_2"] and len(single["all_2"]) == 300
+    with pytest.raises(ConvertError, match="split name"):
+        layouts.assign_splits(rows, val_fraction=0.2, seed=3, split_name="a-b")
+    assert list(layouts.assign_splits(rows, val_fraction=0.0, seed=3, split_name="")) == ["train"]
+
+
+def test_mixed_formats_subfolders_and_ambiguous_ids(tmp_path):
+    folder = tmp_path / "images"
+    (folder / "sub").mkdir(parents=True)
+    Image.fromarray(_image(0)).save(folder / "a.png")
+    Image.fromarray(_image(1)).convert("RGB").save(folder / "sub" / "b.JPG", quality=95)
+    Image.fromarray(_image(2).astype(np.uint16) * 257).save(folder / "c.png")
+    Image.fromarray(_image(3)).save(folder / "d.png")
+    Image.fromarray(_image(3)).save(folder / "sub" / "d.jpg")
+    csv = _write_csv(
+        tmp_path / "l.csv", ["id,boneage,male", "a,10,1", "b,20,0", "c,30,1", "d,40,0"]
+    )
+    manifest = _convert(csv, folder, tmp_path / "out", split_name="x")
+    assert {r["id"].decode() for r in _records(tmp_path / "out", "x")} == {"a", "b", "c"}
+    assert [s["reason"] for s in manifest["skipped"]] == [
+        "several image files for this id: d.png, d.jpg"
+    ]
+
+
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        ("empty_csv", "labels CSV is empty"),
+        ("header_only", "header but no data rows"),
+        ("missing_column", "lacks column(s) ['male']"),
+        ("unknown_layout", "cannot detect the CSV layout"),
+        ("no_csv", "labels CSV not found"),
+        ("no_images", "no images"),
+        ("no_images_dir", "images folder not found"),
+        ("unwritable", "is not writable"),
+        ("all_skipped", "nothing to convert: all 2 CSV rows are skipped"),
+        ("bad_quality", "--jpeg_quality must be in 1..100"),
+    ],
+)
+def test_fatal_errors_exit_nonzero_with_one_line(tmp_path, capsys, setup, message):
+    csv, folder, _ = _dataset(tmp_path, n=3)
+    out, extra = tmp_path / "out", []
+    if setup == "empty_csv":
+        csv.write_bytes(b"")
+    elif setup == "header_only":
+        _write_csv(csv, ["id,boneage,male"])
+    elif setup == "missing_column":
+        _write_csv(csv, ["id,boneage", "1000,12"])
+    elif setup == "unknown_layout":
+        _write_csv(csv, ["name,age", "1000,12"])
+    elif setup == "no_csv":
+        csv = tmp_path / "nope.csv"
+    elif setup == "no_images":
+        folder = tmp_path / "empty"
+        folder.mkdir()
+        (folder / "notes.txt").write_text("no images here")
+    elif setup == "no_images_dir":
+        folder = tmp_path / "nope"
+    elif setup == "unwritable":
+        out = tmp_path / "a_file" / "out"
+        (tmp_path / "a_file").write_text("a file, not a folder")
+    elif setup == "all_skipped":
+        _write_csv(csv, ["id,boneage,male", "1000,-1,True", "1001,12,maybe"])
+    elif setup == "bad_quality":
+        extra = ["--jpeg_quality=0"]
+    argv = [
+        "make_tfrecords",
+        f"--labels={csv}",
+        f"--images={folder}",
+        f"--output={out}",
+        "--num_workers=0",
+    ]
+    assert make_tfrecords.main(argv + extra) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("make_tfrecords: error: ") and message in err and "\n" not in err
+    assert not (out / schema.MANIFEST_NAME).exists()
+
+
+def test_cli_usage_errors(capsys):
+    assert make_tfrecords.main(["make_tfrecords", "--labels=x.csv"]) == 2
+    assert "missing required flag(s): --images, --output" in capsys.readouterr().err
+    assert (
+        make_tfrecords.main(
+            ["make_tfrecords", "--encoding=gif", "--labels=a", "--images=b", "--output=c"]
+        )
+        == 2
+    )
+    assert (
+        make_tfrecords.main(["make_tfrecords", "stray", "--labels=a", "--images=b", "--output=c"])
+        == 2
+    )
+    assert "unexpected arguments: ['stray']" in capsys.readouterr().err
+    assert make_tfrecords.main(["make_tfrecords", "--help"]) == 0
+    assert "--target_shard_mb" in capsys.readouterr().out
+
+
+def test_strict_makes_any_skip_fatal(tmp_path):
+    csv, folder, _ = _dataset(tmp_path, n=5)
+    (folder / "1002.png").write_bytes(b"broken")
+    with pytest.raises(ConvertError, match=r"--strict: line 4, id 1002 .*unrecognised"):
+        _convert(csv, folder, tmp_path / "out", strict=True, split_name="all")
+    assert not (tmp_path / "out" / schema.MANIFEST_NAME).exists()
+    (folder / "1002.png").unlink()
+    with pytest.raises(ConvertError, match="--strict: 1 input.*missing image file"):
+        _convert(csv, folder, tmp_path / "out2", strict=True)
+    assert not (tmp_path / "out2").exists()  # Planning errors come before any write.
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_stopped_conversion_resumes_to_identical_bytes(tmp_path, capsys):
+    csv, folder, _ = _dataset(tmp_path, n=20)
+    options = {"num_shards": 4, "encoding": "png", "image_size": 24}
+    reference = _convert(csv, folder, tmp_path / "ref", **options)
+    out, done = tmp_path / "out", []
+
+    def stop_after_two(name):
+        done.append(name)
+        if len(done) == 2:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        _convert(csv, folder, out, on_shard_done=stop_after_two, **options)
+    assert not (out / schema.MANIFEST_NAME).exists()
+    assert sorted(_shard_bytes(out)) == sorted(done)
+    (out / ".convert" / "train-00002-of-00004.tfrecord.tmp").write_bytes(b"half a shard")
+    (out / ".convert" / f"{done[1]}.json").unlink()  # Killed before its info was saved.
+    redone = []
+    manifest = _convert(csv, folder, out, on_shard_done=redone.append, **options)
+    assert done[0] not in redone and done[1] in redone
+    assert len(redone) == len(_shard_bytes(reference and tmp_path / "ref")) - 1
+    assert _shard_bytes(out) == _shard_bytes(tmp_path / "ref")
+    assert _without_time(manifest) == _without_time(reference)
+    assert not (out / ".convert").exists()
+    # A finished conversion is not redone; other options need --overwrite.
+    capsys.readouterr()
+    assert _convert(csv, folder, out, quiet=False, **options) == manifest
+    assert "nothing to do" in capsys.readouterr().out
+    with pytest.raises(ConvertError, match="--overwrite"):
+        _convert(csv, folder, out, **{**options, "num_shards": 2})
+    redo = _convert(csv, folder, out, overwrite=True, **{**options, "num_shards": 2})
+    assert len(redo["splits"]["train"]["shards"]) == 2
+    assert sorted(_shard_bytes(out)) == [
+        "train-00000-of-00002.tfrecord",
+        "train-00001-of-00002.tfrecord",
+        "val-00000-of-00002.tfrecord",
+        "val-00001-of-00002.tfrecord",
+    ]
+
+
+def test_unfinished_conversion_with_other_options_is_refused(tmp_path):
+    csv, folder, _ = _dataset(tmp_path, n=6)
+
+    def stop(name):
+        raise _Stop
+
+    with pytest.raises(_Stop):
+        _convert(csv, folder, tmp_path / "out", on_shard_done=stop)
+    with pytest.raises(ConvertError, match="unfinished conversion of other inputs"):
+        _convert(csv, folder, tmp_path / "out", image_size=64)
+
+
+@pytest.mark.slow
+def test_killed_cli_resumes_to_identical_bytes(tmp_path):
+    csv, folder, _ = _dataset(tmp_path, n=12)
+    args = ["--num_shards=3", "--encoding=png", "--image_size=24", "--num_workers=2", "--quiet"]
+    _convert(csv, folder, tmp_path / "ref", num_shards=3, encoding="png", image_size=24)
+    command = [
+        sys.executable,
+        "-m",
+        "tools.make_tfrecords",
+        f"--labels={csv}",
+        f"--images={folder}",
+    ]
+    command += [f"--output={tmp_path / 'out'}", *args]
+    env = {**os.environ, make_tfrecords.KILL_ENV: "2"}
+    killed = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, check=False)
+    assert killed.returncode == -9
+    assert len(_shard_bytes(tmp_path / "out")) == 2
+    assert not (tmp_path / "out" / schema.MANIFEST_NAME).exists()
+    resumed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, check=False)
+    assert resumed.returncode == 0, resumed.stderr
+    assert _shard_bytes(tmp_path / "out") == _shard_bytes(tmp_path / "ref")
+
+
+def test_output_is_a_tfds_folder_dataset(tmp_path):
+    import tensorflow_datasets as tfds
+
+    csv, folder, labels = _dataset(tmp_path, n=12)
+    manifest = _convert(csv, folder, tmp_path / "out", val_fraction=0.25)
+    builder = tfds.builder_from_directory(str(tmp_path / "out"))
+    for split in ("train", "val"):
+        assert builder.info.splits[split].num_examples == manifest["splits"][split]["count"]
+        records = list(tfds.as_numpy(builder.as_dataset(split=split)))
+        ids = sorted(r["id"].decode() for r in records)
+        assert ids == sorted(r["id"].decode() for r in _records(tmp_path / "out", split))
+        for r in records:
+            assert r["boneage"] == labels[r["id"].decode()][0]
+
+
+def test_workers_give_the_same_bytes_as_in_process(tmp_path):
+    csv, folder, _ = _dataset(tmp_path, n=10)
+    _convert(csv, folder, tmp_path / "a", num_workers=0, num_shards=2)
+    _convert(csv, folder, tmp_path / "b", num_workers=2, num_shards=2)
+    assert _shard_bytes(tmp_path / "a") == _shard_bytes(tmp_path / "b")
+
+
+def test_shard_count_from_size_target(tmp_path):
+    csv, folder, _ = _dataset(tmp_path, n=40)
+    small = _convert(csv, folder, tmp_path / "a", encoding="raw", image_size=40, val_fraction=0.0)
+    assert len(small["splits"]["train"]["shards"]) == make_tfrecords.MIN_SHARDS
+    # Raw 40x31 records are ~1.5 KB: a 3 KB target needs ~20 shards, more than the minimum.
+    sized = _convert(csv, folder, tmp_path / "b", encoding="raw", image_size=40, val_fraction=0.0,
+                     target_shard_mb=0.003)  # fmt: skip
+    shards = sized["splits"]["train"]["shards"]
+    assert make_tfrecords.MIN_SHARDS < len(shards) <= 40
+    assert max(s["bytes"] for s in shards) < 2 * 3000
+    capped = _convert(csv, folder, tmp_path / "c", num_shards=100, val_fraction=0.0)
+    assert len(capped["splits"]["train"]["shards"]) == 40
+
+
+def test_benchmark_reports_the_contract_keys(tmp_path):
+    from tools import benchmark_convert
+
+    csv, folder, _ = _dataset(tmp_path, n=3)
+    result = benchmark_convert.run(
+        str(csv), str(folder), 2, 32, "jpeg", 1, str(tmp_path / "b.json")
+    )
+    saved = json.loads((tmp_path / "b.json").read_text())
+    assert saved == result and result["images"] == 6
+    assert {"convert_img_s", "png_decode_img_s_per_core", "cores", "convert_vs_floor"} <= set(saved)
+    expected = saved["convert_img_s"] / (saved["png_decode_img_s_per_core"] * saved["cores"])
+    assert saved["convert_vs_floor"] == pytest.approx(expected, abs=2e-3)
+
+
+def test_summary_shortens_long_skip_lists():
+    from tools import convert_output
+
+    skipped = [
+        {"row": i + 2, "id": str(i), "path": "", "reason": "missing image file"} for i in range(60)
+    ]
+    manifest = {
+        "splits": {},
+        "rows_in": 60,
+        "records_written": 0,
+        "rows_skipped": 60,
+        "images_without_row": 0,
+        "skipped": skipped,
+    }
+    text = convert_output.summary(manifest)
+    assert "line 51" in text and "line 52 " not in text
+    assert "... 10 more in manifest.json" in text
+    assert "most common reasons: 60 x missing image file" in text
+
+
+def test_object_store_code_paths_via_file_urls(tmp_path):
+    # "file://" URLs take the object-store branches (reader threads; no temp + rename) through
+    # tf.io.gfile without needing a GCS emulator.
+    from tools import convert_write
+
+    csv, folder, _ = _dataset(tmp_path, n=8)
+    (folder / "1003.png").write_bytes(b"")
+    local = _convert(csv, folder, tmp_path / "local", num_shards=2)
+    remote = _convert(
+        f"file://{csv}", f"file://{folder}", tmp_path / "remote", num_shards=2, num_workers=2
+    )
+    assert _shard_bytes(tmp_path / "local") == _shard_bytes(tmp_path / "remote")
+    assert [s["reason"] for s in remote["skipped"]] == [s["reason"] for s in local["skipped"]]
+    state = convert_write.OutputState(f"file://{tmp_path / 'direct'}")
+    state.prepare()
+    row = layouts.Row(2, "a", 12.0, True, "a.png")
+    job = convert_write.ShardJob("train", "train-00000-of-00001.tfrecord", (row,))
+    info = state.write_shard(job, iter([(row, (b"\x07" * 6, 2, 3))]), "raw", False, lambda: None)
+    assert info["records"] == 1 and state.completed(job) == info
+    assert sorted(p.name for p in (tmp_path / "direct" / ".convert").iterdir()) == [
+        "train-00000-of-00001.tfrecord.json"
+    ]
+    with pytest.raises(ConvertError, match="TFDS metadata"):
+        _convert(csv, folder, f"file://{tmp_path / 'url_out'}")

@@ -1,0 +1,251 @@
+"""Tests for boneage_tpu.predict: PNG/JPEG/DICOM in, months out, same pixels as training data."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import pathlib
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from boneage_tpu import evaluate, predict, report, schema
+from tests.model_dirs import flip_sensitive_model, make_run
+from tools import make_phantom, make_tfrecords, phantom_render
+
+
+def write_dicom(path: pathlib.Path, image: np.ndarray, photometric: str = "MONOCHROME2") -> None:
+    """Writes a 16-bit single-frame DICOM file of a uint8 image (values widened x257)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.PatientSex = "F"
+    ds.Rows, ds.Columns = image.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    values = image.astype(np.uint16) * 257
+    if photometric == "MONOCHROME1":
+        values = 65535 - values
+    ds.PixelData = values.tobytes()
+    ds.save_as(str(path), enforce_file_format=True)
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory):
+    """6 phantom PNGs converted to 40-px JPEG records, and a model directory trained on them."""
+    root = tmp_path_factory.mktemp("predict")
+    make_phantom.generate(str(root / "phantom"), 6, seed=3, width=64, height=80, num_workers=1)
+    labels = root / "phantom" / "boneage-training-dataset.csv"
+    images = root / "phantom" / "boneage-training-dataset"
+    manifest = make_tfrecords.convert(
+        str(labels),
+        str(images),
+        str(root / "records"),
+        image_size=40,
+        encoding="jpeg",
+        split_name="test",
+        num_workers=1,
+        quiet=True,
+    )
+    return {
+        "root": root,
+        "labels": str(labels),
+        "images": images,
+        "records": str(root / "records"),
+        "model": make_run(root / "run", manifest),
+    }
+
+
+def test_predict_matches_evaluate_on_converted_records(phantom):
+    """predict prepares files exactly as converter + input pipeline did: same months."""
+    metrics = evaluate.run(model_dir=phantom["model"], data=phantom["records"], split="test")
+    # A converted test set has no train split: the naive baseline uses the training mean.
+    assert metrics["train_mean_source"].startswith("config.json")
+    evaluated = pd.read_csv(
+        pathlib.Path(metrics["output"]) / report.PREDICTIONS_NAME, dtype={"id": str}
+    )
+    rows = predict.run(
+        predict.PredictConfig(
+            model=phantom["model"], labels=phantom["labels"], images_dir=str(phantom["images"])
+        )
+    )
+    assert len(rows) == 6 and all(math.isfinite(r["predicted"]) for r in rows)
+    got = {r["id"]: r["predicted"] for r in rows}
+    for image_id, expected in zip(evaluated["id"], evaluated["predicted"], strict=True):
+        assert got[image_id] == pytest.approx(expected, abs=1e-4), image_id
+    assert all(
+        r["boneage"] is not None and r["error"] == r["predicted"] - r["boneage"] for r in rows
+    )
+
+
+def test_png_jpeg_and_dicom_inputs(phantom, tmp_path):
+    image = phantom_render.render_phantom(120.0, True, seed=5, width=64, height=80)
+    image[0, 0], image[0, 1] = 0, 255  # full range: DICOM's min-max scaling is then the identity
+    Image.fromarray(image).save(tmp_path / "a.png")
+    Image.fromarray(image).save(tmp_path / "b.jpg", quality=95)
+    write_dicom(tmp_path / "c.dcm", image)
+    write_dicom(tmp_path / "d.dcm", image, photometric="MONOCHROME1")
+    paths = [str(tmp_path / n) for n in ("a.png", "b.jpg", "c.dcm", "d.dcm")]
+    months = predict.predict_images(phantom["model"], paths, [1, 1, 1, 1])
+    assert len(months) == 4 and all(math.isfinite(m) for m in months)
+    # Same pixels -> same months, whatever the container.
+    assert months[2] == pytest.approx(months[0], abs=1e-4)
+    assert months[3] == pytest.approx(months[0], abs=1e-4)
+    assert months[1] == pytest.approx(months[0], abs=5.0)  # JPEG: lossy, close
+    female = predict.predict_images(phantom["model"], paths[:1], False)
+    assert female[0] != months[0]  # the sex input is used
+
+
+def test_cli_prints_months_for_png_jpeg_and_dicom(phantom, tmp_path, capsys):
+    image = phantom_render.render_phantom(60.0, False, seed=6, width=64, height=80)
+    Image.fromarray(image).save(tmp_path / "a.png")
+    Image.fromarray(image).save(tmp_path / "b.jpg")
+    write_dicom(tmp_path / "c.dcm", image)
+    paths = [str(tmp_path / n) for n in ("a.png", "b.jpg", "c.dcm")]
+    assert predict.main(["predict", f"--model={phantom['model']}", "--sex=F", *paths]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()[1:]
+    assert [line.split()[0] for line in lines] == ["a", "b", "c"]
+    assert all(math.isfinite(float(line.split()[2])) for line in lines)
+
+
+def test_cli_prints_a_table_and_writes_csv(phantom, tmp_path, capsys):
+    pngs = sorted(str(p) for p in phantom["images"].glob("*.png"))[:3]
+    assert predict.main(["predict", f"--model={phantom['model']}", "--sex=M", *pngs]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[0].split()[:4] == ["id", "sex", "months", "years"]
+    assert len(out) == 4
+    for line, path in zip(out[1:], pngs, strict=True):
+        fields = line.split()
+        assert fields[0] == pathlib.Path(path).stem and fields[1] == "M"
+        assert math.isfinite(float(fields[2]))
+        assert float(fields[3]) == pytest.approx(float(fields[2]) / 12, abs=0.06)
+    target = tmp_path / "out.csv"
+    args = ["predict", f"--model={phantom['model']}", "--sex=F", f"--output={target}", *pngs]
+    assert predict.main(args) == 0
+    with open(target, newline="") as f:
+        table = list(csv.DictReader(f))
+    assert [r["path"] for r in table] == pngs
+    assert all(r["male"] == "0" and math.isfinite(float(r["predicted_months"])) for r in table)
+
+
+def test_tta_flip_averages_mirror(phantom, tmp_path):
+    run = tmp_path / "flipper"
+    (run / "export").mkdir(parents=True)
+    # PNG data at the model's size: no resampling or lossy coding, so mirroring the file
+    # mirrors the model input exactly.
+    config = json.loads(pathlib.Path(phantom["model"], "config.json").read_text())
+    config.update(data_encoding="png", data_image_size=32)
+    (run / "config.json").write_text(json.dumps(config))
+    flip_sensitive_model().save(run / "export" / "model.keras")
+    image = np.zeros((32, 32), np.uint8)
+    image[5:30, 3:9] = 200  # a bar on the left only
+    Image.fromarray(image).save(tmp_path / "left.png")
+    Image.fromarray(image[:, ::-1]).save(tmp_path / "right.png")
+    paths = [str(tmp_path / "left.png"), str(tmp_path / "right.png")]
+    plain = predict.predict_images(str(run), paths, 1.0)
+    flipped = predict.predict_images(str(run), paths, 1.0, tta="flip")
+    assert plain[0] != pytest.approx(plain[1], abs=1e-3)
+    assert flipped[0] == pytest.approx((plain[0] + plain[1]) / 2, abs=1e-3)
+    assert flipped[1] == pytest.approx(flipped[0], abs=1e-3)
+
+
+@pytest.mark.shared
+def test_real_rsna_sample_pngs(phantom, rsna_sample_dir, capsys):
+    csv_path = rsna_sample_dir / "boneage-training-dataset.csv"
+    images = rsna_sample_dir / "boneage-training-dataset"
+    code = predict.main(
+        ["predict", f"--model={phantom['model']}", f"--labels={csv_path}", f"--images={images}"]
+    )
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    lines = captured.out.strip().splitlines()[1:]
+    ids = {line.split()[0] for line in lines}
+    assert len(lines) == 12 and {"1578", "2110"} <= ids  # palette PNGs included
+    assert all(math.isfinite(float(line.split()[2])) for line in lines)
+
+
+@pytest.fixture
+def bad_files(phantom, tmp_path):
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "junk.png").write_bytes(b"not an image at all")
+    bare = tmp_path / "model.keras"
+    bare.write_bytes(b"x")
+    no_ckpt = tmp_path / "no_ckpt"
+    no_ckpt.mkdir()
+    (no_ckpt / "config.json").write_text(pathlib.Path(phantom["model"], "config.json").read_text())
+    good = str(next(phantom["images"].glob("*.png")))
+    return {"dir": tmp_path, "good": good, "bare": str(bare), "no_ckpt": str(no_ckpt)}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--sex=M", "{dir}/empty.png"], "cannot read 1 of 1 images"),
+        (["--sex=M", "{good}", "{dir}/junk.png"], "cannot read 1 of 2 images"),
+        (["--sex=M", "{dir}/missing.png"], "cannot read 1 of 1 images"),
+        (["{good}"], "uses the sex input: give --sex M or F"),
+        (["--sex=X", "{good}"], "--sex must be M or F"),
+        ([], "no images"),
+        (["--labels={dir}/none.csv", "--images={dir}"], "labels CSV not found"),
+    ],
+)
+def test_bad_input_exits_nonzero_with_clear_line(phantom, bad_files, capsys, args, message):
+    argv = ["predict", f"--model={phantom['model']}", *(a.format(**bad_files) for a in args)]
+    assert predict.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("predict: error:") and message in err[-1], err
+    assert all(line.startswith(("unreadable ", "predict: error:")) for line in err), err
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        ("{bare}", "a bare .keras file"),
+        ("{no_ckpt}", "no checkpoints in"),
+        ("{dir}/x", "not found"),
+    ],
+)
+def test_bad_model_exits_nonzero(bad_files, capsys, model, message):
+    argv = ["predict", f"--model={model.format(**bad_files)}", "--sex=F", bad_files["good"]]
+    assert predict.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_skip_unreadable_predicts_the_rest(phantom, bad_files, capsys):
+    argv = [
+        "predict",
+        f"--model={phantom['model']}",
+        "--sex=M",
+        "--skip_unreadable",
+        bad_files["good"],
+        f"{bad_files['dir']}/junk.png",
+    ]
+    assert predict.main(argv) == 0
+    captured = capsys.readouterr()
+    assert "skipped" in captured.err and "junk.png" in captured.err
+    assert len(captured.out.strip().splitlines()) == 2
+
+
+def test_missing_data_encoding_is_reported(phantom, tmp_path):
+    assert schema.SCHEMA_VERSION == 1  # config.json below mimics a run without data stats
+    run = tmp_path / "run"
+    run.mkdir()
+    text = pathlib.Path(phantom["model"], "config.json").read_text()
+    (run / "config.json").write_text(text.replace('"data_encoding": "jpeg"', '"data_encoding": ""'))
+    (run / "export").mkdir()
+    flip_sensitive_model().save(run / "export" / "model.keras")
+    with pytest.raises(predict.PredictError, match="data_image_size/data_encoding"):
+        predict.predict_images(str(run), [str(next(phantom["images"].glob("*.png")))], 1.0)

@@ -1,0 +1,434 @@
+"""Tests of the trainer: end-to-end runs on toy TFRecords, resume, replicas, XLA, errors, CLI."""
+
+from __future__ import annotations
+
+import io
+import json
+import pathlib
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from absl import flags
+from PIL import Image
+
+import boneage_tpu.model  # noqa: F401  (registers the custom layers for load_model)
+from boneage_tpu import augment, data, distribute, loop, optim, train, train_flags, train_state
+from boneage_tpu import config as config_lib
+from boneage_tpu import model as model_lib
+from tests.records import toy_image, write_toy_dataset
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+# Logical CPUs must be split before TensorFlow runs its first op, i.e. at collection time.
+try:
+    distribute.configure_virtual_cpus(8)
+    VIRTUAL_CPU_ERROR = ""
+except distribute.DistributeError as err:
+    VIRTUAL_CPU_ERROR = str(err)
+
+
+@pytest.fixture(scope="module")
+def toy_data(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("toy") / "records"
+    write_toy_dataset(path, splits={"train": 24, "val": 10}, height=40, width=32)
+    return str(path)
+
+
+def _config(data_dir: str, model_dir: pathlib.Path, **overrides) -> config_lib.TrainConfig:
+    values = {
+        "data": data_dir,
+        "model_dir": str(model_dir),
+        "backbone": "tiny",
+        "image_size": 32,
+        "dense_units": (16,),
+        "batch_size": 4,
+        "train_steps": 2,
+        "steps_per_loop": 1,
+        "checkpoint_every": 1,
+        "learning_rate": 1e-3,
+    }
+    values.update(overrides)
+    return config_lib.TrainConfig(**values)
+
+
+def _scalar_steps(logdir: pathlib.Path) -> dict[str, list[int]]:
+    """tag -> every step it was written at (duplicates kept), from all event files."""
+    steps: dict[str, list[int]] = {}
+    for path in sorted(logdir.glob("events.out.tfevents.*")):
+        for record in tf.data.TFRecordDataset(str(path)):
+            event = tf.compat.v1.Event.FromString(record.numpy())
+            for value in event.summary.value:
+                steps.setdefault(value.tag, []).append(int(event.step))
+    return {tag: sorted(s) for tag, s in steps.items()}
+
+
+def _png(age: float, male: bool) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(toy_image(age, male, 80, 64), mode="L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_two_step_run_writes_checkpoints_logs_config_and_both_exports(toy_data, tmp_path, capsys):
+    model_dir = tmp_path / "run"
+    result = train.run(_config(toy_data, model_dir, eval_every=1))
+    assert result["step"] == 2
+    assert result["val_count"] == 10.0
+    assert np.isfinite(result["train_loss"]) and np.isfinite(result["val_mae_months"])
+
+    manifest = json.loads((pathlib.Path(toy_data) / "manifest.json").read_text())
+    saved = config_lib.load_config(str(model_dir))
+    assert saved.label_mean == pytest.approx(manifest["label_stats"]["mean_months"])
+    assert saved.label_std == pytest.approx(manifest["label_stats"]["std_months"])
+    assert saved.backbone == "tiny" and saved.schema_version == manifest["schema_version"]
+
+    ckpts = train_state.Checkpointing(
+        str(model_dir), 3, step=tf.Variable(0, dtype=tf.int64), model=keras.Model()
+    )
+    assert [int(p.rsplit("-", 1)[1]) for p in ckpts.manager.checkpoints] == [1, 2]
+    assert json.loads((model_dir / "DONE").read_text())["step"] == 2
+
+    train_tags = _scalar_steps(model_dir / "logs" / "train")
+    for tag in ("loss", "mae_months", "learning_rate", "images_per_second"):
+        assert train_tags[tag] == [1, 2]
+    assert _scalar_steps(model_dir / "logs" / "val")["mae_months"] == [1, 2]
+
+    out = capsys.readouterr().out
+    progress = [line for line in out.splitlines() if line.startswith("step ")]
+    assert len(progress) == 2
+    assert all(k in progress[0] for k in ("step 1/2", "loss", "mae", "img/s", "eta"))
+
+    # The evaluator's way to restore a checkpoint: keys `model` and `step`.
+    config = config_lib.load_config(str(model_dir))
+    restored = model_lib.model_from_config(config)
+    step = tf.Variable(0, dtype=tf.int64)
+    checkpoint = tf.train.Checkpoint(model=restored, step=step)
+    checkpoint.restore(str(model_dir / "checkpoints" / "ckpt-2")).expect_partial()
+    assert int(step.numpy()) == 2
+
+    # Both exports give the same months; the SavedModel decodes PNG bytes itself.
+    keras_model = keras.models.load_model(model_dir / "export" / "model.keras")
+    serving = tf.saved_model.load(str(model_dir / "export" / "saved_model"))
+    signature = serving.signatures["serving_default"]
+    images = [_png(60.0, True), _png(180.0, False)]
+    male = np.array([1.0, 0.0], np.float32)
+    months = signature(image_bytes=tf.constant(images), male=tf.constant(male))["boneage_months"]
+    assert months.shape == (2,) and months.dtype == tf.float32
+    decoded = np.stack([data.decode_image_bytes(tf.constant(b), 32).numpy() for b in images])
+    expected = keras_model({"image": decoded.astype(np.float32), "male": male})
+    np.testing.assert_allclose(months.numpy(), np.asarray(expected), rtol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(restored({"image": decoded, "male": male})), expected, rtol=1e-5
+    )
+
+
+class Killed(Exception):
+    """Stands in for a preemption."""
+
+
+def test_killed_run_resumes_from_its_checkpoint_without_duplicate_logs(toy_data, tmp_path, capsys):
+    model_dir = tmp_path / "run"
+    config = _config(toy_data, model_dir, train_steps=4, checkpoint_every=2, dropout=0.2)
+
+    def kill_at_3(step: int) -> None:
+        if step == 3:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train.run(config, after_loop=kill_at_3)
+    assert not (model_dir / "DONE").exists()
+    assert train_state.latest_checkpoint(str(model_dir)).endswith("ckpt-2")
+    assert _scalar_steps(model_dir / "logs" / "train")["loss"] == [1, 2, 3]
+    capsys.readouterr()
+
+    result = train.run(config)
+    out = capsys.readouterr().out
+    assert "resuming at step 2 of 4" in out
+    assert [line.split()[1] for line in out.splitlines() if line.startswith("step ")] == [
+        "3/4",
+        "4/4",
+    ]
+    assert result["step"] == 4
+    assert json.loads((model_dir / "DONE").read_text())["step"] == 4
+    # Step 3 ran twice (before the kill and after the restart) but is logged once.
+    assert _scalar_steps(model_dir / "logs" / "train")["loss"] == [1, 2, 3, 4]
+    reader = tf.train.load_checkpoint(str(model_dir / "checkpoints" / "ckpt-4"))
+    assert reader.get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE") == 4
+    assert reader.get_tensor("optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE") == 4
+    assert any(
+        name.startswith("rng/")
+        for name, _ in tf.train.list_variables(str(model_dir / "checkpoints" / "ckpt-4"))
+    )
+
+
+def test_resume_with_another_network_is_refused(toy_data, tmp_path):
+    model_dir = tmp_path / "run"
+    train.run(_config(toy_data, model_dir, train_steps=1, val_split=""))
+    with pytest.raises(
+        train_state.ResumeError,
+        match="model with --dense_units=16, this run asks for --dense_units=32: resume",
+    ):
+        train.run(_config(toy_data, model_dir, train_steps=2, dense_units=(32,), val_split=""))
+
+
+def _fixed_input(records: int, *, nan_from: int | None = None):
+    """Input function over fixed arrays in a fixed order (no shuffling): replica-count proof."""
+    rng = np.random.default_rng(7)
+    arrays = {
+        "image": rng.integers(0, 256, (records, 16, 16, 1)).astype(np.uint8),
+        "male": (rng.random(records) < 0.5).astype(np.float32),
+        "boneage": rng.uniform(5, 225, records).astype(np.float32),
+    }
+    if nan_from is not None:
+        arrays["boneage"][nan_from:] = np.nan
+    contexts: list[tuple[int, int]] = []
+
+    def make(global_batch: int, training: bool):
+        def fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
+            batch = context.get_per_replica_batch_size(global_batch)
+            contexts.append((context.num_replicas_in_sync, batch))
+            ds = tf.data.Dataset.from_tensor_slices(arrays)
+            if training:
+                return ds.repeat().batch(batch, drop_remainder=True)
+            return ds.batch(batch)
+
+        return fn
+
+    return make, contexts
+
+
+@pytest.mark.slow
+def test_eight_replicas_equal_one_replica(tmp_path):
+    if VIRTUAL_CPU_ERROR:
+        pytest.fail(f"virtual CPUs unavailable: {VIRTUAL_CPU_ERROR}")
+    results, weights = {}, {}
+    for replicas in (1, 8):
+        make, contexts = _fixed_input(16)
+        config = _config(
+            "",
+            tmp_path / f"r{replicas}",
+            image_size=16,
+            batch_size=8,
+            eval_batch_size=8,
+            train_steps=1,
+            augment=False,
+            norm="none",
+            dropout=0.0,
+            label_mean=110.0,
+            label_std=50.0,
+            virtual_cpus=replicas,
+        )
+        results[replicas] = train.run(
+            config, datasets={"train": make(8, True), "val": make(8, False)}
+        )
+        assert contexts == [(replicas, 8 // replicas)] * 2  # train and val: per-replica batch
+        path = str(tmp_path / f"r{replicas}" / "checkpoints" / "ckpt-1")
+        reader = tf.train.load_checkpoint(path)
+        weights[replicas] = {
+            name: reader.get_tensor(name)
+            for name, _ in tf.train.list_variables(path)
+            if name.startswith("optimizer/_trainable_variables/")
+        }
+    assert results[1]["train_loss"] == pytest.approx(results[8]["train_loss"], abs=1e-4)
+    assert results[1]["train_mae_months"] == pytest.approx(results[8]["train_mae_months"], abs=1e-3)
+    assert results[1]["val_count"] == results[8]["val_count"] == 16.0
+    assert results[1]["val_mae_months"] == pytest.approx(results[8]["val_mae_months"], abs=1e-3)
+    assert len(weights[1]) > 10 and weights[1].keys() == weights[8].keys()
+    for name, value in weights[1].items():
+        np.testing.assert_allclose(weights[8][name], value, atol=1e-4, err_msg=name)
+
+
+@pytest.mark.slow
+def test_replica_step_compiles_with_xla_on_cpu():
+    """augment + model + loss + gradients as one jit_compile=True function: TPU-ready."""
+    keras.utils.set_random_seed(0)
+    model = model_lib.build_model(
+        backbone="tiny", image_size=32, dense_units=(8,), label_mean=100.0, label_std=50.0
+    )
+    optimizer = optim.make_optimizer(
+        name="adam", learning_rate=1e-3, warmup_steps=0, total_steps=4, schedule="cosine"
+    )
+    optimizer.build(model.trainable_variables)
+    step = tf.Variable(0, dtype=tf.int64)
+    trainer = loop.TrainLoop(
+        tf.distribute.get_strategy(),
+        model,
+        optimizer,
+        step,
+        global_batch=4,
+        label_std=50.0,
+        augment_config=augment.AugmentConfig(),
+        jit_compile=True,
+    )
+    rng = np.random.default_rng(0)
+    batch = {
+        "image": tf.constant(rng.integers(0, 256, (4, 32, 32, 1)).astype(np.uint8)),
+        "male": tf.constant([0.0, 1.0, 0.0, 1.0]),
+        "boneage": tf.constant([20.0, 80.0, 150.0, 210.0]),
+        "mask": tf.ones([4]),
+    }
+    seed = augment.replica_seed(0, tf.constant(0, tf.int64), tf.constant(0))
+    hlo = trainer.gradients.experimental_get_compiler_ir(batch, seed)(stage="hlo")
+    assert "HloModule" in hlo
+    grads, stats = trainer.gradients(batch, seed)
+    assert len(grads) == len(model.trainable_variables)
+    assert all(np.all(np.isfinite(g.numpy())) for g in grads)
+    assert stats.numpy()[2] == 4.0
+
+
+def test_batch_not_divisible_by_replicas_reads_well(tmp_path):
+    if VIRTUAL_CPU_ERROR:
+        pytest.fail(f"virtual CPUs unavailable: {VIRTUAL_CPU_ERROR}")
+    make, _ = _fixed_input(16)
+    config = _config("", tmp_path / "run", batch_size=12, virtual_cpus=8)
+    with pytest.raises(ValueError) as info:
+        train.run(config, datasets={"train": make(12, True)})
+    assert str(info.value) == (
+        "--batch_size 12 is not divisible by the 8 replicas: use a multiple of 8 "
+        "(each replica gets --batch_size / 8)"
+    )
+
+
+def test_local_paths_with_a_remote_tpu_fail_before_anything_starts(toy_data, tmp_path):
+    model_dir = tmp_path / "run"
+    with pytest.raises(distribute.DistributeError, match="read only gs://"):
+        train.run(_config(toy_data, model_dir, tpu="grpc://10.0.0.2:8470"))
+    assert not model_dir.exists()
+
+
+def test_nan_loss_stops_with_the_step_named(tmp_path):
+    make, _ = _fixed_input(8, nan_from=4)  # batch 1 is finite, batch 2 has NaN labels
+    config = _config(
+        "", tmp_path / "run", image_size=16, train_steps=3, steps_per_loop=3, checkpoint_every=5
+    )
+    with pytest.raises(
+        train.TrainingError,
+        match=r"loss is NaN or inf at step 2: stopped \(no checkpoint was written\); lower",
+    ):
+        train.run(config, datasets={"train": make(4, True)})
+    assert not (tmp_path / "run" / "DONE").exists()
+
+
+def test_fp16_loss_scaling_path_runs(tmp_path):
+    make, _ = _fixed_input(8)
+    config = _config(
+        "", tmp_path / "run", image_size=16, precision="fp16", label_mean=100.0, label_std=50.0
+    )
+    result = train.run(config, datasets={"train": make(4, True)})
+    assert result["step"] == 2 and np.isfinite(result["train_loss"])
+    exported = keras.models.load_model(tmp_path / "run" / "export" / "model.keras")
+    assert exported.get_layer("tiny").get_layer("conv0").compute_dtype == "float32"
+
+
+def test_flags_cover_every_config_field_and_parse():
+    values = flags.FlagValues()
+    train_flags.define_flags(values)
+    values(
+        [
+            "train",
+            "--data=gs://b/d",
+            "--model_dir=/tmp/m",
+            "--dense_units=64,32",
+            "--nouse_sex",
+            "--noaugment",
+            "--balance=age_sex",
+            "--virtual_cpus=8",
+            "--backbone=inception_v3",
+        ]
+    )
+    config = train_flags.config_from_flags(values)
+    assert config.dense_units == (64, 32)
+    assert not config.use_sex and not config.augment
+    assert config.balance == "age_sex" and config.virtual_cpus == 8
+    assert config.backbone == "inception_v3"
+    for name in config_lib.TrainConfig.__dataclass_fields__:
+        if name not in train_flags.MANIFEST_FIELDS:
+            assert values[name].help, name
+
+
+@pytest.mark.slow
+def test_cli_helpfull_and_a_bad_data_error(tmp_path):
+    helpfull = subprocess.run(
+        [sys.executable, "-m", "boneage_tpu.train", "--helpfull"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+        check=False,
+    )
+    assert helpfull.returncode in (0, 1)  # absl ends --helpfull with exit code 1
+    assert "Traceback" not in helpfull.stderr
+    for name in (
+        "data",
+        "model_dir",
+        "backbone",
+        "weights",
+        "image_size",
+        "batch_size",
+        "train_steps",
+        "steps_per_loop",
+        "eval_every",
+        "checkpoint_every",
+        "learning_rate",
+        "precision",
+        "seed",
+        "tpu",
+        "virtual_cpus",
+        "use_sex",
+        "augment",
+        "balance",
+        "dense_units",
+    ):
+        shown = f"--[no]{name}" if name in ("use_sex", "augment") else f"--{name}"
+        assert shown in helpfull.stdout, name
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "boneage_tpu.train",
+            f"--data={tmp_path}/nothing",
+            f"--model_dir={tmp_path}/m",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+        check=False,
+    )
+    assert bad.returncode == 1
+    assert bad.stderr.strip().splitlines()[-1].startswith("train: error: no manifest.json in")
+    assert "Traceback" not in bad.stderr
+
+
+@pytest.mark.gcs
+@pytest.mark.slow
+def test_two_step_run_on_gcs_and_resume(gcs_dir):
+    data_dir, model_dir = f"{gcs_dir}/data", f"{gcs_dir}/run"
+    write_toy_dataset(data_dir, splits={"train": 24, "val": 10}, height=40, width=32)
+    config = config_lib.TrainConfig(
+        data=data_dir,
+        model_dir=model_dir,
+        backbone="tiny",
+        image_size=32,
+        dense_units=(8,),
+        batch_size=4,
+        train_steps=1,
+        steps_per_loop=1,
+        checkpoint_every=1,
+    )
+    train.run(config)
+    result = train.run(config_lib.TrainConfig(**{**config.__dict__, "train_steps": 2}))
+    assert result["step"] == 2
+    assert train_state.latest_checkpoint(model_dir).endswith("ckpt-2")
+    for name in ("config.json", "DONE", "export/model.keras", "export/saved_model/saved_model.pb"):
+        assert tf.io.gfile.exists(f"{model_dir}/{name}"), name
+    assert json.loads(tf.io.gfile.GFile(f"{model_dir}/DONE").read())["step"] == 2
+    assert train_state.last_logged_step(f"{model_dir}/logs/train") == 2
+    serving = tf.saved_model.load(f"{model_dir}/export/saved_model")
+    out = serving.signatures["serving_default"](
+        image_bytes=tf.constant([_png(100.0, True)]), male=tf.constant([1.0])
+    )
+    assert out["boneage_months"].shape == (1,)

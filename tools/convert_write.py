@@ -1,0 +1,191 @@
+"""Resumable shard writing for `tools.make_tfrecords`.
+
+Records are written in plan order (images come prepared from `tools.convert_workers`), so the
+output never depends on the number of workers.
+
+Resumability: a shard is written to `.convert/<name>.tmp` and renamed when complete (on gs://,
+where there is no rename, it is written under its final name: objects appear only on close).
+Then `.convert/<name>.json` records its record count, size, sha256 and skipped inputs. A shard
+counts as done on a rerun only when both exist and the sizes agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import tensorflow as tf
+
+from boneage_tpu import images, schema
+from boneage_tpu.layouts import ConvertError, Row, skip
+from tools.convert_workers import Prepared, is_remote
+
+STATE_DIR = ".convert"
+PLAN_NAME = "plan.json"
+SHARD_PATTERN = re.compile(r"^\w+-\d{5}-of-\d{5}\.tfrecord$")
+TFDS_FILES = ("dataset_info.json", "features.json")
+_HASH_CHUNK = 8 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardJob:
+    """One output shard: its split, file name and the rows it holds, in order."""
+
+    split: str
+    name: str
+    rows: tuple[Row, ...]
+
+
+def join(base: str, name: str) -> str:
+    """Joins a folder (local or gs://) and a file name."""
+    return f"{base.rstrip('/')}/{name}"
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """Writes a text file that appears complete or not at all (temp + rename locally)."""
+    if is_remote(path):
+        with tf.io.gfile.GFile(path, "w") as f:
+            f.write(text)
+        return
+    temp = f"{path}.tmp"
+    with tf.io.gfile.GFile(temp, "w") as f:
+        f.write(text)
+    tf.io.gfile.rename(temp, path, overwrite=True)
+
+
+def sha256_file(path: str) -> str:
+    """Returns the sha256 hex digest of a file read through `tf.io.gfile`."""
+    digest = hashlib.sha256()
+    with tf.io.gfile.GFile(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class OutputState:
+    """The output folder's shards, the plan and per-shard records of completed work."""
+
+    def __init__(self, output: str) -> None:
+        self.output = output.rstrip("/")
+        self.state_dir = join(self.output, STATE_DIR)
+
+    def prepare(self) -> None:
+        """Creates the folders and removes temp files left by a killed run."""
+        try:
+            tf.io.gfile.makedirs(self.state_dir)
+            for name in tf.io.gfile.listdir(self.state_dir):
+                if name.endswith(".tmp"):
+                    tf.io.gfile.remove(join(self.state_dir, name))
+        except tf.errors.OpError as e:
+            raise ConvertError(f"output {self.output} is not writable: {e.message}") from e
+
+    def shard_files(self) -> list[str]:
+        """Names of the shard files now in the output folder."""
+        if not tf.io.gfile.isdir(self.output):
+            return []
+        return sorted(n for n in tf.io.gfile.listdir(self.output) if SHARD_PATTERN.match(n))
+
+    def clear(self) -> None:
+        """Deletes everything a conversion writes (for --overwrite); leaves other files alone."""
+        names = [*self.shard_files(), schema.MANIFEST_NAME, *TFDS_FILES]
+        for name in names:
+            if tf.io.gfile.exists(join(self.output, name)):
+                tf.io.gfile.remove(join(self.output, name))
+        self.cleanup()
+
+    def cleanup(self) -> None:
+        """Deletes the state folder once the manifest is written."""
+        if tf.io.gfile.exists(self.state_dir):
+            tf.io.gfile.rmtree(self.state_dir)
+
+    def load_plan(self) -> dict[str, Any] | None:
+        """Returns the saved plan of an unfinished run, or None."""
+        path = join(self.state_dir, PLAN_NAME)
+        if not tf.io.gfile.exists(path):
+            return None
+        with tf.io.gfile.GFile(path, "r") as f:
+            return json.load(f)
+
+    def save_plan(self, plan: dict[str, Any]) -> None:
+        """Saves the plan key and shard counts (reused by a resumed run)."""
+        write_text_atomic(join(self.state_dir, PLAN_NAME), json.dumps(plan, sort_keys=True))
+
+    def completed(self, job: ShardJob) -> dict[str, Any] | None:
+        """Returns the saved info of a finished shard, or None when it must be (re)written."""
+        info_path = join(self.state_dir, f"{job.name}.json")
+        shard_path = join(self.output, job.name)
+        if not (tf.io.gfile.exists(info_path) and tf.io.gfile.exists(shard_path)):
+            return None
+        with tf.io.gfile.GFile(info_path, "r") as f:
+            info = json.load(f)
+        if tf.io.gfile.stat(shard_path).length != info["bytes"]:
+            return None
+        if info["records"] + len(info["skipped"]) != len(job.rows):
+            return None
+        return info
+
+    def write_shard(
+        self,
+        job: ShardJob,
+        prepared: Iterator[tuple[Row, Prepared]],
+        encoding: str,
+        strict: bool,
+        on_record: Callable[[], None],
+    ) -> dict[str, Any]:
+        """Writes one shard from the next `len(job.rows)` prepared images; returns its info."""
+        final = join(self.output, job.name)
+        path = final if is_remote(final) else join(self.state_dir, f"{job.name}.tmp")
+        skipped, records = [], 0
+        with tf.io.TFRecordWriter(path) as writer:
+            for expected in job.rows:
+                row, result = next(prepared)
+                if row is not expected:
+                    raise AssertionError("prepared images out of plan order")
+                on_record()
+                if isinstance(result, images.ImageError):
+                    if strict:
+                        raise ConvertError(
+                            f"--strict: line {row.line}, id {row.image_id} ({row.path}): {result}"
+                        )
+                    skipped.append(skip(row.line, row.image_id, row.path, str(result)))
+                    continue
+                data, height, width = result
+                record = schema.encode_example(
+                    image_id=row.image_id,
+                    image=data,
+                    height=height,
+                    width=width,
+                    encoding=encoding,
+                    boneage=row.boneage,
+                    male=row.male,
+                )
+                writer.write(record)
+                records += 1
+        if path != final:
+            tf.io.gfile.rename(path, final, overwrite=True)
+        info = {
+            "name": job.name,
+            "records": records,
+            "bytes": tf.io.gfile.stat(final).length,
+            "sha256": sha256_file(final),
+            "skipped": skipped,
+        }
+        write_text_atomic(join(self.state_dir, f"{job.name}.json"), json.dumps(info))
+        return info
+
+
+def make_jobs(splits: dict[str, Sequence[Row]], num_shards: dict[str, int]) -> list[ShardJob]:
+    """Cuts each split's ordered rows into its shards."""
+    jobs = []
+    for split, rows in splits.items():
+        total = num_shards[split]
+        for index in range(total):
+            start, end = index * len(rows) // total, (index + 1) * len(rows) // total
+            jobs.append(
+                ShardJob(split, schema.shard_name(split, index, total), tuple(rows[start:end]))
+            )
+    return jobs

@@ -1,0 +1,195 @@
+"""Writes a synthetic bone-age data set ("phantom") in the layouts of the RSNA 2017 release.
+
+    python -m tools.make_phantom --output /tmp/phantom --num_images 1000
+    python -m tools.make_phantom --output /tmp/val --num_images 200 --layout rsna_validation
+    python -m tools.make_phantom --age_grid 16 --contact_sheet docs/phantom_contact_sheet.png
+
+Each image is a Greulich-Pyle-like left hand drawn from its *true* bone age and sex
+(`tools.phantom_anatomy` scene model, `tools.phantom_render` renderer); (age, sex) follow the
+histogram of the 12,611 official RSNA training labels (embedded in `tools.phantom_dataset`).
+The *written* label adds rater noise (`--label_noise_months`, default sigma 5), rounded and
+clipped to 1..228 months, so a model has an irreducible error floor as on the real data;
+`generate()` returns both values.
+
+Layouts (file names mirror the official release / its Kaggle copy; ids count up from 1377,
+50001 and 90001 respectively):
+  kaggle           DIR/boneage-training-dataset.csv      id,boneage,male (True/False)
+                   DIR/boneage-training-dataset/<id>.png
+  rsna_validation  DIR/Validation Dataset.csv            Image ID,male,Bone Age (months)
+                   DIR/boneage-validation-dataset/<id>.png           (male as TRUE/FALSE)
+  rsna_test        DIR/boneage-test-dataset.csv          Case ID,Sex (M/F), no labels
+                   DIR/Bone age ground truth.csv         Case ID,Sex,Ground truth bone age (months)
+                   DIR/boneage-test-dataset/<id>.png
+
+Output is deterministic: image i depends only on (--seed, i), not on --num_workers, and the
+PNG bytes are identical between runs. Images are 8-bit grayscale PNGs of about --width x
+--height pixels (each side drawn independently within +-size_jitter).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from collections.abc import Sequence
+
+import numpy as np
+from absl import flags
+
+from tools.phantom_dataset import (
+    LAYOUTS,
+    PhantomError,
+    PhantomRecord,
+    generate,
+    plan_records,
+)
+from tools.phantom_render import render_phantom
+from tools.phantom_sheet import sheet_from_age_grid, sheet_from_records, write_contact_sheet
+
+__all__ = [
+    "LAYOUTS",
+    "PhantomConfig",
+    "PhantomError",
+    "PhantomRecord",
+    "generate",
+    "main",
+    "plan_records",
+    "render_phantom",
+    "run",
+    "sheet_from_age_grid",
+    "sheet_from_records",
+    "write_contact_sheet",
+]
+
+
+@dataclasses.dataclass
+class PhantomConfig:
+    """Command-line settings of `python -m tools.make_phantom`."""
+
+    output: str = ""
+    num_images: int = 1000
+    seed: int = 0
+    width: int = 640
+    height: int = 800
+    size_jitter: float = 0.1
+    layout: str = "kaggle"
+    label_noise_months: float = 5.0
+    num_workers: int = 0
+    overwrite: bool = False
+    contact_sheet: str = ""
+    contact_sheet_size: int = 16
+    age_grid: int = 0
+
+
+def run(config: PhantomConfig) -> list[PhantomRecord]:
+    """Generates the data set and/or contact sheet described by `config`.
+
+    Raises:
+      PhantomError: bad settings or an unwritable output (one line, for the CLI).
+    """
+    if config.age_grid < 0 or config.contact_sheet_size < 1:
+        raise PhantomError("--age_grid must be >= 0 and --contact_sheet_size >= 1")
+    if config.age_grid and not config.contact_sheet:
+        raise PhantomError("--age_grid needs --contact_sheet PATH")
+    if not config.output and not config.age_grid:
+        raise PhantomError("--output is required (or --age_grid N with --contact_sheet PATH)")
+    try:
+        records = _generate(config) if config.output else []
+        if config.age_grid:
+            sheet_from_age_grid(
+                config.contact_sheet, config.age_grid, config.seed, config.width, config.height
+            )
+        elif config.contact_sheet:
+            sheet_from_records(config.contact_sheet, records, config.contact_sheet_size)
+    except OSError as e:  # e.g. disk full while writing; the message names the file
+        raise PhantomError(str(e)) from e
+    return records
+
+
+def _generate(config: PhantomConfig) -> list[PhantomRecord]:
+    return generate(
+        config.output,
+        config.num_images,
+        seed=config.seed,
+        width=config.width,
+        height=config.height,
+        size_jitter=config.size_jitter,
+        layout=config.layout,
+        label_noise_months=config.label_noise_months,
+        num_workers=config.num_workers,
+        overwrite=config.overwrite,
+    )
+
+
+def _define_flags() -> flags.FlagValues:
+    fv = flags.FlagValues()
+    d = PhantomConfig()
+    for name, default, help_text in (
+        ("output", d.output, "Folder to write the data set into (created if missing)."),
+        ("contact_sheet", d.contact_sheet, "Also write a PNG grid of images sorted by age."),
+    ):
+        flags.DEFINE_string(name, default, help_text, flag_values=fv)
+    for name, default, help_text in (
+        ("num_images", d.num_images, "Number of images."),
+        ("seed", d.seed, "Random seed; image i depends only on (seed, i)."),
+        ("width", d.width, "Nominal image width in pixels."),
+        ("height", d.height, "Nominal image height in pixels."),
+        ("num_workers", d.num_workers, "Rendering processes; 0 = one per CPU."),
+        ("contact_sheet_size", d.contact_sheet_size, "Images on the contact sheet."),
+        ("age_grid", d.age_grid, "Sheet of N new hands at ages 0..228 months (no --output)."),
+    ):
+        flags.DEFINE_integer(name, default, help_text, flag_values=fv)
+    flags.DEFINE_float(
+        "size_jitter",
+        d.size_jitter,
+        "Each side varies by +- this fraction; 0 = exact.",
+        flag_values=fv,
+    )
+    flags.DEFINE_float(
+        "label_noise_months", d.label_noise_months, "Sigma of the rater noise.", flag_values=fv
+    )
+    flags.DEFINE_enum("layout", d.layout, sorted(LAYOUTS), "File layout.", flag_values=fv)
+    flags.DEFINE_bool(
+        "overwrite",
+        d.overwrite,
+        "Delete PNGs in the image folder this run won't write.",
+        flag_values=fv,
+    )
+    return fv
+
+
+def main(argv: Sequence[str]) -> int:
+    """Parses the flags in `argv` (argv[0] is the program) and runs; returns the exit status."""
+    fv = _define_flags()
+    if any(a in ("-h", "--help", "-help", "--helpfull") for a in argv[1:]):
+        print(__doc__)
+        print(fv.get_help())
+        return 0
+    try:
+        extra = fv(list(argv))[1:]
+        if extra:
+            raise flags.Error(f"unexpected arguments: {extra}")
+    except flags.Error as e:
+        print(f"make_phantom: error: {e}", file=sys.stderr)
+        return 2
+    config = PhantomConfig(**{f.name: fv[f.name].value for f in dataclasses.fields(PhantomConfig)})
+    start = time.perf_counter()
+    try:
+        records = run(config)
+    except PhantomError as e:
+        print(f"make_phantom: error: {e}", file=sys.stderr)
+        return 1
+    if records:
+        labels = np.array([r.label_months for r in records])
+        print(
+            f"wrote {len(records)} images ({config.layout} layout) to {config.output} in "
+            f"{time.perf_counter() - start:.1f} s; labels {labels.min()}..{labels.max()} months,"
+            f" mean {labels.mean():.1f}"
+        )
+    if config.contact_sheet:
+        print(f"wrote contact sheet {config.contact_sheet}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,384 @@
+"""Converts RSNA bone-age images + labels CSV into sharded TFRecords, a manifest and TFDS metadata.
+
+    python -m tools.make_tfrecords --labels CSV --images DIR --output PATH [--image_size 512]
+
+PATH is a local folder or gs://bucket/prefix. The result: `<split>-NNNNN-of-NNNNN.tfrecord`
+shards (records as in `boneage_tpu.schema`), TFDS `dataset_info.json`/`features.json`, and
+`manifest.json`, written last. An interrupted run resumes where it stopped when rerun with the
+same arguments, and gives the same bytes as an uninterrupted one; `--overwrite` starts again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import tqdm
+from absl import flags
+
+from boneage_tpu import images, layouts, schema
+from boneage_tpu.layouts import ConvertError
+from tools import convert_output, convert_workers, convert_write
+
+MIN_SHARDS = 16  # Lets 8+ readers (hosts or interleave cycles) read in parallel on small sets.
+_SAMPLE_IMAGES = 16  # Images encoded to estimate the record size when it decides the shard count.
+_RECORD_OVERHEAD = 256  # Bytes of features and framing besides the image.
+KILL_ENV = "BONEAGE_TPU_KILL_AFTER_SHARDS"  # Test hook of the CLI: SIGKILL after N shards.
+
+
+def _cpu_count() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))  # The cores this process may use, not the machine's.
+    return os.cpu_count() or 1
+
+
+def _check_options(
+    image_size: int,
+    encoding: str,
+    jpeg_quality: int,
+    target_shard_mb: float,
+    num_shards: int,
+    num_workers: int,
+) -> None:
+    if image_size < 1:
+        raise ConvertError(f"--image_size must be >= 1, got {image_size}")
+    if encoding not in schema.ENCODINGS:
+        raise ConvertError(f"--encoding must be one of {schema.ENCODINGS}, got {encoding!r}")
+    if not 1 <= jpeg_quality <= 100:
+        raise ConvertError(f"--jpeg_quality must be in 1..100, got {jpeg_quality}")
+    if target_shard_mb <= 0 or num_shards < 0 or num_workers < 0:
+        raise ConvertError("--target_shard_mb must be > 0; --num_shards, --num_workers >= 0")
+
+
+def _shard_counts(splits: dict[str, list[layouts.Row]], options: dict[str, Any]) -> dict:
+    """Shards per split: --num_shards, or enough for ~target_shard_mb each, at least MIN_SHARDS."""
+    if options["num_shards"]:
+        return {s: min(options["num_shards"], len(rows)) for s, rows in splits.items()}
+    target = options["target_shard_mb"] * 1e6
+    # An upper bound of the record size first: most conversions need no sampling at all.
+    record_bytes = 2 * options["image_size"] ** 2 + _RECORD_OVERHEAD
+    if all(len(rows) * record_bytes <= MIN_SHARDS * target for rows in splits.values()):
+        return {s: min(MIN_SHARDS, len(rows)) for s, rows in splits.items()}
+    everything = [r for rows in splits.values() for r in rows]
+    step = max(1, len(everything) // _SAMPLE_IMAGES)
+    sizes = []
+    with convert_workers.Preparer(
+        0, options["image_size"], options["encoding"], options["jpeg_quality"]
+    ) as preparer:
+        for _, result in preparer.map(everything[::step][:_SAMPLE_IMAGES]):
+            if not isinstance(result, images.ImageError):
+                sizes.append(len(result[0]) + _RECORD_OVERHEAD)
+    record_bytes = sum(sizes) / len(sizes) if sizes else record_bytes
+    return {
+        s: min(len(rows), max(MIN_SHARDS, math.ceil(len(rows) * record_bytes / target)))
+        for s, rows in splits.items()
+    }
+
+
+def convert(
+    labels_csv: str,
+    images_dir: str,
+    output: str,
+    *,
+    image_size: int = 512,
+    encoding: str = "jpeg",
+    jpeg_quality: int = 95,
+    val_fraction: float = 0.1,
+    split_seed: int = 0,
+    split_name: str = "",
+    target_shard_mb: float = 150.0,
+    num_shards: int = 0,
+    num_workers: int | None = None,
+    overwrite: bool = False,
+    strict: bool = False,
+    quiet: bool = False,
+    on_shard_done: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Converts a labels CSV and its images into TFRecord shards; returns the manifest.
+
+    Args:
+      labels_csv: Kaggle, RSNA validation or RSNA test CSV (local or gs://).
+      images_dir: folder searched recursively for `<id>.png|.jpg|.jpeg|.dcm`.
+      output: output folder (local or gs://).
+      image_size: longest side of the stored images.
+      encoding: jpeg | png | raw.
+      jpeg_quality: JPEG quality (1..100).
+      val_fraction: fraction of each age band x sex stratum put in the `val` split.
+      split_seed: seed of the split and of the record order.
+      split_name: write every row to this one split instead (default `test` for the RSNA
+        test layout).
+      target_shard_mb: shard size target when `num_shards` is 0.
+      num_shards: shards per split (capped at its record count); 0 picks from the size target.
+      num_workers: worker processes (default: CPU count; 0: all in this process).
+      overwrite: delete a previous conversion in `output` and start again.
+      strict: make any skipped input fatal.
+      quiet: no progress bar and no summary.
+      on_shard_done: called with each shard name once it is complete (a test hook).
+
+    Raises:
+      ConvertError: a one-line reason, for bad arguments, unusable CSV, no images, unwritable
+        output, a different conversion already in `output`, or any skip under `strict`.
+    """
+    num_workers = _cpu_count() if num_workers is None else num_workers
+    _check_options(image_size, encoding, jpeg_quality, target_shard_mb, num_shards, num_workers)
+    output = output.rstrip("/")
+    csv_bytes = layouts.read_csv_bytes(labels_csv)
+    layout, rows, skipped_rows, rows_in, named = layouts.parse_labels(csv_bytes)
+    rows, missing, orphans = layouts.match_images(rows, layouts.find_images(images_dir), named)
+    skipped_rows = sorted([*skipped_rows, *missing], key=lambda s: s["row"])
+    if strict and (skipped_rows or orphans):
+        first = [*skipped_rows, *orphans][0]
+        raise ConvertError(
+            f"--strict: {len(skipped_rows) + len(orphans)} input(s) would be skipped, first: "
+            f"line {first['row']}, id {first['id']!r}: {first['reason']}"
+        )
+    if not rows:
+        raise ConvertError(
+            f"nothing to convert: all {rows_in} CSV rows are skipped "
+            f"(first: line {skipped_rows[0]['row']}: {skipped_rows[0]['reason']})"
+        )
+    split_name = split_name or ("test" if layout.name == "rsna_test" else "")
+    splits = layouts.assign_splits(
+        rows, val_fraction=val_fraction, seed=split_seed, split_name=split_name
+    )
+    options = {
+        "image_size": image_size,
+        "encoding": encoding,
+        "jpeg_quality": jpeg_quality,
+        "val_fraction": val_fraction,
+        "split_seed": split_seed,
+        "split_name": split_name,
+        "target_shard_mb": target_shard_mb,
+        "num_shards": num_shards,
+    }
+    csv_sha256 = hashlib.sha256(csv_bytes).hexdigest()
+    key = layouts.plan_key(options, csv_sha256, splits, [*skipped_rows, *orphans])
+    state = convert_write.OutputState(output)
+    if overwrite:
+        state.clear()
+    finished = _finished_manifest(output, key)
+    if finished is not None:
+        state.cleanup()
+        if not quiet:
+            print(f"{output} already holds this conversion; nothing to do (--overwrite redoes it)")
+        return finished
+    state.prepare()
+    plan = state.load_plan()
+    if plan is not None and plan["plan_key"] != key:
+        raise ConvertError(
+            f"{output} holds an unfinished conversion of other inputs or options: "
+            "rerun with those, or pass --overwrite"
+        )
+    if plan is None:
+        if state.shard_files():
+            raise ConvertError(
+                f"{output} already has shard files ({state.shard_files()[0]}, ...) "
+                "from another conversion: pass --overwrite or use an empty folder"
+            )
+        plan = {"plan_key": key, "num_shards": _shard_counts(splits, options)}
+        state.save_plan(plan)
+    jobs = convert_write.make_jobs(splits, plan["num_shards"])
+    infos = _write_shards(state, jobs, options, num_workers, strict, quiet, on_shard_done)
+    manifest = convert_output.build_manifest(
+        labels_csv=labels_csv,
+        images_dir=images_dir,
+        csv_sha256=csv_sha256,
+        layout=layout.name,
+        options=options,
+        plan_key=key,
+        jobs=jobs,
+        infos=infos,
+        rows_in=rows_in,
+        skipped_rows=skipped_rows,
+        orphans=orphans,
+    )
+    if manifest["records_written"] == 0:
+        raise ConvertError(
+            f"no records written: every one of the {rows_in} rows was skipped "
+            f"(first: {manifest['skipped'][0]['reason']})"
+        )
+    if strict and manifest["skipped"]:
+        raise AssertionError("strict conversion skipped an input")
+    convert_output.write_tfds_metadata(output, manifest)
+    if not convert_output.write_manifest(output, manifest):
+        manifest = _raced_manifest(output, key)
+    state.cleanup()
+    if not quiet:
+        print(convert_output.summary(manifest))
+        print(f"wrote {len(jobs)} shard(s) and {schema.MANIFEST_NAME} to {output}")
+    return manifest
+
+
+def _finished_manifest(output: str, key: str) -> dict[str, Any] | None:
+    """Returns the manifest of a finished identical conversion, None when there is none."""
+    try:
+        manifest = schema.read_manifest(output)
+    except schema.ManifestError:
+        return None
+    if manifest.get("plan_sha256") != key:
+        raise ConvertError(
+            f"{output} already holds a finished conversion of other inputs or "
+            "options: pass --overwrite or use another folder"
+        )
+    return manifest
+
+
+def _raced_manifest(output: str, key: str) -> dict[str, Any]:
+    """Returns the manifest another converter created first, if it is of this conversion."""
+    try:
+        manifest = schema.read_manifest(output)
+    except schema.ManifestError as e:
+        raise ConvertError(f"{e}; pass --overwrite to replace it") from None
+    if manifest.get("plan_sha256") != key:
+        raise ConvertError(
+            f"another conversion of other inputs or options wrote {output}/"
+            f"{schema.MANIFEST_NAME} first, so its shards may be mixed with these: "
+            "rerun with --overwrite, one converter per output folder"
+        )
+    return manifest
+
+
+def _write_shards(
+    state: convert_write.OutputState,
+    jobs: Sequence[convert_write.ShardJob],
+    options: dict[str, Any],
+    num_workers: int,
+    strict: bool,
+    quiet: bool,
+    on_shard_done: Callable[[str], None] | None,
+) -> dict[str, dict[str, Any]]:
+    """Writes the shards that are not complete yet; returns every shard's info."""
+    infos = {job.name: state.completed(job) for job in jobs}
+    todo = [job for job in jobs if infos[job.name] is None]
+    total = sum(len(job.rows) for job in todo)
+    bar = tqdm.tqdm(total=total, unit="img", desc="convert", disable=quiet or not total)
+    preparer = convert_workers.Preparer(
+        num_workers, options["image_size"], options["encoding"], options["jpeg_quality"]
+    )
+    with bar, preparer:
+        prepared = preparer.map(row for job in todo for row in job.rows)
+        for job in todo:
+            infos[job.name] = state.write_shard(
+                job, prepared, options["encoding"], strict, on_record=lambda: bar.update(1)
+            )
+            if on_shard_done is not None:
+                on_shard_done(job.name)
+    return infos
+
+
+def _kill_after(shards: int) -> Callable[[str], None]:
+    done = []
+
+    def hook(name: str) -> None:
+        done.append(name)
+        if len(done) >= shards:
+            os.kill(os.getpid(), signal.SIGKILL)  # SIGKILL: no cleanup at all, as a real crash.
+
+    return hook
+
+
+def _define_flags() -> flags.FlagValues:
+    fv = flags.FlagValues()
+    flags.DEFINE_string(
+        "labels", None, "Labels CSV (Kaggle, RSNA validation or RSNA test layout).", flag_values=fv
+    )
+    flags.DEFINE_string(
+        "images",
+        None,
+        "Folder with <id>.png|.jpg|.dcm images (searched recursively).",
+        flag_values=fv,
+    )
+    flags.DEFINE_string(
+        "output", None, "Output folder, local or gs://bucket/prefix.", flag_values=fv
+    )
+    flags.DEFINE_integer(
+        "image_size", 512, "Longest side of the stored images (aspect kept).", flag_values=fv
+    )
+    flags.DEFINE_enum(
+        "encoding", "jpeg", list(schema.ENCODINGS), "Stored image encoding.", flag_values=fv
+    )
+    flags.DEFINE_integer("jpeg_quality", 95, "JPEG quality, 1..100.", flag_values=fv)
+    flags.DEFINE_float(
+        "val_fraction", 0.1, "Fraction of each age band x sex stratum put in 'val'.", flag_values=fv
+    )
+    flags.DEFINE_integer(
+        "split_seed", 0, "Seed of the train/val split and of the record order.", flag_values=fv
+    )
+    flags.DEFINE_string(
+        "split_name",
+        "",
+        "Write every row to this one split (e.g. test) instead of train/val.",
+        flag_values=fv,
+    )
+    flags.DEFINE_float(
+        "target_shard_mb", 150.0, "Target shard size in MB when --num_shards is 0.", flag_values=fv
+    )
+    flags.DEFINE_integer(
+        "num_shards",
+        0,
+        "Shards per split (0: from --target_shard_mb, at least 16).",
+        flag_values=fv,
+    )
+    flags.DEFINE_integer(
+        "num_workers", None, "Worker processes (default: CPU count; 0: none).", flag_values=fv
+    )
+    flags.DEFINE_bool(
+        "overwrite", False, "Delete a previous conversion in --output and redo it.", flag_values=fv
+    )
+    flags.DEFINE_bool(
+        "strict", False, "Fail on the first input that would be skipped.", flag_values=fv
+    )
+    flags.DEFINE_bool("quiet", False, "No progress bar and no summary.", flag_values=fv)
+    return fv
+
+
+def main(argv: Sequence[str]) -> int:
+    """Parses the flags and runs `convert`; returns the exit status."""
+    fv = _define_flags()
+    if any(a in ("-h", "--help", "-help", "--helpfull") for a in argv[1:]):
+        print(__doc__)
+        print(fv.get_help())
+        return 0
+    try:
+        extra = fv(list(argv))[1:]
+        if extra:
+            raise flags.Error(f"unexpected arguments: {extra}")
+        missing = [f"--{n}" for n in ("labels", "images", "output") if not fv[n].value]
+        if missing:
+            raise flags.Error(f"missing required flag(s): {', '.join(missing)}")
+    except flags.Error as e:
+        print(f"make_tfrecords: error: {e}", file=sys.stderr)
+        return 2
+    kill_after = int(os.environ.get(KILL_ENV, "0") or 0)
+    try:
+        convert(
+            fv.labels,
+            fv.images,
+            fv.output,
+            image_size=fv.image_size,
+            encoding=fv.encoding,
+            jpeg_quality=fv.jpeg_quality,
+            val_fraction=fv.val_fraction,
+            split_seed=fv.split_seed,
+            split_name=fv.split_name,
+            target_shard_mb=fv.target_shard_mb,
+            num_shards=fv.num_shards,
+            num_workers=fv.num_workers,
+            overwrite=fv.overwrite,
+            strict=fv.strict,
+            quiet=fv.quiet,
+            on_shard_done=_kill_after(kill_after) if kill_after > 0 else None,
+        )
+    except ConvertError as e:
+        print(f"make_tfrecords: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
