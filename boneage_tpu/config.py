@@ -74,6 +74,7 @@ class TrainConfig:
     label_std: float = 1.0
     data_image_size: int = 0
     data_encoding: str = ""
+    data_jpeg_quality: int = 95
     schema_version: int = 0
 
     def to_json(self) -> str:

@@ -27,8 +27,6 @@ from boneage_tpu import config as config_lib
 from boneage_tpu import data, images, inference, predict_io, restore, schema
 from boneage_tpu.predict_io import PredictError
 
-DEFAULT_JPEG_QUALITY = 95  # tools.make_tfrecords' default; TrainConfig does not record it.
-
 
 def resolve_model(model_path: str, checkpoint: str = "auto") -> tuple[str, str]:
     """Returns (model_dir, checkpoint) for a model folder or its export/model.keras path."""
@@ -63,7 +61,7 @@ def prepare_image(path: str, config: config_lib.TrainConfig, image_size: int) ->
         path,
         config.data_image_size,
         config.data_encoding,
-        DEFAULT_JPEG_QUALITY,
+        config.data_jpeg_quality,
     )
     # Wrapped in a record and parsed by the input pipeline's own function: same decode, same
     # fit-to-square as the training and evaluation data.

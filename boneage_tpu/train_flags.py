@@ -11,7 +11,14 @@ from boneage_tpu.model import BACKBONES, NORMS
 from boneage_tpu.optim import LOSSES, OPTIMIZERS, SCHEDULES
 
 # Filled from the data manifest at the start of training; not user settings.
-MANIFEST_FIELDS = ("label_mean", "label_std", "data_image_size", "data_encoding", "schema_version")
+MANIFEST_FIELDS = (
+    "label_mean",
+    "label_std",
+    "data_image_size",
+    "data_encoding",
+    "data_jpeg_quality",
+    "schema_version",
+)
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "backbone": BACKBONES,

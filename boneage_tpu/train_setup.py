@@ -67,6 +67,7 @@ def fill_from_manifest(config: config_lib.TrainConfig) -> dict[str, Any]:
     config.label_std = float(stats["std_months"])
     config.data_image_size = int(manifest.get("image_size", 0))
     config.data_encoding = str(manifest.get("encoding", ""))
+    config.data_jpeg_quality = int(manifest.get("jpeg_quality") or 95)
     config.schema_version = int(manifest["schema_version"])
     return manifest
 

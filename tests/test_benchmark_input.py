@@ -62,7 +62,7 @@ def test_summary_ratios():
 
 @pytest.mark.slow
 def test_tiny_end_to_end_run_writes_the_json(tmp_path):
-    # ~40 s: four stage processes and the converter's workers each import TensorFlow.
+    # 15-90 s by machine load: four stage processes and the converter's workers import TF.
     labels, images = _write_sample(tmp_path)
     out = tmp_path / "bench.json"
     argv = ["benchmark_input", f"--labels={labels}", f"--images={images}", f"--json={out}"]

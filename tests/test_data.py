@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from boneage_tpu import data, schema
+from boneage_tpu import data, sampling, schema
 from tests.records import write_toy_dataset
 
 
@@ -263,13 +263,13 @@ def test_age_sex_balance_draws_strata_uniformly(tmp_path, cache):
 
 def test_stratum_repeats_equalise_expected_counts():
     counts = [10, 0, 40, 50]
-    repeats = data.stratum_repeats(counts)
+    repeats = sampling.stratum_repeats(counts)
     assert repeats[1] == 0.0
     np.testing.assert_allclose(
         [c * r for c, r in zip(counts, repeats, strict=True) if c], [100 / 3] * 3
     )
     with pytest.raises(ValueError, match="labeled"):
-        data.stratum_repeats([0, 0])
+        sampling.stratum_repeats([0, 0])
 
 
 # ---------------------------------------------------------------- bad input

@@ -42,7 +42,17 @@ from tools.phantom_tables import (
     BoneSpec,
 )
 
-__all__ = ["CARPAL_ONSET", "Scene", "build_scene", "maturity_years"]
+__all__ = [
+    "CARPAL_ONSET",
+    "Epiphysis",
+    "RoundBone",
+    "Scene",
+    "SoftTissue",
+    "TubularBone",
+    "build_scene",
+    "growth_progress",
+    "maturity_years",
+]
 
 
 @dataclasses.dataclass(frozen=True)
