@@ -22,7 +22,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from boneage_tpu import __version__, distribute, inference, metrics, report, restore, schema
+from boneage_tpu import __version__, cli, distribute, inference, metrics, report, restore, schema
 from boneage_tpu import config as config_lib
 
 
@@ -267,18 +267,9 @@ def main(argv: Sequence[str]) -> int:
 
     flag_values = flags.FlagValues()
     define_flags(flag_values)
-    if any(a in ("--help", "-h", "--helpfull", "--helpshort") for a in argv[1:]):
-        print(__doc__)
-        print(flag_values.get_help())
-        return 0
-    try:
-        rest = flag_values(list(argv))
-    except flags.Error as e:
-        print(f"evaluate: error: {e}", file=sys.stderr)
-        return 2
-    if len(rest) > 1:
-        print(f"evaluate: error: unexpected arguments {rest[1:]}", file=sys.stderr)
-        return 2
+    _, status = cli.parse_flags("evaluate", flag_values, argv, __doc__)
+    if status is not None:
+        return status
     names = [f.name for f in dataclasses.fields(EvalConfig) if f.name != "model_dirs"]
     config = EvalConfig(
         model_dirs=tuple(flag_values.model_dir or ()),

@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from boneage_tpu import cli, data, images, inference, predict_io, restore, schema
 from boneage_tpu import config as config_lib
-from boneage_tpu import data, images, inference, predict_io, restore, schema
 from boneage_tpu.predict_io import PredictError
 
 
@@ -254,18 +254,12 @@ def main(argv: Sequence[str]) -> int:
 
     flag_values = flags.FlagValues()
     define_flags(flag_values)
-    if any(a in ("--help", "-h", "--helpfull", "--helpshort") for a in argv[1:]):
-        print(__doc__)
-        print(flag_values.get_help())
-        return 0
-    try:
-        rest = flag_values(list(argv))
-    except flags.Error as e:
-        print(f"predict: error: {e}", file=sys.stderr)
-        return 2
+    paths, status = cli.parse_flags("predict", flag_values, argv, __doc__, positional=True)
+    if status is not None:
+        return status
     config = PredictConfig(
         model=flag_values.model or "",
-        paths=tuple(rest[1:]),
+        paths=tuple(paths),
         sex=flag_values.sex,
         labels=flag_values.labels,
         images_dir=flag_values.images,

@@ -36,6 +36,7 @@ from collections.abc import Sequence
 import numpy as np
 from absl import flags
 
+from boneage_tpu import cli
 from tools.phantom_dataset import (
     LAYOUTS,
     PhantomError,
@@ -161,17 +162,9 @@ def _define_flags() -> flags.FlagValues:
 def main(argv: Sequence[str]) -> int:
     """Parses the flags in `argv` (argv[0] is the program) and runs; returns the exit status."""
     fv = _define_flags()
-    if any(a in ("-h", "--help", "-help", "--helpfull") for a in argv[1:]):
-        print(__doc__)
-        print(fv.get_help())
-        return 0
-    try:
-        extra = fv(list(argv))[1:]
-        if extra:
-            raise flags.Error(f"unexpected arguments: {extra}")
-    except flags.Error as e:
-        print(f"make_phantom: error: {e}", file=sys.stderr)
-        return 2
+    _, status = cli.parse_flags("make_phantom", fv, argv, __doc__)
+    if status is not None:
+        return status
     config = PhantomConfig(**{f.name: fv[f.name].value for f in dataclasses.fields(PhantomConfig)})
     start = time.perf_counter()
     try:

@@ -21,7 +21,7 @@ from typing import Any
 import tqdm
 from absl import flags
 
-from boneage_tpu import images, layouts, schema
+from boneage_tpu import cli, images, layouts, schema
 from boneage_tpu.layouts import ConvertError
 from tools import convert_output, convert_workers, convert_write
 
@@ -340,20 +340,10 @@ def _define_flags() -> flags.FlagValues:
 def main(argv: Sequence[str]) -> int:
     """Parses the flags and runs `convert`; returns the exit status."""
     fv = _define_flags()
-    if any(a in ("-h", "--help", "-help", "--helpfull") for a in argv[1:]):
-        print(__doc__)
-        print(fv.get_help())
-        return 0
-    try:
-        extra = fv(list(argv))[1:]
-        if extra:
-            raise flags.Error(f"unexpected arguments: {extra}")
-        missing = [f"--{n}" for n in ("labels", "images", "output") if not fv[n].value]
-        if missing:
-            raise flags.Error(f"missing required flag(s): {', '.join(missing)}")
-    except flags.Error as e:
-        print(f"make_tfrecords: error: {e}", file=sys.stderr)
-        return 2
+    required = ("labels", "images", "output")
+    _, status = cli.parse_flags("make_tfrecords", fv, argv, __doc__, required=required)
+    if status is not None:
+        return status
     kill_after = int(os.environ.get(KILL_ENV, "0") or 0)
     try:
         convert(
