@@ -56,7 +56,19 @@ def read_grayscale(path: str) -> np.ndarray:
 
 
 def read_bytes(path: str) -> bytes:
-    """Returns a file's bytes through `tf.io.gfile`; a missing file raises `ImageError`."""
+    """Returns a file's bytes (gs:// etc. through `tf.io.gfile`); a missing file raises `ImageError`.
+
+    Plain local paths are read with `open`: gfile costs ~0.4 ms more per 4 MB RSNA PNG (10x),
+    2 % of the converter's decode-bound budget. Any path with a scheme goes through gfile.
+    """
+    if "://" not in path:
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except FileNotFoundError as e:
+            raise ImageError(f"image file not found: {path}") from e
+        except PermissionError as e:
+            raise ImageError(f"image file not readable (permission denied): {path}") from e
     import tensorflow as tf  # Lazily: decoding alone needs no TensorFlow.
 
     try:
