@@ -113,38 +113,52 @@ def decode_stored_image(
     return fit_to_square(_decode_stored(image, encoding, height, width), image_size)
 
 
-def parse_record(
+def parse_records(
     serialized: tf.Tensor, image_size: int, encoding: str, with_stratum: bool = False
 ) -> dict[str, tf.Tensor]:
-    """Parses and decodes one serialized record into a pipeline element (unbatched).
+    """Parses and decodes a batch of serialized records into one batch of pipeline elements.
+
+    A whole batch per call: tf.data then hands over one element per batch instead of per
+    image (each handover is a thread wake-up; per image they cost ~5 % of a 2-core host).
 
     Args:
-      serialized: one record (scalar string).
+      serialized: string [N], N >= 1 records.
       image_size: output side S.
       encoding: the manifest's image encoding (jpeg | png | raw).
-      with_stratum: also return the int64 "stratum" (for balancing cached elements).
+      with_stratum: also return the int64 "stratum" [N] (for balancing cached elements).
+
+    Returns:
+      {"image": uint8 [N, S, S, 1], "male", "boneage", "mask": float32 [N], "id": string [N]}
+      (+ "stratum"), with N static when `serialized`'s length is.
     """
     # Only the features used: parsing all nine cost ~5 us more per record.
     names = ["image", "male", "boneage", "id"] + (["height", "width"] if encoding == "raw" else [])
     names += ["stratum"] if with_stratum else []
     spec = schema.feature_spec()
-    features = tf.io.parse_single_example(serialized, {name: spec[name] for name in names})
-    element = {
-        "image": decode_stored_image(
-            features["image"],
-            encoding,
-            features.get("height", 0),
-            features.get("width", 0),
-            image_size,
-        ),
+    features = tf.io.parse_example(serialized, {name: spec[name] for name in names})
+    sizes = (features["height"], features["width"]) if encoding == "raw" else None
+
+    def decode(args: tuple[tf.Tensor, ...]) -> tf.Tensor:
+        image, height, width = args if sizes else (args[0], 0, 0)
+        return decode_stored_image(image, encoding, height, width, image_size)
+
+    images = tf.map_fn(
+        decode,
+        (features["image"], *sizes) if sizes else (features["image"],),
+        fn_output_signature=tf.TensorSpec([image_size, image_size, 1], tf.uint8),
+        # One image at a time: tf.data already runs several batches in parallel.
+        parallel_iterations=1,
+    )
+    batch = {
+        "image": images,
         "male": tf.cast(features["male"], tf.float32),
         "boneage": features["boneage"],
         "id": features["id"],
-        "mask": tf.constant(1.0, tf.float32),
+        "mask": tf.ones_like(features["boneage"]),
     }
     if with_stratum:
-        element["stratum"] = features["stratum"]
-    return element
+        batch["stratum"] = features["stratum"]
+    return batch
 
 
 def use_cache(
@@ -260,25 +274,30 @@ def build_dataset(
     carry_stratum = cached and repeats is not None
 
     def parse(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
-        return parse_record(serialized, image_size, encoding, with_stratum=carry_stratum)
+        return parse_records(serialized, image_size, encoding, with_stratum=carry_stratum)
 
     ds = _read_records(files, training, seed)
     if cached:
-        # Decode once, then every later pass reads S x S uint8 images from RAM.
-        ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=not training)
-        ds = ds.cache()
+        # Decode once (a batch per call), then every later pass reads S x S uint8 images
+        # from RAM.
+        ds = ds.batch(batch_size).map(
+            parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=not training
+        )
+        ds = ds.unbatch().cache()
     if training:
         ds = _training_order(ds, repeats, seed, shuffle_buffer, carry_stratum)
-    if not cached:
-        # Parse + decode + resize in parallel on the host cores; uint8 out: 4x less
-        # host->device traffic than float32.
-        ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=not training)
-    if training:
         # drop_remainder: a static batch dimension, which XLA / TPU compilation needs.
         ds = ds.batch(batch_size, drop_remainder=True)
+        if not cached:
+            # Parse + decode + resize a batch of records per call, batches in parallel on
+            # the host cores; uint8 out: 4x less host->device traffic than float32.
+            ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
     else:
         # Keep the last partial batch, padded to B with mask 0: every record seen once.
-        ds = ds.batch(batch_size).map(lambda b: _pad_batch(b, batch_size))
+        def finish(batch: Any) -> dict[str, tf.Tensor]:
+            return _pad_batch(batch if cached else parse(batch), batch_size)
+
+        ds = ds.batch(batch_size).map(finish, num_parallel_calls=tf.data.AUTOTUNE)
     # Overlap host preprocessing with the device step.
     ds = ds.prefetch(tf.data.AUTOTUNE)
     options = tf.data.Options()

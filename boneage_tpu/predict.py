@@ -74,7 +74,8 @@ def prepare_image(path: str, config: config_lib.TrainConfig, image_size: int) ->
         boneage=None,
         male=False,
     )
-    return data.parse_record(tf.constant(record), image_size, config.data_encoding)["image"].numpy()
+    batch = data.parse_records(tf.constant([record]), image_size, config.data_encoding)
+    return batch["image"][0].numpy()
 
 
 def _read_all(

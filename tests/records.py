@@ -44,6 +44,7 @@ def write_toy_dataset(
     shards_per_split: int = 2,
     seed: int = 0,
     labeled: bool = True,
+    encoding: str = "png",
 ) -> dict:
     """Writes shards + manifest.json for a toy dataset and returns the manifest.
 
@@ -55,11 +56,16 @@ def write_toy_dataset(
       shards_per_split: shards per split; records are dealt round-robin.
       seed: RNG seed for ages and sexes.
       labeled: False writes unlabeled records (RSNA test layout).
+      encoding: "png" or "raw" (uncompressed pixels, read back with the stored height/width).
     """
     output = str(output)
     tf.io.gfile.makedirs(output)
     splits = splits or {"train": 24, "val": 10}
     rng = np.random.default_rng(seed)
+    encoders = {"png": _png, "raw": lambda image: image.tobytes()}
+    if encoding not in encoders:
+        raise ValueError(f"encoding must be one of {sorted(encoders)}, got {encoding!r}")
+    encode = encoders[encoding]
     manifest_splits = {}
     train_ages: list[float] = []
     for split, count in splits.items():
@@ -69,10 +75,10 @@ def write_toy_dataset(
         for i, (age, male) in enumerate(zip(ages, males, strict=True)):
             record = schema.encode_example(
                 image_id=f"{split}{i:04d}",
-                image=_png(toy_image(age, bool(male), height, width)),
+                image=encode(toy_image(age, bool(male), height, width)),
                 height=height,
                 width=width,
-                encoding="png",
+                encoding=encoding,
                 boneage=float(age) if labeled else None,
                 male=bool(male),
             )
@@ -104,7 +110,7 @@ def write_toy_dataset(
         "tool_version": __version__,
         "layout": "kaggle",
         "image_size": max(height, width),
-        "encoding": "png",
+        "encoding": encoding,
         "splits": manifest_splits,
         "label_stats": {
             "mean_months": float(np.mean(train_ages)),

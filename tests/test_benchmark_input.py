@@ -60,16 +60,25 @@ def test_summary_ratios():
     assert summary["rss_growth"] == pytest.approx(0.04)
 
 
+def test_median_trial_is_the_middle_run_by_throughput():
+    runs = [{"img_s": v, "peak_rss_mb": 100 + v} for v in (5.0, 1.0, 3.0, 4.0)]
+    assert benchmark_input.median_trial(runs[:3])["peak_rss_mb"] == 103.0
+    assert benchmark_input.median_trial(runs)["img_s"] == 3.0  # even count: the lower middle
+    with pytest.raises(benchmark_input.BenchError, match="--trials"):
+        benchmark_input.median_trial([])
+
+
 @pytest.mark.slow
 def test_tiny_end_to_end_run_writes_the_json(tmp_path):
     # 15-90 s by machine load: four stage processes and the converter's workers import TF.
     labels, images = _write_sample(tmp_path)
     out = tmp_path / "bench.json"
     argv = ["benchmark_input", f"--labels={labels}", f"--images={images}", f"--json={out}"]
-    argv += ["--replicate=2", "--growth=0", "--seconds=0.3", "--image_size=48"]
+    argv += ["--replicate=2", "--growth=0", "--seconds=0.3", "--image_size=48", "--trials=1"]
     argv += ["--record_size=64", "--batch_size=4", f"--work_dir={tmp_path}"]
     benchmark_input.main(argv)
     summary = json.loads(out.read_text())
     assert set(summary) >= REQUIRED_KEYS
     assert summary["images"] == 6 and "rss_growth" not in summary
+    assert all(len(v) == 1 for v in summary["trials_img_s"].values())
     assert all(summary[k] > 0 for k in ("seed_img_s", "host_img_s", "full_img_s"))

@@ -199,6 +199,33 @@ def test_cached_and_streamed_eval_are_identical(toy):
             np.testing.assert_array_equal(cached[name], streamed[name])
 
 
+@pytest.mark.parametrize("training", [False, True])
+def test_raw_and_png_records_give_the_same_batches(tmp_path, training):
+    # Raw records are reshaped from their stored height/width inside the batched decode.
+    def batches(encoding: str) -> list[dict]:
+        path = str(tmp_path / encoding)
+        write_toy_dataset(path, splits={"train": 10}, height=30, width=20, encoding=encoding)
+        ds = data.build_dataset(
+            path, "train", training=training, batch_size=4, image_size=16, cache="no"
+        )
+        return [{k: v.numpy() for k, v in b.items()} for b in ds.take(3)]
+
+    png, raw = batches("png"), batches("raw")
+    if training:  # Same seed, but the order of a parallel interleave is not fixed: by id.
+        png, raw = (
+            {i: img for b in run for i, img in zip(b["id"], b["image"], strict=True)}
+            for run in (png, raw)
+        )
+        shared = set(png) & set(raw)
+        assert shared
+        for image_id in shared:
+            np.testing.assert_array_equal(png[image_id], raw[image_id])
+        return
+    for a, b in zip(png, raw, strict=True):
+        for name in a:
+            np.testing.assert_array_equal(a[name], b[name])
+
+
 def test_auto_cache_follows_the_ram_budget():
     split = {"count": 1000}
     assert data.use_cache("auto", split, 32, budget_bytes=1000 * 32 * 32)

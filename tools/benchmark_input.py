@@ -10,8 +10,10 @@ In one run over the same images (the CSV's images replicated `--replicate` times
   (d) floor: `tf.io.decode_jpeg` + `data.fit_to_square` of the same records in a tight
              in-graph loop pinned to one core: b / (d x cores) is what the pipeline keeps of
              the machine (parsing, threading, batching cost the rest).
-Each stage runs in its own process (clean peak RSS, no thread-pool sharing). `--growth 4` also
-runs (b) over 4x the images to check that host memory does not grow with the dataset.
+Each stage runs in its own process (clean peak RSS, no thread-pool sharing), `--trials` times,
+the stages taking turns so that a slow spell of the machine hits all of them; each stage reports
+its median trial (all trials are kept in the JSON). `--growth 4` also runs (b) over 4x the
+images to check that host memory does not grow with the dataset.
 The records are written by `tools.make_tfrecords.convert` (512 px JPEG, quality 95).
 """
 
@@ -30,6 +32,7 @@ from typing import Any
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 STAGES = ("seed", "host", "full", "floor")
+STEPS_PER_CALL = 8  # batches per tf.function call in (b) and (c), like --steps_per_loop
 
 
 @dataclasses.dataclass
@@ -44,6 +47,7 @@ class BenchConfig:
     batch_size: int = 32
     seconds: float = 6.0
     growth: int = 4
+    trials: int = 3
     seed_color_mode: str = "rgb"
     work_dir: str = ""
     json: str = ""
@@ -146,7 +150,12 @@ def stage_seed(config: BenchConfig, inputs: pathlib.Path) -> dict[str, float]:
 
 
 def stage_pipeline(config: BenchConfig, inputs: pathlib.Path, augmented: bool) -> dict[str, float]:
-    """(b) host batches from TFRecords, or (c) the same plus XLA augmentation on the CPU."""
+    """(b) host batches from TFRecords, or (c) the same plus XLA augmentation on the CPU.
+
+    Batches are consumed inside a `tf.function` loop of `STEPS_PER_CALL` steps, as the trainer
+    consumes them (`loop.TrainLoop`): a Python `next()` per batch would add the interpreter's
+    own cost (object churn, garbage collection: ~5 % of the CPU in a profile) to (b).
+    """
     import tensorflow as tf
 
     from boneage_tpu import augment, data
@@ -160,17 +169,27 @@ def stage_pipeline(config: BenchConfig, inputs: pathlib.Path, augmented: bool) -
     @tf.function(jit_compile=True)
     def augment_step(images: tf.Tensor, step: tf.Tensor) -> tf.Tensor:
         seed = augment.replica_seed(0, step, 0)
-        # A scalar result forces the whole batch to be computed before the timer reads it.
+        # A scalar result forces the whole batch to be computed.
         return tf.reduce_sum(augment.augment_batch(images, seed))
 
-    counter = [0]
+    @tf.function
+    def run_steps(first_step: tf.Tensor) -> tf.Tensor:
+        total = tf.constant(0.0)
+        for i in tf.range(STEPS_PER_CALL, dtype=tf.int64):
+            images = next(iterator)["image"]
+            if augmented:
+                total += augment_step(images, first_step + i)
+            else:
+                # Depend on every batch so none can be skipped.
+                total += tf.cast(images[0, 0, 0, 0], tf.float32)
+        return total
+
+    calls = [0]
 
     def step() -> int:
-        images = next(iterator)["image"]
-        if augmented:
-            counter[0] += 1
-            augment_step(images, tf.constant(counter[0], tf.int64)).numpy()
-        return int(images.shape[0])
+        run_steps(tf.constant(calls[0] * STEPS_PER_CALL, tf.int64)).numpy()
+        calls[0] += 1
+        return STEPS_PER_CALL * config.batch_size
 
     return _timed(step, config.seconds)
 
@@ -229,6 +248,13 @@ def _spawn(config: BenchConfig, stage: str, inputs: pathlib.Path) -> dict[str, f
     return json.loads(lines[-1][len("RESULT ") :])
 
 
+def median_trial(results: list[dict[str, float]]) -> dict[str, float]:
+    """Returns the trial with the median img/s (the lower middle one for an even count)."""
+    if not results:
+        raise BenchError("no trials ran: --trials must be >= 1")
+    return sorted(results, key=lambda r: r["img_s"])[(len(results) - 1) // 2]
+
+
 def summarise(res: dict[str, dict[str, float]], cores: int) -> dict[str, Any]:
     """Turns the per-stage results into the summary (the keys BENCHMARKS.md records)."""
     seed, host, full = res["seed"]["img_s"], res["host"]["img_s"], res["full"]["img_s"]
@@ -271,6 +297,10 @@ def report(summary: dict[str, Any], config: BenchConfig) -> str:
         f"(b) used {s['host_cores_used']:.2f} of {cores} cores: {s['host_img_per_cpu_s']:.0f} "
         f"img per CPU-second = {s['host_cpu_vs_floor']:.2f} x (d)'s "
         f"{s['floor_img_per_cpu_s']:.0f}",
+        "img/s per trial: "
+        + "; ".join(
+            f"{k} {', '.join(f'{x:.0f}' for x in v)}" for k, v in s["trials_img_s"].items()
+        ),
         "peak RSS MB: " + ", ".join(f"{k} {v:.0f}" for k, v in s["stage_peak_rss_mb"].items()),
         f"load average before/after: {s['load_before']} / {s['load_after']}",
     ]
@@ -290,7 +320,11 @@ def run(config: BenchConfig) -> dict[str, Any]:
         base = pathlib.Path(tmp) / "base"
         count = write_inputs(config, rows, config.replicate, base)
         print(f"{count} images ({len(rows)} files x {config.replicate}), {config.image_size} px")
-        res = {stage: _spawn(config, stage, base) for stage in STAGES}
+        trials: dict[str, list[dict[str, float]]] = {stage: [] for stage in STAGES}
+        for _ in range(config.trials):
+            for stage in STAGES:
+                trials[stage].append(_spawn(config, stage, base))
+        res = {stage: median_trial(results) for stage, results in trials.items()}
         big_count = 0
         if config.growth > 1:
             big = pathlib.Path(tmp) / "big"
@@ -298,6 +332,7 @@ def run(config: BenchConfig) -> dict[str, Any]:
             res["host_big"] = _spawn(config, "host", big)
     summary = summarise(res, len(os.sched_getaffinity(0)))
     summary |= {"images": count, "images_big": big_count, "load_before": load_before}
+    summary["trials_img_s"] = {k: [round(r["img_s"], 1) for r in v] for k, v in trials.items()}
     summary["load_after"] = [round(x, 2) for x in os.getloadavg()]
     print(report(summary, config))
     if config.json:
@@ -318,6 +353,9 @@ def _define_flags() -> Any:
     flags.DEFINE_integer("record_size", 512, "longest side of the JPEG records", flag_values=fv)
     flags.DEFINE_integer("batch_size", 32, "batch size", flag_values=fv)
     flags.DEFINE_float("seconds", 6.0, "timed seconds per stage (after warm-up)", flag_values=fv)
+    flags.DEFINE_integer(
+        "trials", 3, "runs of each stage, taking turns; the median is reported", flag_values=fv
+    )
     flags.DEFINE_integer(
         "growth", 4, "also run (b) over this many x the images (0: off)", flag_values=fv
     )
