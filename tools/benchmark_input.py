@@ -153,8 +153,8 @@ def stage_pipeline(config: BenchConfig, inputs: pathlib.Path, augmented: bool) -
     """(b) host batches from TFRecords, or (c) the same plus XLA augmentation on the CPU.
 
     Batches are consumed inside a `tf.function` loop of `STEPS_PER_CALL` steps, as the trainer
-    consumes them (`loop.TrainLoop`): a Python `next()` per batch would add the interpreter's
-    own cost (object churn, garbage collection: ~5 % of the CPU in a profile) to (b).
+    consumes them (`loop.TrainLoop`), so (b) times the pipeline and not a Python `next()` and
+    tensor conversion per batch, which training never pays.
     """
     import tensorflow as tf
 
