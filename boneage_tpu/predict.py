@@ -23,8 +23,9 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from boneage_tpu import cli, data, images, inference, predict_io, restore, schema
+from boneage_tpu import cli, data, images, predict_io, schema
 from boneage_tpu import config as config_lib
+from boneage_tpu.evaluate import inference, restore
 from boneage_tpu.predict_io import PredictError
 
 

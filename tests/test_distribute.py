@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from boneage_tpu import distribute, loop, optim
+from boneage_tpu import distribute, optim
 from boneage_tpu import model as model_lib
+from boneage_tpu.train import loop
 
 # Logical CPUs must be split before TensorFlow runs its first op, i.e. at collection time.
 try:

@@ -15,7 +15,10 @@ import pandas as pd
 import pytest
 import tensorflow as tf
 
-from boneage_tpu import continuous_eval, data, evaluate, report, schema
+from boneage_tpu import data, schema
+from boneage_tpu.evaluate import continuous as continuous_eval
+from boneage_tpu.evaluate import job as evaluate
+from boneage_tpu.evaluate import report
 from tests.model_dirs import BATCH, flip_sensitive_model, make_run
 from tests.records import write_toy_dataset
 from tests.test_report import recompute_from_csv

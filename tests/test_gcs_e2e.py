@@ -30,9 +30,13 @@ import pytest
 import tensorflow as tf
 
 from boneage_tpu import config as config_lib
-from boneage_tpu import continuous_eval, evaluate, restore, schema, storage
+from boneage_tpu import schema, storage
+from boneage_tpu.convert import job as make_tfrecords
+from boneage_tpu.evaluate import continuous as continuous_eval
+from boneage_tpu.evaluate import job as evaluate
+from boneage_tpu.evaluate import restore
 from boneage_tpu.layouts import ConvertError
-from tools import make_phantom, make_tfrecords
+from boneage_tpu.phantom import job as make_phantom
 
 pytestmark = pytest.mark.gcs
 
@@ -63,8 +67,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 KILLING_TRAINER = """
 import os, signal
 from absl import app, flags
-from boneage_tpu import train
-from boneage_tpu.train_flags import config_from_flags, define_flags
+from boneage_tpu.train import job as train
+from boneage_tpu.train.flags import config_from_flags, define_flags
 
 def hook(step):
     if step == int(os.environ["KILL_AT_STEP"]):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tools import quickstart
+from boneage_tpu import quickstart
 
 
 @pytest.mark.slow

@@ -15,8 +15,8 @@ import tensorflow as tf
 from PIL import Image
 
 from boneage_tpu import images, layouts, schema
+from boneage_tpu.convert import job as make_tfrecords
 from boneage_tpu.layouts import ConvertError
-from tools import make_tfrecords
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -521,7 +521,7 @@ def test_benchmark_reports_the_contract_keys(tmp_path):
 
 
 def test_summary_shortens_long_skip_lists():
-    from tools import convert_output
+    from boneage_tpu.convert import manifest as convert_output
 
     skipped = [
         {"row": i + 2, "id": str(i), "path": "", "reason": "missing image file"} for i in range(60)
@@ -543,7 +543,7 @@ def test_summary_shortens_long_skip_lists():
 def test_object_store_code_paths_via_file_urls(tmp_path):
     # "file://" URLs take the object-store branches (reader threads; no temp + rename) through
     # tf.io.gfile without needing a GCS emulator.
-    from tools import convert_write
+    from boneage_tpu.convert import shards as convert_write
 
     csv, folder, _ = _dataset(tmp_path, n=8)
     (folder / "1003.png").write_bytes(b"")

@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from boneage_tpu import metrics, schema
+from boneage_tpu import schema
+from boneage_tpu.evaluate import metrics
 
 
 def test_hand_computed_values():

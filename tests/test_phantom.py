@@ -12,10 +12,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tools import make_phantom, phantom_dataset, phantom_render, phantom_sheet
-from tools.make_phantom import PhantomError, generate, plan_records
-from tools.phantom_anatomy import CARPAL_ONSET, build_scene
-from tools.phantom_render import render_phantom
+from boneage_tpu.phantom import dataset as phantom_dataset
+from boneage_tpu.phantom import job as make_phantom
+from boneage_tpu.phantom import render as phantom_render
+from boneage_tpu.phantom import sheet as phantom_sheet
+from boneage_tpu.phantom.anatomy import CARPAL_ONSET, build_scene
+from boneage_tpu.phantom.job import PhantomError, generate, plan_records
+from boneage_tpu.phantom.render import render_phantom
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 AGES = np.arange(0.0, 229.0, 1.0)

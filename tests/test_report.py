@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from boneage_tpu import metrics, report
+from boneage_tpu.evaluate import metrics, report
 
 
 def _toy_results(n: int = 40, seed: int = 0):

@@ -16,9 +16,13 @@ from absl import flags
 from PIL import Image
 
 import boneage_tpu.model  # noqa: F401  (registers the custom layers for load_model)
-from boneage_tpu import augment, data, distribute, loop, optim, train, train_flags, train_state
+from boneage_tpu import augment, data, distribute, optim
 from boneage_tpu import config as config_lib
 from boneage_tpu import model as model_lib
+from boneage_tpu.train import flags as train_flags
+from boneage_tpu.train import job as train
+from boneage_tpu.train import loop
+from boneage_tpu.train import state as train_state
 from tests.records import toy_image, write_toy_dataset
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

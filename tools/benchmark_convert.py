@@ -29,7 +29,8 @@ from absl import flags
 from PIL import Image
 
 from boneage_tpu import images
-from tools import convert_workers, make_tfrecords
+from boneage_tpu.convert import job as make_tfrecords
+from boneage_tpu.convert import workers as convert_workers
 
 _SAMPLE = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "rsna-sample"
 

@@ -84,8 +84,8 @@ def read_labels(labels: str, images: str) -> list[tuple[str, float, bool, str]]:
 
 def write_inputs(config: BenchConfig, rows: list, copies: int, out: pathlib.Path) -> int:
     """Writes `copies` x the images: PNG links + CSVs (seed) and, via the converter, TFRecords."""
+    from boneage_tpu.convert import job as make_tfrecords
     from boneage_tpu.layouts import ConvertError
-    from tools import make_tfrecords
 
     (out / "png").mkdir(parents=True)
     kaggle, seed = ["id,boneage,male"], ["id,boneage,male,filename"]

@@ -15,7 +15,7 @@ import os
 import platform
 from collections.abc import Sequence
 
-from tools import quickstart
+from boneage_tpu import quickstart
 
 
 def run(output: str, seed: int = 0) -> dict[str, float]:

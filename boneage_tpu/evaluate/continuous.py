@@ -23,7 +23,8 @@ from typing import Any
 import tensorflow as tf
 
 from boneage_tpu import config as config_lib
-from boneage_tpu import report, restore, storage
+from boneage_tpu import storage
+from boneage_tpu.evaluate import report, restore
 
 # metrics.json key -> TensorBoard tag. "mae_months" is also the trainer's tag in logs/train and
 # logs/val, so TensorBoard draws train, val and eval MAE on one chart.
@@ -72,7 +73,9 @@ def run_continuous(
       {"evaluated_steps": [...], "already_evaluated_steps": [...], "skipped": [{step, reason}],
        "stop_reason": "done" | "timeout", "metrics": {step: metrics dict}}.
     """
-    from boneage_tpu import evaluate  # Circular at import time: evaluate imports this lazily.
+    from boneage_tpu.evaluate import (
+        job as evaluate,  # Circular at import time: evaluate imports this lazily.
+    )
 
     model_dir = config.model_dirs[0]
     base = config.output or config_lib.join(model_dir, config_lib.EVAL_SUBDIR)

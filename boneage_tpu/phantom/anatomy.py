@@ -2,7 +2,7 @@
 
 `build_scene(bone_age_months, male, rng)` is a pure function returning a `Scene`: every bone
 with its position and size in canonical hand coordinates, which epiphyses and carpals are
-ossified and the state of each growth plate. `tools.phantom_render` draws it.
+ossified and the state of each growth plate. `boneage_tpu.phantom.render` draws it.
 
 Canonical coordinates: a left hand seen palm down (PA view), x to the thumb side (image
 right), y up towards the fingers, unit = 200 mm (about one adult hand length), origin at the
@@ -27,7 +27,7 @@ import math
 
 import numpy as np
 
-from tools.phantom_tables import (
+from boneage_tpu.phantom.tables import (
     ADULT_YEARS,
     CARPAL_ADULT_YEARS,
     CARPAL_ONSET,

@@ -53,7 +53,7 @@ def _log(message: str) -> None:
 
 def make_phantom(config: QuickstartConfig) -> str:
     """Generates the phantom set unless one with the same settings is already there."""
-    from tools import make_phantom
+    from boneage_tpu.phantom import job as make_phantom
 
     folder = os.path.join(config.output, "phantom")
     settings = {
@@ -79,7 +79,7 @@ def make_phantom(config: QuickstartConfig) -> str:
 
 def make_records(config: QuickstartConfig, phantom: str) -> str:
     """Converts the phantom set to TFRecords (the converter resumes or reuses finished work)."""
-    from tools import make_tfrecords
+    from boneage_tpu.convert import job as make_tfrecords
 
     output = os.path.join(config.output, "data")
     start = time.perf_counter()
@@ -101,7 +101,7 @@ def make_records(config: QuickstartConfig, phantom: str) -> str:
 def train_model(config: QuickstartConfig, data: str) -> str:
     """Trains the tiny CNN on CPU (resuming or reusing a finished run in the same folder)."""
     from boneage_tpu import config as config_lib
-    from boneage_tpu import train
+    from boneage_tpu.train import job as train
 
     model_dir = os.path.join(config.output, config.model_name)
     train_config = config_lib.TrainConfig(
@@ -130,7 +130,7 @@ def run(config: QuickstartConfig) -> dict[str, Any]:
     """Runs phantom -> TFRecords -> train -> evaluate and returns the evaluation metrics."""
     from absl import logging
 
-    from boneage_tpu import evaluate
+    from boneage_tpu.evaluate import job as evaluate
 
     # Progress lines only: TF's and absl's INFO logs would bury them.
     logging.set_verbosity(logging.WARNING)

@@ -18,7 +18,7 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from tools.phantom_anatomy import RoundBone, Scene, TubularBone, build_scene
+from boneage_tpu.phantom.anatomy import RoundBone, Scene, TubularBone, build_scene
 
 _MU_SOFT, _MU_BONE = 5.0, 28.0  # attenuation per canonical unit of thickness
 _SOFT_THICKNESS = 0.12  # canonical thickness of the palm

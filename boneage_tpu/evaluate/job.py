@@ -6,7 +6,7 @@
 
 PATHs are local or gs://. Every record of the split is evaluated exactly once. Several
 `--model_dir` flags evaluate the ensemble (mean of the members' predictions). `--continuous`
-follows a training run and evaluates each new checkpoint once (see `continuous_eval`).
+follows a training run and evaluates each new checkpoint once (see `boneage_tpu.evaluate.continuous`).
 Outputs go to `--output`, default `MODEL_DIR/eval/<split>-<step>[-flip]/` (the first model
 directory's, named `<split>-ensemble-<step>_<step>...` for ensembles).
 """
@@ -22,8 +22,9 @@ from typing import Any
 
 import tensorflow as tf
 
-from boneage_tpu import __version__, cli, distribute, inference, metrics, report, restore, schema
+from boneage_tpu import __version__, cli, distribute, schema
 from boneage_tpu import config as config_lib
+from boneage_tpu.evaluate import inference, metrics, report, restore
 
 
 class EvalError(ValueError):
@@ -226,7 +227,7 @@ def run(
         strategy = distribute.make_strategy(tpu=config.tpu, virtual_cpus=config.virtual_cpus)
         print(f"evaluating on {distribute.describe(strategy)}")
     if config.continuous:
-        from boneage_tpu import continuous_eval
+        from boneage_tpu.evaluate import continuous as continuous_eval
 
         return continuous_eval.run_continuous(config, strategy)
     return evaluate_once(config, strategy)

@@ -1,9 +1,9 @@
 """Trains the bone-age model on TPU, GPUs or CPU: `python -m boneage_tpu.train --data D --model_dir M`.
 
-The loop is our own (`boneage_tpu.loop`): `strategy.run` inside a `tf.function` running
+The loop is our own (`boneage_tpu.train.loop`): `strategy.run` inside a `tf.function` running
 --steps_per_loop steps per call, one progress line per call. The model directory layout is in
 `boneage_tpu.config`; a rerun with the same --model_dir resumes from its latest checkpoint
-(`boneage_tpu.train_state`). Every flag: `python -m boneage_tpu.train --helpfull`.
+(`boneage_tpu.train.state`). Every flag: `python -m boneage_tpu.train --helpfull`.
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ import tensorflow as tf  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
 from boneage_tpu import config as config_lib  # noqa: E402
-from boneage_tpu import distribute, export, train_state  # noqa: E402
-from boneage_tpu.train_flags import config_from_flags, define_flags  # noqa: E402
-from boneage_tpu.train_setup import DatasetFn, Session, prepare  # noqa: E402
+from boneage_tpu import distribute, export  # noqa: E402
+from boneage_tpu.train import state as train_state  # noqa: E402
+from boneage_tpu.train.flags import config_from_flags, define_flags  # noqa: E402
+from boneage_tpu.train.setup import DatasetFn, Session, prepare  # noqa: E402
 
 
 class TrainingError(RuntimeError):

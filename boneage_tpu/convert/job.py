@@ -22,8 +22,10 @@ import tqdm
 from absl import flags
 
 from boneage_tpu import cli, images, layouts, schema
+from boneage_tpu.convert import manifest as convert_output
+from boneage_tpu.convert import shards as convert_write
+from boneage_tpu.convert import workers as convert_workers
 from boneage_tpu.layouts import ConvertError
-from tools import convert_output, convert_workers, convert_write
 
 MIN_SHARDS = 16  # Lets 8+ readers (hosts or interleave cycles) read in parallel on small sets.
 _SAMPLE_IMAGES = 16  # Images encoded to estimate the record size when it decides the shard count.

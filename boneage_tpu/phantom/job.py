@@ -5,8 +5,8 @@
     python -m tools.make_phantom --age_grid 16 --contact_sheet docs/phantom_contact_sheet.png
 
 Each image is a Greulich-Pyle-like left hand drawn from its *true* bone age and sex
-(`tools.phantom_anatomy` scene model, `tools.phantom_render` renderer); (age, sex) follow the
-histogram of the 12,611 official RSNA training labels (embedded in `tools.phantom_dataset`).
+(`boneage_tpu.phantom.anatomy` scene model, `boneage_tpu.phantom.render` renderer); (age, sex) follow the
+histogram of the 12,611 official RSNA training labels (embedded in `boneage_tpu.phantom.dataset`).
 The *written* label adds rater noise (`--label_noise_months`, default sigma 5), rounded and
 clipped to 1..228 months, so a model has an irreducible error floor as on the real data;
 `generate()` returns both values.
@@ -37,15 +37,9 @@ import numpy as np
 from absl import flags
 
 from boneage_tpu import cli
-from tools.phantom_dataset import (
-    LAYOUTS,
-    PhantomError,
-    PhantomRecord,
-    generate,
-    plan_records,
-)
-from tools.phantom_render import render_phantom
-from tools.phantom_sheet import sheet_from_age_grid, sheet_from_records, write_contact_sheet
+from boneage_tpu.phantom.dataset import LAYOUTS, PhantomError, PhantomRecord, generate, plan_records
+from boneage_tpu.phantom.render import render_phantom
+from boneage_tpu.phantom.sheet import sheet_from_age_grid, sheet_from_records, write_contact_sheet
 
 __all__ = [
     "LAYOUTS",

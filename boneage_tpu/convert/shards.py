@@ -1,6 +1,6 @@
 """Resumable shard writing for `tools.make_tfrecords`.
 
-Records are written in plan order (images come prepared from `tools.convert_workers`), so the
+Records are written in plan order (images come prepared from `boneage_tpu.convert.workers`), so the
 output never depends on the number of workers.
 
 Resumability: a shard is written to `.convert/<name>.tmp` and renamed when complete (on gs://,
@@ -21,8 +21,8 @@ from typing import Any
 import tensorflow as tf
 
 from boneage_tpu import images, schema
+from boneage_tpu.convert.workers import Prepared, is_remote
 from boneage_tpu.layouts import ConvertError, Row, skip
-from tools.convert_workers import Prepared, is_remote
 
 STATE_DIR = ".convert"
 PLAN_NAME = "plan.json"

@@ -1,7 +1,7 @@
 """Adult hand geometry and the Greulich-Pyle-like maturity timeline of the bone-age phantom.
 
 All event times are in male-equivalent years of skeletal maturity (see
-`tools.phantom_anatomy.maturity_years`); all sizes are in millimetres of an adult hand unless
+`boneage_tpu.phantom.anatomy.maturity_years`); all sizes are in millimetres of an adult hand unless
 a name says otherwise. Timings are approximate, after Greulich & Pyle: carpals appear from the
 first months (capitate, hamate) to ~11 y (pisiform), epiphyses at ~1-3 y (distal ulna ~6 y),
 growth plates fuse distal phalanges first and radius last.

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-from tools.phantom_render import render_phantom
+from boneage_tpu.phantom.render import render_phantom
 
 MIN_LABEL, MAX_LABEL = 1, 228
 AGE_BIN_MONTHS = 6

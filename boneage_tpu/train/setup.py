@@ -15,9 +15,11 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from boneage_tpu import augment, data, distribute, loop, optim, schema, train_state
+from boneage_tpu import augment, data, distribute, optim, schema
 from boneage_tpu import config as config_lib
 from boneage_tpu.model import build_model
+from boneage_tpu.train import loop
+from boneage_tpu.train import state as train_state
 
 DatasetFn = Callable[[tf.distribute.InputContext], tf.data.Dataset]
 DEFAULT_STEPS_PER_LOOP = {"tpu": 100, "gpu": 10, "cpu": 10}

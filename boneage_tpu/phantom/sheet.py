@@ -8,8 +8,8 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from tools.phantom_dataset import MAX_LABEL, PhantomRecord
-from tools.phantom_render import render_phantom
+from boneage_tpu.phantom.dataset import MAX_LABEL, PhantomRecord
+from boneage_tpu.phantom.render import render_phantom
 
 _CAPTION_PX = 22
 

@@ -1,0 +1,1 @@
+"""Evaluation: one-shot and continuous jobs, inference, metrics and the report."""

@@ -1,0 +1,1 @@
+"""Synthetic hand radiographs in the RSNA layout (`python -m boneage_tpu.phantom`)."""

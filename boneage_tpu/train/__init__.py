@@ -1,0 +1,1 @@
+"""Training: entry point (`job`), setup, the compiled loop and the run state on disk."""

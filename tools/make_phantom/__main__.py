@@ -1,0 +1,3 @@
+import runpy
+
+runpy.run_module("boneage_tpu.phantom", run_name="__main__", alter_sys=True)

@@ -1,0 +1,1 @@
+"""`python -m tools.quickstart`: kept for existing scripts; runs `python -m boneage_tpu.quickstart`."""
