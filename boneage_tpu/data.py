@@ -19,6 +19,7 @@ import tensorflow as tf
 from absl import logging
 
 from boneage_tpu import sampling, schema
+from boneage_tpu.errors import ConfigError
 
 BALANCE_MODES = ("none", "age_sex")
 CACHE_MODES = ("auto", "yes", "no")
@@ -90,7 +91,7 @@ def _decode_stored(
         return tf.io.decode_jpeg(image, channels=1)
     if encoding == "png":
         return tf.io.decode_png(image, channels=1)
-    raise ValueError(f"encoding must be one of {schema.ENCODINGS}, got {encoding!r}")
+    raise ConfigError(f"encoding must be one of {schema.ENCODINGS}, got {encoding!r}")
 
 
 def decode_stored_image(
@@ -170,7 +171,7 @@ def use_cache(
 ) -> bool:
     """Decides whether to keep the decoded split in RAM (see `CACHE_BUDGET_BYTES`)."""
     if cache not in CACHE_MODES:
-        raise ValueError(f"cache must be one of {CACHE_MODES}, got {cache!r}")
+        raise ConfigError(f"cache must be one of {CACHE_MODES}, got {cache!r}")
     if cache != "auto":
         return cache == "yes"
     needed = math.ceil(split["count"] / num_pipelines) * image_size * image_size
@@ -197,7 +198,7 @@ def _shard_files(
         return files
     pipelines = input_context.num_input_pipelines
     if len(files) < pipelines:
-        raise ValueError(
+        raise ConfigError(
             f"split {split!r} has {len(files)} shards, fewer than the {pipelines} input "
             "pipelines: re-run tools.make_tfrecords with at least that many shards"
         )
@@ -243,11 +244,11 @@ def build_dataset(
       padding of the final eval batch.
     """
     if balance not in BALANCE_MODES:
-        raise ValueError(f"balance must be one of {BALANCE_MODES}, got {balance!r}")
+        raise ConfigError(f"balance must be one of {BALANCE_MODES}, got {balance!r}")
     if balance != "none" and not training:
-        raise ValueError("balance is for training only: evaluation must see the split as it is")
+        raise ConfigError("balance is for training only: evaluation must see the split as it is")
     if batch_size < 1 or image_size < 1:
-        raise ValueError(f"batch_size and image_size must be >= 1, got {batch_size}, {image_size}")
+        raise ConfigError(f"batch_size and image_size must be >= 1, got {batch_size}, {image_size}")
     manifest = manifest if manifest is not None else schema.read_manifest(data_dir)
     info = schema.split_info(manifest, split)
     encoding = manifest.get("encoding", "")
@@ -256,7 +257,7 @@ def build_dataset(
     repeats = None
     if balance == "age_sex":
         if info.get("labeled", info["count"]) < info["count"]:
-            raise ValueError(f"balance='age_sex' needs every record of {split!r} labeled")
+            raise ConfigError(f"balance='age_sex' needs every record of {split!r} labeled")
         repeats = sampling.stratum_repeats(list(info["counts_by_stratum"]))
     files = _shard_files(schema.shard_paths(data_dir, manifest, split), split, input_context)
     pipelines = input_context.num_input_pipelines if input_context else 1

@@ -14,12 +14,12 @@ import tensorflow as tf
 
 from boneage_tpu import config as config_lib
 from boneage_tpu import data
-from boneage_tpu.model import model_from_config
+from boneage_tpu.model import build_model
 
 
 def serving_model(trained: keras.Model, config: config_lib.TrainConfig) -> keras.Model:
     """Returns an fp32 copy of `trained`, built outside any strategy scope."""
-    model = model_from_config(config, weights="none", precision="fp32")
+    model = build_model(config, weights="none", precision="fp32")
     model.set_weights(trained.get_weights())
     return model
 

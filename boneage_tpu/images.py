@@ -21,6 +21,8 @@ import zlib
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from boneage_tpu.errors import Error
+
 ENCODINGS = ("jpeg", "png", "raw")  # Same values as schema.ENCODINGS (kept TF-free here).
 PNG_COMPRESS_LEVEL = 6
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -30,7 +32,7 @@ _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 _PIL_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error)
 
 
-class ImageError(ValueError):
+class ImageError(Error, ValueError):
     """An image that cannot be used; the message is the human-readable skip reason."""
 
 

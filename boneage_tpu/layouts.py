@@ -22,6 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from boneage_tpu import schema
+from boneage_tpu.errors import Error
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".dcm")
 _TRUE = frozenset({"true", "1", "1.0", "m", "male"})
@@ -29,7 +30,7 @@ _FALSE = frozenset({"false", "0", "0.0", "f", "female"})
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9_]+$")
 
 
-class ConvertError(RuntimeError):
+class ConvertError(Error, RuntimeError):
     """A fatal converter error; the message is the one line shown to the user."""
 
 

@@ -60,7 +60,7 @@ def make_run(root: pathlib.Path, manifest: dict, *, seed: int = 0, steps=(1, 2))
     )
     config_lib.save_config(config)
     keras.utils.set_random_seed(seed)
-    model = model_lib.model_from_config(config)
+    model = model_lib.build_model(config)
     step = tf.Variable(0, dtype=tf.int64)
     manager = tf.train.CheckpointManager(
         tf.train.Checkpoint(step=step, model=model),

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from boneage_tpu import config as config_lib
 from boneage_tpu import distribute, optim
 from boneage_tpu import model as model_lib
 from boneage_tpu.train import loop
@@ -119,13 +120,15 @@ def _trainer(strategy: tf.distribute.Strategy, global_batch: int) -> loop.TrainL
     keras.utils.set_random_seed(3)
     with strategy.scope():
         model = model_lib.build_model(
-            backbone="tiny",
-            image_size=16,
-            norm="none",
-            dropout=0.0,
-            dense_units=(8,),
-            label_mean=100.0,
-            label_std=50.0,
+            config_lib.TrainConfig(
+                backbone="tiny",
+                image_size=16,
+                norm="none",
+                dropout=0.0,
+                dense_units=(8,),
+                label_mean=100.0,
+                label_std=50.0,
+            )
         )
         optimizer = optim.make_optimizer(
             name="adam", learning_rate=1e-3, warmup_steps=0, total_steps=10, schedule="constant"

@@ -65,17 +65,14 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # The trainer has no kill hook of its own: this runs its CLI with an `after_loop` that SIGKILLs
 # the process (no clean-up at all, as a preemption) once the given step's loop is over.
 KILLING_TRAINER = """
-import os, signal
-from absl import app, flags
-from boneage_tpu.train import job as train
-from boneage_tpu.train.flags import config_from_flags, define_flags
+import os, signal, sys
+from boneage_tpu.train import job
 
 def hook(step):
     if step == int(os.environ["KILL_AT_STEP"]):
         os.kill(os.getpid(), signal.SIGKILL)
 
-define_flags()
-app.run(lambda argv: train.run(config_from_flags(flags.FLAGS), after_loop=hook))
+sys.exit(job.main(sys.argv, after_loop=hook))
 """
 
 

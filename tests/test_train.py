@@ -16,10 +16,9 @@ from absl import flags
 from PIL import Image
 
 import boneage_tpu.model  # noqa: F401  (registers the custom layers for load_model)
-from boneage_tpu import augment, data, distribute, optim
+from boneage_tpu import augment, cli, data, distribute, optim
 from boneage_tpu import config as config_lib
 from boneage_tpu import model as model_lib
-from boneage_tpu.train import flags as train_flags
 from boneage_tpu.train import job as train
 from boneage_tpu.train import loop
 from boneage_tpu.train import state as train_state
@@ -107,7 +106,7 @@ def test_two_step_run_writes_checkpoints_logs_config_and_both_exports(toy_data, 
 
     # The evaluator's way to restore a checkpoint: keys `model` and `step`.
     config = config_lib.load_config(str(model_dir))
-    restored = model_lib.model_from_config(config)
+    restored = model_lib.build_model(config)
     step = tf.Variable(0, dtype=tf.int64)
     checkpoint = tf.train.Checkpoint(model=restored, step=step)
     checkpoint.restore(str(model_dir / "checkpoints" / "ckpt-2")).expect_partial()
@@ -250,7 +249,9 @@ def test_replica_step_compiles_with_xla_on_cpu():
     """augment + model + loss + gradients as one jit_compile=True function: TPU-ready."""
     keras.utils.set_random_seed(0)
     model = model_lib.build_model(
-        backbone="tiny", image_size=32, dense_units=(8,), label_mean=100.0, label_std=50.0
+        config_lib.TrainConfig(
+            backbone="tiny", image_size=32, dense_units=(8,), label_mean=100.0, label_std=50.0
+        )
     )
     optimizer = optim.make_optimizer(
         name="adam", learning_rate=1e-3, warmup_steps=0, total_steps=4, schedule="cosine"
@@ -329,7 +330,7 @@ def test_fp16_loss_scaling_path_runs(tmp_path):
 
 def test_flags_cover_every_config_field_and_parse():
     values = flags.FlagValues()
-    train_flags.define_flags(values)
+    cli.define_flags(config_lib.TrainConfig, values)
     values(
         [
             "train",
@@ -343,14 +344,17 @@ def test_flags_cover_every_config_field_and_parse():
             "--backbone=inception_v3",
         ]
     )
-    config = train_flags.config_from_flags(values)
+    config = cli.config_from_flags(config_lib.TrainConfig, values)
     assert config.dense_units == (64, 32)
     assert not config.use_sex and not config.augment
     assert config.balance == "age_sex" and config.virtual_cpus == 8
     assert config.backbone == "inception_v3"
-    for name in config_lib.TrainConfig.__dataclass_fields__:
-        if name not in train_flags.MANIFEST_FIELDS:
-            assert values[name].help, name
+    manifest_fields = {"label_mean", "label_std", "data_image_size", "data_encoding"}
+    manifest_fields |= {"data_jpeg_quality", "schema_version"}
+    flag_names = {f.name for f in cli.flag_fields(config_lib.TrainConfig)}
+    assert flag_names == set(config_lib.TrainConfig.__dataclass_fields__) - manifest_fields
+    for name in flag_names:
+        assert values[name].help, name
 
 
 @pytest.mark.slow

@@ -24,7 +24,7 @@ import tensorflow as tf
 
 from boneage_tpu import config as config_lib
 from boneage_tpu import storage
-from boneage_tpu.evaluate import report, restore
+from boneage_tpu.evaluate import once, report, restore
 
 # metrics.json key -> TensorBoard tag. "mae_months" is also the trainer's tag in logs/train and
 # logs/val, so TensorBoard draws train, val and eval MAE on one chart.
@@ -64,7 +64,7 @@ def run_continuous(
     """Evaluates every new checkpoint of `config.model_dirs[0]` until DONE or the timeout.
 
     Args:
-      config: an `evaluate.EvalConfig` with `continuous=True` and one model directory.
+      config: an `once.EvalConfig` with `continuous=True` and one model directory.
       strategy: where the model runs.
       sleep: waits between polls (injectable for tests).
       clock: monotonic seconds (injectable for tests).
@@ -73,9 +73,6 @@ def run_continuous(
       {"evaluated_steps": [...], "already_evaluated_steps": [...], "skipped": [{step, reason}],
        "stop_reason": "done" | "timeout", "metrics": {step: metrics dict}}.
     """
-    from boneage_tpu.evaluate import (
-        job as evaluate,  # Circular at import time: evaluate imports this lazily.
-    )
 
     model_dir = config.model_dirs[0]
     base = config.output or config_lib.join(model_dir, config_lib.EVAL_SUBDIR)
@@ -109,13 +106,13 @@ def run_continuous(
                 continue
             handled.add(step)
             last_new = clock()
-            output = config_lib.join(base, evaluate.output_name(config.split, [step], config.tta))
+            output = config_lib.join(base, once.output_name(config.split, [step], config.tta))
             if tf.io.gfile.exists(config_lib.join(output, report.METRICS_NAME)):
                 print(f"step {step}: already evaluated in {output}, skipped")
                 summary["already_evaluated_steps"].append(step)
                 continue
             try:
-                values = evaluate.evaluate_once(
+                values = once.evaluate_once(
                     config, strategy, checkpoint=str(step), output=output, models=models
                 )
             except (tf.errors.NotFoundError, restore.ModelDirError) as e:

@@ -15,12 +15,13 @@ from typing import Any
 import tensorflow as tf
 
 from boneage_tpu import config as config_lib
+from boneage_tpu.errors import Error
 
 _STEP_KEY = "step/.ATTRIBUTES/VARIABLE_VALUE"
 _CKPT_NUMBER = re.compile(r"ckpt-(\d+)$")
 
 
-class ModelDirError(ValueError):
+class ModelDirError(Error, ValueError):
     """A model directory, checkpoint or export that cannot be used; the message is one line."""
 
 
@@ -163,7 +164,7 @@ def load_model(model_dir: str, checkpoint: str = "latest", model: Any = None) ->
             raise ModelDirError(f"cannot load {path}: {str(e).splitlines()[0]}") from e
         return LoadedModel(model, config, model_dir, step, path)
     if model is None:
-        model = model_lib.model_from_config(config)
+        model = model_lib.build_model(config)
     try:
         status = tf.train.Checkpoint(model=model).restore(path).expect_partial()
         status.assert_existing_objects_matched()

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 # Quiets TensorFlow's C++ start-up logging when run as a program (no effect once TF is loaded).
@@ -20,16 +19,16 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
+from absl import logging  # noqa: E402
 
+from boneage_tpu import cli, distribute, export  # noqa: E402
 from boneage_tpu import config as config_lib  # noqa: E402
-from boneage_tpu import distribute, export  # noqa: E402
+from boneage_tpu.errors import Error  # noqa: E402
 from boneage_tpu.train import state as train_state  # noqa: E402
-from boneage_tpu.train.flags import config_from_flags, define_flags  # noqa: E402
 from boneage_tpu.train.setup import DatasetFn, Session, prepare  # noqa: E402
 
 
-class TrainingError(RuntimeError):
+class TrainingError(Error, RuntimeError):
     """Training cannot go on (e.g. a non-finite loss); the message names the step."""
 
 
@@ -183,32 +182,18 @@ def run(
     return result
 
 
-# Bad input ends the CLI with one line; anything else keeps its traceback (a bug to report).
-ERRORS = (
-    ValueError,
-    distribute.DistributeError,
-    TrainingError,
-    FileNotFoundError,
-    tf.errors.NotFoundError,
-    tf.errors.PermissionDeniedError,
-)
+def _job(config: config_lib.TrainConfig, after_loop: Callable[[int], None] | None) -> None:
+    # absl and TF log INFO by default; that would bury the progress lines.
+    logging.set_verbosity(logging.WARNING)
+    tf.get_logger().setLevel("WARNING")
+    run(config, after_loop=after_loop)
 
 
-def main(argv: list[str]) -> None:
-    """Entry point after absl parsed the flags: builds the config and calls `run`."""
-    if len(argv) > 1:
-        sys.exit(f"train: error: unexpected arguments {argv[1:]} (flags are --name=value)")
-    if not flags.FLAGS["verbosity"].present:
-        # absl turns INFO on by default; TF and Keras then bury the progress lines.
-        logging.set_verbosity(logging.WARNING)
-        tf.get_logger().setLevel("WARNING")
-    try:
-        run(config_from_flags(flags.FLAGS))
-    except ERRORS as err:
-        message = " ".join(str(err).split()) or type(err).__name__
-        sys.exit(f"train: error: {message}")
+def main(argv: Sequence[str], *, after_loop: Callable[[int], None] | None = None) -> int:
+    """Runs `python -m boneage_tpu.train` on `argv` (argv[0] is the program); returns the status.
 
-
-if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    Args:
+      argv: the command line.
+      after_loop: passed to `run` (tests use it to kill a run mid-way).
+    """
+    return cli.main("train", config_lib.TrainConfig, lambda c: _job(c, after_loop), argv, __doc__)

@@ -14,6 +14,7 @@ from typing import Any
 import tensorflow as tf
 
 from boneage_tpu import config as config_lib
+from boneage_tpu.errors import Error
 
 # Fields that define the network: resuming with other values cannot restore the checkpoint.
 ARCHITECTURE_FIELDS = (
@@ -27,7 +28,7 @@ ARCHITECTURE_FIELDS = (
 )
 
 
-class ResumeError(ValueError):
+class ResumeError(Error, ValueError):
     """The model directory holds a run that this config cannot continue."""
 
 
