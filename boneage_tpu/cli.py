@@ -136,7 +136,9 @@ def check(config: Any) -> None:
     """
     fields = flag_fields(type(config))
     missing = [
-        f"--{flag_name(f)}" for f in fields if f.metadata["required"] and not getattr(config, f.name)
+        f"--{flag_name(f)}"
+        for f in fields
+        if f.metadata["required"] and not getattr(config, f.name)
     ]
     if missing:
         raise UsageError(f"missing required flag(s): {', '.join(missing)}")
