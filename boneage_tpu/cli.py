@@ -224,8 +224,8 @@ def _run_errors() -> tuple[type[BaseException], ...]:
 def main(
     prog: str,
     config_cls: type,
-    job: Callable[[Any], None],
-    argv: Sequence[str],
+    job: Callable[[Any], object],
+    argv: Sequence[str] | None,
     doc: str | None,
 ) -> int:
     """Runs a command: flags of `config_cls` from `argv`, then `job(config)`; returns its status.
@@ -234,12 +234,13 @@ def main(
       prog: the program name for `prog: error: ...` lines.
       config_cls: the command's settings dataclass (fields declared with `option`).
       job: runs the command with the checked config (and prints its results).
-      argv: the command line; argv[0] is the program.
+      argv: the command line; argv[0] is the program (None: sys.argv, for console scripts).
       doc: printed above the flags by --help.
 
     Returns:
       0, 1 (the run failed) or 2 (bad command line).
     """
+    argv = sys.argv if argv is None else argv
     flag_values = flags.FlagValues()
     define_flags(config_cls, flag_values)
     takes_positional = any(f.metadata["positional"] for f in flag_fields(config_cls))

@@ -1,15 +1,6 @@
-"""Training configuration and the layout of a model directory (shared by train, evaluate, predict).
+"""Training configuration: every setting of a run, saved as the model directory's config.json.
 
-A model directory (local or gs://) holds:
-  config.json                 every TrainConfig field + the data manifest's label stats
-  checkpoints/ckpt-<step>.*   tf.train.CheckpointManager output (model, optimizer, step, rng)
-  logs/train, logs/eval       TensorBoard event files
-  export/model.keras          the trained Keras model (outputs months)
-  export/saved_model/         SavedModel; signature `serving_default`:
-                                image_bytes: string[None] (PNG/JPEG bytes), male: float32[None]
-                                -> {"boneage_months": float32[None]}
-  DONE                        JSON {"step": N}; written last, marks the training run finished
-  eval/<split>-<step>/        evaluation outputs (metrics.json, predictions.csv, report.*)
+The model directory's layout, and its readers and writers, are in `boneage_tpu.model_dir`.
 """
 
 from __future__ import annotations
@@ -18,19 +9,7 @@ import dataclasses
 import json
 from typing import Any
 
-import tensorflow as tf
-
 from boneage_tpu.cli import option
-
-CONFIG_NAME = "config.json"
-DONE_NAME = "DONE"
-CHECKPOINT_SUBDIR = "checkpoints"
-EXPORT_SUBDIR = "export"
-KERAS_EXPORT_NAME = "model.keras"
-SAVED_MODEL_SUBDIR = "saved_model"
-LOGS_SUBDIR = "logs"
-EVAL_SUBDIR = "eval"
-
 
 # Choices of the string settings (model.py and optim.py build what they name).
 BACKBONES = ("xception", "inception_v3", "vgg19", "efficientnetv2_s", "resnet50", "tiny")
@@ -207,19 +186,3 @@ class TrainConfig:
 def join(base: str, *parts: str) -> str:
     """Joins path parts with '/', for local paths and gs:// alike."""
     return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
-
-
-def save_config(config: TrainConfig) -> None:
-    """Writes config.json into the model directory."""
-    tf.io.gfile.makedirs(config.model_dir)
-    with tf.io.gfile.GFile(join(config.model_dir, CONFIG_NAME), "w") as f:
-        f.write(config.to_json())
-
-
-def load_config(model_dir: str) -> TrainConfig:
-    """Reads config.json from a model directory, with a one-line error when it is missing."""
-    path = join(model_dir, CONFIG_NAME)
-    if not tf.io.gfile.exists(path):
-        raise FileNotFoundError(f"{path} not found: is {model_dir} a boneage_tpu model directory?")
-    with tf.io.gfile.GFile(path, "r") as f:
-        return TrainConfig.from_dict(json.load(f))

@@ -25,6 +25,7 @@ import tensorflow as tf
 
 from boneage_tpu import cli, data, images, predict_io, schema
 from boneage_tpu import config as config_lib
+from boneage_tpu import model_dir as model_dir_lib
 from boneage_tpu.cli import check, option
 from boneage_tpu.config import BIG
 from boneage_tpu.evaluate import inference, restore
@@ -34,7 +35,7 @@ from boneage_tpu.predict_io import PredictError
 def resolve_model(model_path: str, checkpoint: str = "auto") -> tuple[str, str]:
     """Returns (model_dir, checkpoint) for a model folder or its export/model.keras path."""
     path = model_path.rstrip("/")
-    suffix = f"/{config_lib.EXPORT_SUBDIR}/{config_lib.KERAS_EXPORT_NAME}"
+    suffix = model_dir_lib.keras_export_path("")
     if path.endswith(".keras"):
         if not path.endswith(suffix):
             raise PredictError(
@@ -44,7 +45,7 @@ def resolve_model(model_path: str, checkpoint: str = "auto") -> tuple[str, str]:
         return path[: -len(suffix)], "export"
     if checkpoint != "auto":
         return path, checkpoint
-    export = config_lib.join(path, config_lib.EXPORT_SUBDIR, config_lib.KERAS_EXPORT_NAME)
+    export = model_dir_lib.keras_export_path(path)
     return path, "export" if tf.io.gfile.exists(export) else "latest"
 
 
@@ -153,7 +154,7 @@ def predict_images(
       Bone age in months, one float per path, in order.
 
     Raises:
-      PredictError, images.ImageError, restore.ModelDirError: with a one-line message.
+      PredictError, images.ImageError, model_dir.ModelDirError: with a one-line message.
     """
     if not paths:
         raise PredictError("no images given")
@@ -236,7 +237,7 @@ def _job(config: PredictConfig) -> None:
         sys.stdout.write(predict_io.format_rows(rows, as_csv=False))
 
 
-def main(argv: Sequence[str]) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Parses `argv` (argv[0] is the program), predicts and prints; returns the exit code."""
     return cli.main("predict", PredictConfig, _job, argv, __doc__)
 

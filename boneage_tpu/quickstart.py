@@ -157,7 +157,7 @@ def run(config: QuickstartConfig) -> dict[str, Any]:
     return metrics
 
 
-def main(argv: Sequence[str]) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Parses the flags in `argv` (argv[0] is the program) and runs; returns the exit status."""
     return cli.main("quickstart", QuickstartConfig, run, argv, __doc__)
 

@@ -19,6 +19,7 @@ import boneage_tpu.model  # noqa: F401  (registers the custom layers for load_mo
 from boneage_tpu import augment, cli, data, distribute, optim
 from boneage_tpu import config as config_lib
 from boneage_tpu import model as model_lib
+from boneage_tpu import model_dir as model_dir_lib
 from boneage_tpu.train import job as train
 from boneage_tpu.train import loop
 from boneage_tpu.train import state as train_state
@@ -83,7 +84,7 @@ def test_two_step_run_writes_checkpoints_logs_config_and_both_exports(toy_data, 
     assert np.isfinite(result["train_loss"]) and np.isfinite(result["val_mae_months"])
 
     manifest = json.loads((pathlib.Path(toy_data) / "manifest.json").read_text())
-    saved = config_lib.load_config(str(model_dir))
+    saved = model_dir_lib.load_config(str(model_dir))
     assert saved.label_mean == pytest.approx(manifest["label_stats"]["mean_months"])
     assert saved.label_std == pytest.approx(manifest["label_stats"]["std_months"])
     assert saved.backbone == "tiny" and saved.schema_version == manifest["schema_version"]
@@ -105,7 +106,7 @@ def test_two_step_run_writes_checkpoints_logs_config_and_both_exports(toy_data, 
     assert all(k in progress[0] for k in ("step 1/2", "loss", "mae", "img/s", "eta"))
 
     # The evaluator's way to restore a checkpoint: keys `model` and `step`.
-    config = config_lib.load_config(str(model_dir))
+    config = model_dir_lib.load_config(str(model_dir))
     restored = model_lib.build_model(config)
     step = tf.Variable(0, dtype=tf.int64)
     checkpoint = tf.train.Checkpoint(model=restored, step=step)
@@ -143,7 +144,7 @@ def test_killed_run_resumes_from_its_checkpoint_without_duplicate_logs(toy_data,
     with pytest.raises(Killed):
         train.run(config, after_loop=kill_at_3)
     assert not (model_dir / "DONE").exists()
-    assert train_state.latest_checkpoint(str(model_dir)).endswith("ckpt-2")
+    assert model_dir_lib.latest_checkpoint(str(model_dir)).endswith("ckpt-2")
     assert _scalar_steps(model_dir / "logs" / "train")["loss"] == [1, 2, 3]
     capsys.readouterr()
 
@@ -430,7 +431,7 @@ def test_two_step_run_on_gcs_and_resume(gcs_dir):
     train.run(config)
     result = train.run(config_lib.TrainConfig(**{**config.__dict__, "train_steps": 2}))
     assert result["step"] == 2
-    assert train_state.latest_checkpoint(model_dir).endswith("ckpt-2")
+    assert model_dir_lib.latest_checkpoint(model_dir).endswith("ckpt-2")
     for name in ("config.json", "DONE", "export/model.keras", "export/saved_model/saved_model.pb"):
         assert tf.io.gfile.exists(f"{model_dir}/{name}"), name
     assert json.loads(tf.io.gfile.GFile(f"{model_dir}/DONE").read())["step"] == 2

@@ -338,7 +338,7 @@ def run(
     )
 
 
-def main(argv: Sequence[str]) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Parses the flags and runs `convert`; returns the exit status."""
     kill_after = int(os.environ.get(KILL_ENV, "0") or 0)
     hook = _kill_after(kill_after) if kill_after > 0 else None

@@ -79,7 +79,7 @@ def _job(config: EvalConfig) -> None:
         )
 
 
-def main(argv: Sequence[str]) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Parses the flags in `argv` (argv[0] is the program) and runs the job; returns exit code."""
     return cli.main("evaluate", EvalConfig, _job, argv, __doc__)
 

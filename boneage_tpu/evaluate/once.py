@@ -16,6 +16,7 @@ import tensorflow as tf
 
 from boneage_tpu import __version__, schema
 from boneage_tpu import config as config_lib
+from boneage_tpu import model_dir as model_dir_lib
 from boneage_tpu.cli import check, option
 from boneage_tpu.config import BIG
 from boneage_tpu.errors import Error
@@ -153,7 +154,7 @@ def evaluate_once(
     runs, members, train_mean = [], [], None
     for model_dir in config.model_dirs:
         # config.json alone tells whether the data fits: fail before building the model.
-        restore.check_data_compatible(config_lib.load_config(model_dir), manifest)
+        restore.check_data_compatible(model_dir_lib.load_config(model_dir), manifest)
         reuse = models.get(model_dir) if models is not None and checkpoint != "export" else None
         with strategy.scope():
             loaded = restore.load_model(model_dir, checkpoint, model=reuse)
@@ -186,10 +187,8 @@ def evaluate_once(
     output = (
         output
         or config.output
-        or config_lib.join(
-            config.model_dirs[0],
-            config_lib.EVAL_SUBDIR,
-            output_name(config.split, steps, config.tta),
+        or model_dir_lib.eval_dir(
+            config.model_dirs[0], output_name(config.split, steps, config.tta)
         )
     )
     values = metrics.regression_metrics(

@@ -120,7 +120,7 @@ def _generate(config: PhantomConfig) -> list[PhantomRecord]:
     )
 
 
-def main(argv: Sequence[str]) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Parses the flags in `argv` (argv[0] is the program) and runs; returns the exit status."""
     return cli.main("make_phantom", PhantomConfig, _job, argv, __doc__)
 

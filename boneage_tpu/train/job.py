@@ -2,7 +2,7 @@
 
 The loop is our own (`boneage_tpu.train.loop`): `strategy.run` inside a `tf.function` running
 --steps_per_loop steps per call, one progress line per call. The model directory layout is in
-`boneage_tpu.config`; a rerun with the same --model_dir resumes from its latest checkpoint
+`boneage_tpu.model_dir`; a rerun with the same --model_dir resumes from its latest checkpoint
 (`boneage_tpu.train.state`). Every flag: `python -m boneage_tpu.train --helpfull`.
 """
 
@@ -23,6 +23,7 @@ from absl import logging  # noqa: E402
 
 from boneage_tpu import cli, distribute, export  # noqa: E402
 from boneage_tpu import config as config_lib  # noqa: E402
+from boneage_tpu import model_dir as model_dir_lib  # noqa: E402
 from boneage_tpu.errors import Error  # noqa: E402
 from boneage_tpu.train import state as train_state  # noqa: E402
 from boneage_tpu.train.setup import DatasetFn, Session, prepare  # noqa: E402
@@ -157,11 +158,10 @@ def run(
         + (f"resuming at step {session.start_step}" if session.start_step else "from step 0")
         + f" of {config.train_steps}"
     )
-    logs_dir = config_lib.join(config.model_dir, config_lib.LOGS_SUBDIR)
-    train_log = train_state.ScalarLog(config_lib.join(logs_dir, "train"))
+    train_log = train_state.ScalarLog(model_dir_lib.logs_dir(config.model_dir, "train"))
     val_log = None
     if session.val_dataset is not None:
-        val_log = train_state.ScalarLog(config_lib.join(logs_dir, "val"))
+        val_log = train_state.ScalarLog(model_dir_lib.logs_dir(config.model_dir, "val"))
     try:
         result = _train(session, train_log, val_log, after_loop)
         current = int(session.step.numpy())
@@ -176,9 +176,8 @@ def run(
     result["step"] = current
     result["exports"] = export.export_all(session.model, config)
     metrics = {k: v for k, v in result.items() if k != "exports"}
-    train_state.write_done(config.model_dir, current, metrics)
-    export_dir = config_lib.join(config.model_dir, config_lib.EXPORT_SUBDIR)
-    log(f"done: step {current}, exports in {export_dir}")
+    model_dir_lib.write_done(config.model_dir, current, metrics)
+    log(f"done: step {current}, exports in {model_dir_lib.export_dir(config.model_dir)}")
     return result
 
 
@@ -189,7 +188,9 @@ def _job(config: config_lib.TrainConfig, after_loop: Callable[[int], None] | Non
     run(config, after_loop=after_loop)
 
 
-def main(argv: Sequence[str], *, after_loop: Callable[[int], None] | None = None) -> int:
+def main(
+    argv: Sequence[str] | None = None, *, after_loop: Callable[[int], None] | None = None
+) -> int:
     """Runs `python -m boneage_tpu.train` on `argv` (argv[0] is the program); returns the status.
 
     Args:

@@ -17,6 +17,7 @@ import tensorflow as tf
 
 from boneage_tpu import augment, data, distribute, optim, schema
 from boneage_tpu import config as config_lib
+from boneage_tpu import model_dir as model_dir_lib
 from boneage_tpu.errors import ConfigError
 from boneage_tpu.model import build_model
 from boneage_tpu.train import loop
@@ -188,9 +189,9 @@ def prepare(
     worker = distribute.worker_name(strategy)
     if worker:
         # Non-chief multi-worker replicas save in step with the chief, into a private folder.
-        config.model_dir = config_lib.join(config.model_dir, "workers", worker)
+        config.model_dir = model_dir_lib.worker_dir(config.model_dir, worker)
     train_state.check_resume(config)
-    resuming = train_state.latest_checkpoint(config.model_dir) is not None
+    resuming = model_dir_lib.latest_checkpoint(config.model_dir) is not None
     keras.utils.set_random_seed(config.seed)
     with strategy.scope():
         # A resumed run takes its weights from the checkpoint: nothing to download then.
@@ -207,8 +208,8 @@ def prepare(
     )
     start = checkpoints.restore_latest() or 0
     # Written once the model exists: a run that fails to start leaves no config behind.
-    config_lib.save_config(config)
-    train_state.clear_done(config.model_dir)
+    model_dir_lib.save_config(config)
+    model_dir_lib.clear_done(config.model_dir)
     if datasets is None:
         # A resumed run reshuffles with a new seed rather than replaying the first batches.
         datasets = input_fns(config, manifest, config.seed + start)
