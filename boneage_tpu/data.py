@@ -178,16 +178,34 @@ def use_cache(
     return needed <= budget_bytes
 
 
-def _pad_batch(batch: dict[str, tf.Tensor], batch_size: int) -> dict[str, tf.Tensor]:
-    """Pads a final partial eval batch to `batch_size` with mask 0 and dummy values."""
-    missing = batch_size - tf.shape(batch["mask"])[0]
-    fill = {"image": 0, "male": 0.0, "boneage": schema.NO_LABEL, "id": "", "mask": 0.0}
+# Values of padding rows (their mask is 0, so no metric sees them).
+PAD_VALUES = {"image": 0, "male": 0.0, "boneage": schema.NO_LABEL, "id": "", "mask": 0.0}
+
+
+def pad_rows(batch: dict[str, tf.Tensor], size: int) -> dict[str, tf.Tensor]:
+    """Pads every feature along axis 0 to `size` rows of `PAD_VALUES` (mask 0).
+
+    The one place evaluation padding is made: the final partial batch of a split and the
+    masked batches that fill the last replica group (`pad_to_replica_multiple`) both use it.
+    """
+    missing = size - tf.shape(batch["mask"])[0]
     out = {}
     for name, value in batch.items():
         paddings = [[0, missing]] + [[0, 0]] * (value.shape.rank - 1)
-        padded = tf.pad(value, paddings, constant_values=fill[name])
-        out[name] = tf.ensure_shape(padded, [batch_size, *value.shape[1:]])
+        padded = tf.pad(value, paddings, constant_values=PAD_VALUES[name])
+        out[name] = tf.ensure_shape(padded, [size, *value.shape[1:]])
     return out
+
+
+def pad_to_replica_multiple(dataset: tf.data.Dataset, replicas: int) -> tf.data.Dataset:
+    """Appends all-masked batches so the batch count is a multiple of `replicas`.
+
+    Every replica then gets a full, static-shape batch on every evaluation step (TPUs need
+    static shapes; a replica without data would stall the all-reduce). The mask is 0 on padding.
+    """
+    if replicas == 1:
+        return dataset
+    return dataset.batch(replicas).map(lambda group: pad_rows(group, replicas)).unbatch()
 
 
 def _shard_files(
@@ -296,7 +314,7 @@ def build_dataset(
     else:
         # Keep the last partial batch, padded to B with mask 0: every record seen once.
         def finish(batch: Any) -> dict[str, tf.Tensor]:
-            return _pad_batch(batch if cached else parse(batch), batch_size)
+            return pad_rows(batch if cached else parse(batch), batch_size)
 
         ds = ds.batch(batch_size).map(finish, num_parallel_calls=tf.data.AUTOTUNE)
     # Overlap host preprocessing with the device step.

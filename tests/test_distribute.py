@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 from boneage_tpu import config as config_lib
-from boneage_tpu import distribute, optim
+from boneage_tpu import data, distribute, optim
 from boneage_tpu import model as model_lib
 from boneage_tpu.train import loop
 
@@ -99,11 +99,11 @@ def test_pad_to_replica_multiple_adds_masked_batches_only() -> None:
     batches = tf.data.Dataset.from_tensor_slices(
         {"mask": np.ones((5, 2), np.float32), "image": np.ones((5, 2, 3, 3, 1), np.uint8)}
     )
-    padded = list(loop.pad_to_replica_multiple(batches, 4).as_numpy_iterator())
+    padded = list(data.pad_to_replica_multiple(batches, 4).as_numpy_iterator())
     assert len(padded) == 8
     assert [float(b["mask"].sum()) for b in padded] == [2.0] * 5 + [0.0] * 3
     assert all(b["image"].shape == (2, 3, 3, 1) for b in padded)
-    assert len(list(loop.pad_to_replica_multiple(batches, 1))) == 5
+    assert len(list(data.pad_to_replica_multiple(batches, 1))) == 5
 
 
 def _toy_batch(n: int, size: int = 16) -> dict[str, np.ndarray]:
