@@ -24,6 +24,7 @@ import tqdm
 from boneage_tpu import cli, images, layouts, schema
 from boneage_tpu.cli import option
 from boneage_tpu.convert import manifest as convert_output
+from boneage_tpu.convert import plan as plan_lib
 from boneage_tpu.convert import shards as convert_write
 from boneage_tpu.convert import workers as convert_workers
 from boneage_tpu.layouts import ConvertError
@@ -146,7 +147,7 @@ def convert(
             f"(first: line {skipped_rows[0]['row']}: {skipped_rows[0]['reason']})"
         )
     split_name = split_name or ("test" if layout.name == "rsna_test" else "")
-    splits = layouts.assign_splits(
+    splits = plan_lib.assign_splits(
         rows, val_fraction=val_fraction, seed=split_seed, split_name=split_name
     )
     options = {
@@ -160,7 +161,7 @@ def convert(
         "num_shards": num_shards,
     }
     csv_sha256 = hashlib.sha256(csv_bytes).hexdigest()
-    key = layouts.plan_key(options, csv_sha256, splits, [*skipped_rows, *orphans])
+    key = plan_lib.plan_key(options, csv_sha256, splits, [*skipped_rows, *orphans])
     state = convert_write.OutputState(output)
     if overwrite:
         state.clear()
@@ -302,7 +303,7 @@ class ConvertConfig:
     encoding: str = option("jpeg", "Stored image encoding.", choices=schema.ENCODINGS)
     jpeg_quality: int = option(95, "JPEG quality.", min=1, max=100)
     val_fraction: float = option(
-        0.1, "Fraction of each age band x sex stratum put in 'val'.", min=0, max=1
+        0.1, "Fraction of each age band x sex stratum put in 'val'.", min=0, max=0.99
     )
     split_seed: int = option(
         0, "Seed of the train/val split and of the record order.", min=0, max=2**63 - 1
