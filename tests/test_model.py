@@ -198,11 +198,11 @@ def test_keras_export_round_trip(tmp_path) -> None:
     assert loaded.get_layer("months").label_mean == 90.0
 
 
-def test_model_from_config_uses_the_config() -> None:
+def test_build_model_uses_the_config() -> None:
     config = config_lib.TrainConfig(
         backbone="tiny", image_size=32, dense_units=(16,), label_mean=50.0, label_std=10.0
     )
-    model = model_lib.model_from_config(config)
+    model = model_lib.build_model(config)
     assert model.get_layer("months").label_std == 10.0
     assert model.get_layer("dense0").units == 16
     assert model.input["image"].shape == (None, 32, 32, 1)
