@@ -10,9 +10,24 @@ import json
 from typing import Any
 
 from boneage_tpu.cli import option
+from boneage_tpu.errors import UsageError
 
 # Choices of the string settings (model.py and optim.py build what they name).
-BACKBONES = ("xception", "inception_v3", "vgg19", "efficientnetv2_s", "resnet50", "tiny")
+BACKBONES = (
+    "xception",
+    "inception_v3",
+    "vgg19",
+    "efficientnetv2_s",
+    "resnet50",
+    "convnext_tiny",
+    "convnext_small",
+    "efficientnet_b0",
+    "mobilenet_v3_small",
+    "resnet_small",
+    "tiny",
+)
+INPUT_NORMS = ("none", "zscore", "percentile")
+HEADS = ("regression", "bins")
 NORMS = ("batch", "group", "none")
 OPTIMIZERS = ("adam", "adamw")
 SCHEDULES = ("cosine", "constant", "plateau")
@@ -20,6 +35,10 @@ LOSSES = ("l1", "mse", "huber")
 PRECISION_CHOICES = ("auto", "bf16", "fp16", "fp32")
 AUTO_YES_NO = ("auto", "yes", "no")
 BIG = 10**9  # The upper bound of counts that have no natural one.
+
+
+# Tuple fields holding a (min, max) float range.
+FLOAT_PAIRS = ("aug_zoom", "aug_contrast", "aug_gamma")
 
 
 @dataclasses.dataclass
@@ -78,6 +97,22 @@ class TrainConfig:
         "Normalisation of the tiny backbone (batch | group | none); others keep theirs.",
         choices=NORMS,
     )
+    input_norm: str = option(
+        "none",
+        "Per-image intensity normalisation inside the model (also in exports): none | zscore "
+        "(image mean/std) | percentile (1st-99th percentile window). Makes predictions "
+        "independent of the exporter's brightness/contrast window.",
+        choices=INPUT_NORMS,
+    )
+    head: str = option(
+        "regression",
+        "regression (one z-score) | bins (softmax over --num_bins age bins; prediction = "
+        "expectation, spread = per-image uncertainty).",
+        choices=HEADS,
+    )
+    num_bins: int = option(
+        64, "Age bins of the bins head (evenly spaced over +-3.5 label std).", min=2, max=4096
+    )
     batch_size: int = option(
         32,
         "GLOBAL batch size over all replicas; must be divisible by the replica count (on TPU a "
@@ -134,6 +169,54 @@ class TrainConfig:
     augment: bool = option(
         True, "On-device random affine + intensity augmentation (--noaugment disables)."
     )
+    aug_rotation_deg: float = option(
+        20.0, "Augmentation: rotation range +-degrees.", min=0, max=180
+    )
+    aug_shift: float = option(
+        0.2, "Augmentation: translation range +-fraction of the image side.", min=0, max=1
+    )
+    aug_zoom: tuple[float, ...] = option(
+        (0.8, 1.2), "Augmentation: zoom range min,max (>1 enlarges).", min=0.01, max=100
+    )
+    aug_shear: float = option(0.2, "Augmentation: x-shear coefficient range +-k.", min=0, max=10)
+    aug_flip: bool = option(True, "Augmentation: random horizontal flip.")
+    aug_brightness: float = option(
+        0.1, "Augmentation: additive brightness range +-fraction of 255.", min=0, max=1
+    )
+    aug_contrast: tuple[float, ...] = option(
+        (0.8, 1.2),
+        "Augmentation: contrast factor range min,max (about the image mean).",
+        min=0.01,
+        max=100,
+    )
+    aug_gamma: tuple[float, ...] = option(
+        (0.8, 1.25),
+        "Augmentation: gamma range min,max (wide ranges teach export-window invariance).",
+        min=0.01,
+        max=100,
+    )
+    max_train_minutes: float = option(
+        0.0,
+        "Stop at the first loop end after this much training wall time, then checkpoint, "
+        "validate and export as at the end (0: no limit). With the cosine schedule its end is "
+        "re-fitted after every loop so that it anneals with the budget.",
+        min=0,
+        max=BIG,
+    )
+    bn_recalibration_batches: int = option(
+        0,
+        "Before each checkpoint and validation, re-estimate the batch-norm moving statistics "
+        "at the current weights from N augmented training batches (forward only); the "
+        "running averages lag behind fast-moving weights. 0: off.",
+        min=0,
+        max=100000,
+    )
+    fit_bias_correction: bool = option(
+        False,
+        "After training, fit true ~ slope * predicted + intercept on the --val_split "
+        "predictions (Deeplasia's linear bias correction); stored in config.json and applied "
+        "by evaluate, predict and the exports.",
+    )
     balance: str = option(
         "none",
         "Training sampling: none | age_sex (uniform over age band x sex strata).",
@@ -145,7 +228,19 @@ class TrainConfig:
         choices=AUTO_YES_NO,
     )
     seed: int = option(0, "Seed for weights, data order and augmentation.", min=0, max=2**31 - 1)
+    train_split: str = option(
+        "train",
+        "Split to train on ('a+b' trains on the union, e.g. train+val for a final model).",
+        required=True,
+    )
     val_split: str = option("val", "Split validated during training ('' disables validation).")
+    fold: int = option(
+        -1,
+        "K-fold training on data converted with --num_folds K: train on the other folds, "
+        "validate on fold i (sets --train_split and --val_split); -1: off.",
+        min=-1,
+        max=BIG,
+    )
     eval_batch_size: int = option(
         0, "Global validation batch size (0: same as --batch_size).", min=0, max=BIG
     )
@@ -168,6 +263,16 @@ class TrainConfig:
     data_encoding: str = ""
     data_jpeg_quality: int = 95
     schema_version: int = 0
+    # Fitted on the validation predictions after training (heads.fit_linear_correction);
+    # applied by evaluate, predict and the exports. Identity until fitted.
+    bias_slope: float = 1.0
+    bias_intercept: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in FLOAT_PAIRS:
+            pair = tuple(getattr(self, name))
+            if len(pair) != 2 or not 0 < pair[0] <= pair[1]:
+                raise UsageError(f"--{name} must be min,max with 0 < min <= max, got {pair}")
 
     def to_json(self) -> str:
         """Returns the config as pretty JSON."""
@@ -180,6 +285,9 @@ class TrainConfig:
         kwargs = {k: v for k, v in values.items() if k in names}
         if "dense_units" in kwargs:
             kwargs["dense_units"] = tuple(int(u) for u in kwargs["dense_units"])
+        for name in FLOAT_PAIRS:
+            if name in kwargs:
+                kwargs[name] = tuple(float(v) for v in kwargs[name])
         return cls(**kwargs)
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from boneage_tpu import backbones, heads
 from boneage_tpu.config import BACKBONES, NORMS, TrainConfig
 from boneage_tpu.errors import ConfigError, Error
 
@@ -31,7 +32,14 @@ _APPLICATIONS: dict[str, tuple[str, str, int]] = {
     "vgg19": ("VGG19", "caffe", 32),
     "efficientnetv2_s": ("EfficientNetV2S", "raw", 32),
     "resnet50": ("ResNet50", "caffe", 32),
+    # ConvNeXt, EfficientNet and MobileNetV3 normalise 0..255 inputs themselves.
+    "convnext_tiny": ("ConvNeXtTiny", "raw", 32),
+    "convnext_small": ("ConvNeXtSmall", "raw", 32),
+    "efficientnet_b0": ("EfficientNetB0", "raw", 32),
+    "mobilenet_v3_small": ("MobileNetV3Small", "raw", 32),
 }
+# Backbones built here (no ImageNet weights): CPU-sized networks trained from scratch.
+_OWN_BACKBONES = ("tiny", "resnet_small")
 PRECISIONS = {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
 _CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)
 _TINY_MIN_SIZE = 16
@@ -127,6 +135,8 @@ def min_image_size(backbone: str) -> int:
     """Returns the smallest input size `backbone` accepts."""
     if backbone == "tiny":
         return _TINY_MIN_SIZE
+    if backbone == "resnet_small":
+        return backbones.resnet_small_min_size()
     if backbone not in _APPLICATIONS:
         raise ConfigError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
     return _APPLICATIONS[backbone][2]
@@ -190,7 +200,7 @@ def _application_backbone(backbone: str, image_size: int, weights: str) -> keras
     ctor_name, _, _ = _APPLICATIONS[backbone]
     ctor: Callable[..., keras.Model] = getattr(keras.applications, ctor_name)
     kwargs: dict[str, Any] = {"include_top": False, "input_shape": (image_size, image_size, 3)}
-    if backbone == "efficientnetv2_s":
+    if backbone in ("efficientnetv2_s", "convnext_tiny", "convnext_small", "mobilenet_v3_small"):
         kwargs["include_preprocessing"] = True
     if weights == "none":
         return ctor(weights=None, **kwargs)
@@ -211,11 +221,16 @@ def _application_backbone(backbone: str, image_size: int, weights: str) -> keras
 
 
 def _build_backbone(backbone: str, image_size: int, weights: str, norm: str) -> keras.Model:
-    if backbone != "tiny":
+    if backbone not in _OWN_BACKBONES:
         return _application_backbone(backbone, image_size, weights)
     if weights == "imagenet":
-        raise WeightsError("the tiny backbone has no ImageNet weights: use --weights none or PATH")
-    model = tiny_backbone(image_size, norm)
+        raise WeightsError(
+            f"the {backbone} backbone has no ImageNet weights: use --weights none or PATH"
+        )
+    if backbone == "tiny":
+        model = tiny_backbone(image_size, norm)
+    else:
+        model = backbones.resnet_small(image_size)
     if weights != "none":
         with _local_weights(weights) as local:
             try:
@@ -226,7 +241,7 @@ def _build_backbone(backbone: str, image_size: int, weights: str, norm: str) -> 
                     model.load_weights(local)
             except (ValueError, OSError, UserWarning) as err:
                 raise WeightsError(
-                    f"--weights {weights}: does not fit the tiny backbone: {err}"
+                    f"--weights {weights}: does not fit the {backbone} backbone: {err}"
                 ) from err
     return model
 
@@ -238,8 +253,11 @@ def build_model(
 
     Args:
       config: the run's settings: backbone, image_size, use_sex, sex_units, dense_units,
-        dropout, attention, norm and the label stats (label_mean, label_std: the head
-        predicts z-scores) are used.
+        dropout, attention, norm, input_norm (per-image intensity normalisation before the
+        backbone, `backbones.NormalizeIntensity`), head and num_bins (regression of one
+        z-score, or a softmax over age bins whose expectation is the age, see `heads`), the
+        label stats (label_mean, label_std: the head predicts z-scores) and the fitted bias
+        correction (bias_slope, bias_intercept; the identity adds no layer) are used.
       weights: "none" (the default: callers that restore a checkpoint or an export need no
         initial weights, and downloading ImageNet's would be wasted or fail offline),
         "imagenet" (downloads; needs internet) or a path (local or gs://) to a backbone
@@ -260,11 +278,17 @@ def build_model(
         )
     if config.label_std <= 0:
         raise ConfigError(f"label_std must be > 0, got {config.label_std}")
-    mode = "unit" if config.backbone == "tiny" else _APPLICATIONS[config.backbone][1]
+    mode = "unit" if config.backbone in _OWN_BACKBONES else _APPLICATIONS[config.backbone][1]
     with precision_policy(precision):
         image = keras.Input((config.image_size, config.image_size, 1), name="image")
         male = keras.Input((), name="male")
-        x = GrayscaleToBackbone(mode, name="to_backbone_input")(image)
+        x = image
+        if config.input_norm != "none":
+            # float32: the image statistics need more than bf16's 8 bits of mantissa.
+            x = backbones.NormalizeIntensity(config.input_norm, dtype="float32", name="input_norm")(
+                x
+            )
+        x = GrayscaleToBackbone(mode, name="to_backbone_input")(x)
         features = _build_backbone(config.backbone, config.image_size, weights, config.norm)(x)
         if config.attention:
             a = keras.layers.Conv2D(64, 1, activation="relu", name="attention_conv1")(features)
@@ -282,10 +306,21 @@ def build_model(
             if config.dropout > 0:
                 x = keras.layers.Dropout(config.dropout, name=f"dropout{i}")(x)
         # float32 at the top: z-scores and months need more precision than bf16's 8 bits.
-        z = keras.layers.Dense(1, dtype="float32", name="zscore")(x)
-        months = ZScoreToMonths(
-            config.label_mean, config.label_std, dtype="float32", name="months"
-        )(z)
+        if config.head == "bins":
+            logits = keras.layers.Dense(config.num_bins, dtype="float32", name=heads.LOGITS_LAYER)(
+                x
+            )
+            months = heads.BinsToMonths(
+                config.num_bins, config.label_mean, config.label_std, dtype="float32", name="months"
+            )(logits)
+        else:
+            z = keras.layers.Dense(1, dtype="float32", name="zscore")(x)
+            months = ZScoreToMonths(
+                config.label_mean, config.label_std, dtype="float32", name="months"
+            )(z)
+        correction = (config.bias_slope, config.bias_intercept)
+        if correction != (1.0, 0.0):
+            months = heads.LinearCorrection(*correction, dtype="float32", name="corrected")(months)
         return keras.Model(
             {"image": image, "male": male}, months, name=f"boneage_{config.backbone}"
         )

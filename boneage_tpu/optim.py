@@ -43,6 +43,20 @@ class PlateauState(tf.Module):
         return True
 
 
+class ScheduleEnd(tf.Module):
+    """The step where the cosine reaches 0; a time-budgeted run moves it to fit its budget.
+
+    With `--max_train_minutes`, the loop re-estimates after each call how many steps the
+    remaining time allows and sets `steps` (never beyond train_steps), so the learning rate
+    anneals fully whatever the machine's speed. In the checkpoint, so a resume continues the
+    same curve.
+    """
+
+    def __init__(self, total_steps: int) -> None:
+        super().__init__(name="schedule_end")
+        self.steps = tf.Variable(int(total_steps), dtype=tf.int64, trainable=False, name="steps")
+
+
 class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
     """Linear warmup to `base_lr`, then cosine decay to 0 at `total_steps` or a constant rate.
 
@@ -56,12 +70,14 @@ class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
         total_steps: int,
         decay: str = "cosine",
         scale: tf.Variable | None = None,
+        end: ScheduleEnd | None = None,
     ) -> None:
         self.base_lr = float(base_lr)
         self.warmup_steps = int(warmup_steps)
         self.total_steps = max(int(total_steps), 1)
         self.decay = decay
         self.scale = scale
+        self.end = end
 
     def __call__(self, step: tf.Tensor) -> tf.Tensor:
         step = tf.cast(step, tf.float32)
@@ -69,7 +85,12 @@ class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
         if self.warmup_steps > 0:
             lr *= tf.minimum(1.0, (step + 1.0) / self.warmup_steps)
         if self.decay == "cosine":
-            span = max(self.total_steps - self.warmup_steps, 1)
+            total = (
+                tf.cast(self.end.steps, tf.float32)
+                if self.end is not None
+                else float(self.total_steps)
+            )
+            span = tf.maximum(total - self.warmup_steps, 1.0)
             progress = tf.clip_by_value((step - self.warmup_steps) / span, 0.0, 1.0)
             lr *= 0.5 * (1.0 + tf.cos(math.pi * progress))
         if self.scale is not None:
@@ -95,6 +116,7 @@ def make_optimizer(
     weight_decay: float = 0.0,
     plateau: PlateauState | None = None,
     loss_scale: bool = False,
+    end: ScheduleEnd | None = None,
 ) -> keras.optimizers.Optimizer:
     """Returns the optimizer; create it inside `strategy.scope()` and build it before tracing.
 
@@ -107,6 +129,7 @@ def make_optimizer(
       weight_decay: AdamW's decoupled weight decay.
       plateau: the plateau state (required for schedule="plateau").
       loss_scale: wrap in a dynamic LossScaleOptimizer (fp16).
+      end: a movable end of the cosine (time-budgeted runs); None: `total_steps`.
     """
     if name not in OPTIMIZERS:
         raise ConfigError(f"--optimizer must be one of {OPTIMIZERS}, got {name!r}")
@@ -120,6 +143,7 @@ def make_optimizer(
         total_steps,
         decay="cosine" if schedule == "cosine" else "constant",
         scale=plateau.scale if schedule == "plateau" else None,
+        end=end,
     )
     if name == "adamw":
         optimizer = keras.optimizers.AdamW(learning_rate=lr, weight_decay=weight_decay)

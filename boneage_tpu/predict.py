@@ -122,7 +122,8 @@ def predict_batch(
     months = [np.zeros((0,), np.float32)]
     for start in range(0, len(batch), batch_size):
         stop = start + batch_size
-        months.append(run(tf.constant(batch[start:stop]), tf.constant(male[start:stop])).numpy())
+        out, _ = run(tf.constant(batch[start:stop]), tf.constant(male[start:stop]))
+        months.append(out.numpy())
     result = np.concatenate(months).astype(np.float64)
     if not np.all(np.isfinite(result)):
         raise PredictError(f"the model in {loaded.model_dir} returned non-finite predictions")
@@ -147,7 +148,7 @@ def predict_images(
         only when the model was trained without the sex input.
       checkpoint: auto (the export when present, else the latest checkpoint), latest, export
         or a training step.
-      tta: none | flip (mean of the image and its mirror).
+      tta: none | flip (mean of the image and its mirror) | rotflip (also +-5, +-10 deg).
       batch_size: images per forward pass.
 
     Returns:

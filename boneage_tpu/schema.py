@@ -7,7 +7,8 @@ feature names, types and the stratum definition from here and nowhere else.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -145,11 +146,61 @@ def read_manifest(data_dir: str) -> dict[str, Any]:
 
 
 def split_info(manifest: Mapping[str, Any], split: str) -> Mapping[str, Any]:
-    """Returns the manifest entry of `split`, or raises a one-line error naming the splits."""
+    """Returns the manifest entry of `split`, or raises a one-line error naming the splits.
+
+    `split` may be a union "a+b+..." (e.g. the training folds of a K-fold run): counts add up,
+    shards are listed in order, per-split label stats are pooled.
+    """
     splits = manifest.get("splits", {})
-    if split not in splits:
-        raise ManifestError(f"split {split!r} not in the data; it has: {sorted(splits)}")
-    return splits[split]
+    names = split.split("+")
+    for name in names:
+        if name not in splits:
+            raise ManifestError(f"split {name!r} not in the data; it has: {sorted(splits)}")
+    if len(names) == 1:
+        return splits[split]
+    if len(set(names)) != len(names):
+        raise ManifestError(f"split union {split!r} names a split twice")
+    entries = [splits[name] for name in names]
+    merged: dict[str, Any] = {
+        "count": sum(e["count"] for e in entries),
+        "labeled": sum(e["labeled"] for e in entries),
+        "shards": [shard for e in entries for shard in e["shards"]],
+        "counts_by_stratum": [
+            sum(v) for v in zip(*(e["counts_by_stratum"] for e in entries), strict=True)
+        ],
+    }
+    if all("label_stats" in e for e in entries):
+        merged["label_stats"] = pool_label_stats([e["label_stats"] for e in entries])
+    return merged
+
+
+def pool_label_stats(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Pools per-split {count, mean_months, std_months} into the stats of their union."""
+    count = sum(int(p["count"]) for p in parts)
+    if not count:
+        return {"count": 0, "mean_months": None, "std_months": None}
+    mean = sum(p["count"] * p["mean_months"] for p in parts if p["count"]) / count
+    second = sum(
+        p["count"] * (p["std_months"] ** 2 + p["mean_months"] ** 2) for p in parts if p["count"]
+    )
+    return {
+        "count": count,
+        "mean_months": mean,
+        "std_months": math.sqrt(max(second / count - mean**2, 0.0)),
+    }
+
+
+def fold_split(fold: int) -> str:
+    """Returns the split name of K-fold fold `fold` (`tools.make_tfrecords --num_folds`)."""
+    return f"fold{fold}"
+
+
+def fold_count(manifest: Mapping[str, Any]) -> int:
+    """Returns K for a K-fold conversion (splits fold0..fold{K-1}), 0 for any other."""
+    k = 0
+    while fold_split(k) in manifest.get("splits", {}):
+        k += 1
+    return k
 
 
 def shard_paths(data_dir: str, manifest: Mapping[str, Any], split: str) -> list[str]:

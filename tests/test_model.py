@@ -28,6 +28,11 @@ def _inputs(batch: int, size: int, seed: int = 0) -> dict[str, np.ndarray]:
         ("efficientnetv2_s", 32),
         ("xception", 71),
         ("inception_v3", 75),
+        ("convnext_tiny", 32),
+        ("convnext_small", 32),
+        ("efficientnet_b0", 32),
+        ("mobilenet_v3_small", 32),
+        ("resnet_small", 32),
     ],
 )
 def test_every_backbone_builds_and_runs_one_forward_pass(backbone: str, size: int) -> None:
@@ -51,6 +56,11 @@ def test_backbone_list_is_complete() -> None:
         "vgg19",
         "efficientnetv2_s",
         "resnet50",
+        "convnext_tiny",
+        "convnext_small",
+        "efficientnet_b0",
+        "mobilenet_v3_small",
+        "resnet_small",
         "tiny",
     }
 

@@ -95,6 +95,7 @@ def convert(
     val_fraction: float = 0.1,
     split_seed: int = 0,
     split_name: str = "",
+    num_folds: int = 0,
     target_shard_mb: float = 150.0,
     num_shards: int = 0,
     num_workers: int | None = None,
@@ -116,6 +117,8 @@ def convert(
       split_seed: seed of the split and of the record order.
       split_name: write every row to this one split instead (default `test` for the RSNA
         test layout).
+      num_folds: K >= 2 writes K stratified folds `fold0..fold{K-1}` instead of train/val
+        (for `train --fold i`); 0: train/val.
       target_shard_mb: shard size target when `num_shards` is 0.
       num_shards: shards per split (capped at its record count); 0 picks from the size target.
       num_workers: worker processes (default: CPU count; 0: all in this process).
@@ -148,7 +151,11 @@ def convert(
         )
     split_name = split_name or ("test" if layout.name == "rsna_test" else "")
     splits = plan_lib.assign_splits(
-        rows, val_fraction=val_fraction, seed=split_seed, split_name=split_name
+        rows,
+        val_fraction=val_fraction,
+        seed=split_seed,
+        split_name=split_name,
+        num_folds=num_folds,
     )
     options = {
         "image_size": image_size,
@@ -157,6 +164,7 @@ def convert(
         "val_fraction": val_fraction,
         "split_seed": split_seed,
         "split_name": split_name,
+        **({"num_folds": num_folds} if num_folds else {}),
         "target_shard_mb": target_shard_mb,
         "num_shards": num_shards,
     }
@@ -310,6 +318,13 @@ class ConvertConfig:
     )
     split_name: str = option(
         "", "Write every row to this one split (e.g. test) instead of train/val."
+    )
+    num_folds: int = option(
+        0,
+        "K >= 2: write K stratified folds fold0..fold{K-1} instead of train/val (train with "
+        "--fold i); 0: train/val.",
+        min=0,
+        max=1000,
     )
     target_shard_mb: float = option(
         150.0, "Target shard size in MB when --num_shards is 0.", min=1e-3, max=1e6

@@ -47,6 +47,12 @@ def _split_entry(jobs: Sequence[ShardJob], infos: dict[str, dict[str, Any]]) -> 
         },
         "counts_by_age_band": {name: by_band[i] for i, name in enumerate(schema.AGE_BAND_NAMES)},
         "counts_by_stratum": [by_stratum[i] for i in range(schema.NUM_STRATA)],
+        # Per split, so a K-fold run z-scores with its own training folds' stats.
+        "label_stats": {
+            "count": len(labeled),
+            "mean_months": float(np.mean([r.boneage for r in labeled])) if labeled else None,
+            "std_months": float(np.std([r.boneage for r in labeled])) if labeled else None,
+        },
     }
     return entry, written
 

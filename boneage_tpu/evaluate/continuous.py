@@ -7,7 +7,7 @@ the model directory every `poll_interval` seconds:
   2. list the CheckpointManager's checkpoints (oldest first) and evaluate each one whose
      `eval/<split>-<step>/metrics.json` does not exist yet: restarting the evaluator therefore
      skips what was done. Each result also goes to TensorBoard (`MODEL_DIR/logs/eval`, or
-     `logs/eval_<split>[_flip]` for another split or TTA);
+     `logs/eval_<split>[_<tta>]` for another split or TTA);
   3. stop when DONE was seen in step 1, or when no new checkpoint appeared for `timeout`
      seconds (0: never time out).
 A checkpoint that the trainer's keep-K policy deleted before it could be evaluated is listed in
@@ -39,9 +39,9 @@ SCALARS = {
 
 
 def eval_logdir(model_dir: str, split: str, tta: str) -> str:
-    """Returns the TensorBoard folder: logs/eval for the val split, logs/eval_<split>[_flip]."""
+    """Returns the TensorBoard folder: logs/eval for the val split, logs/eval_<split>[_<tta>]."""
     name = "eval" if split == "val" else f"eval_{split}"
-    return model_dir_lib.logs_dir(model_dir, f"{name}_flip" if tta == "flip" else name)
+    return model_dir_lib.logs_dir(model_dir, name if tta == "none" else f"{name}_{tta}")
 
 
 def write_scalars(writer: Any, step: int, values: dict[str, Any]) -> None:

@@ -14,10 +14,12 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from boneage_tpu import data
+from boneage_tpu import augment, data, heads
 from boneage_tpu.errors import Error
 
-TTA_MODES = ("none", "flip")
+TTA_MODES = ("none", "flip", "rotflip")
+# Deeplasia's test-time augmentation: these rotations, each with and without the mirror.
+ROTFLIP_ANGLES_DEG = (-10.0, -5.0, 0.0, 5.0, 10.0)
 
 
 class InferenceError(Error, ValueError):
@@ -32,28 +34,71 @@ class SplitPredictions:
     male: np.ndarray  # float64, 1 male / 0 female
     boneage: np.ndarray  # float64 months; schema.NO_LABEL (-1) where unlabeled
     predicted: np.ndarray  # float64 months
+    spread: np.ndarray | None = None  # float64 months: per-image std of the bins head
 
 
-def tta_predict_fn(model: Any, tta: str) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
-    """Returns fn(images uint8|float32 [B,S,S,1], male float32 [B]) -> months float32 [B].
-
-    With tta="flip" the result is the mean of the model's outputs on the image and on its
-    horizontal mirror (a left hand mirrored looks like a right hand; both are plausible inputs).
-    """
+def tta_views(tta: str) -> list[tuple[float, bool]]:
+    """Returns the (rotation degrees, mirrored) views a TTA mode averages over."""
     if tta not in TTA_MODES:
         raise InferenceError(f"--tta must be one of {TTA_MODES}, got {tta!r}")
+    if tta == "none":
+        return [(0.0, False)]
+    if tta == "flip":
+        return [(0.0, False), (0.0, True)]
+    return [(angle, flip) for angle in ROTFLIP_ANGLES_DEG for flip in (False, True)]
 
-    def run(images: tf.Tensor, male: tf.Tensor) -> tf.Tensor:
+
+def view_images(images: tf.Tensor, angle_deg: float, flip: bool) -> tf.Tensor:
+    """Rotates (about the centre, black fill) and optionally mirrors float images [B,S,S,1].
+
+    Uses the training augmentation's XLA-safe warp; the unrotated views are exact (a mirror is
+    a reverse, the identity returns the input).
+    """
+    if flip:
+        images = tf.reverse(images, axis=[2])
+    if angle_deg == 0.0:
+        return images
+    batch = tf.shape(images)[0]
+    zeros = tf.zeros([batch], tf.float32)
+    params = {
+        "angle": tf.fill([batch], float(np.radians(angle_deg))),
+        "shift_x": zeros,
+        "shift_y": zeros,
+        "zoom": tf.ones([batch], tf.float32),
+        "shear": zeros,
+        "flip": zeros,
+    }
+    _, height, width, _ = images.shape
+    return augment.warp_affine(images, augment.affine_matrices(params, height, width))
+
+
+def tta_predict_fn(
+    model: Any, tta: str
+) -> Callable[[tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor]]:
+    """Returns fn(images uint8|float32 [B,S,S,1], male float32 [B]) -> (months, spread) [B].
+
+    The result is the mean over the TTA views (`tta_views`): "flip" averages the image and its
+    horizontal mirror (a mirrored left hand looks like a right hand: both are plausible
+    inputs); "rotflip" also rotates by +-5 and +-10 degrees. `spread` is the bins head's
+    per-image std in months (averaged over the views), zeros for a regression head.
+    """
+    views = tta_views(tta)
+    spread_model = heads.with_spread(model) if hasattr(model, "get_layer") else None
+
+    def run(images: tf.Tensor, male: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         images = tf.cast(images, tf.float32)
         male = tf.cast(male, tf.float32)
-        out = tf.reshape(
-            tf.cast(model({"image": images, "male": male}, training=False), tf.float32), [-1]
-        )
-        if tta == "flip":
-            mirrored = tf.reverse(images, axis=[2])
-            out_flip = model({"image": mirrored, "male": male}, training=False)
-            out = (out + tf.reshape(tf.cast(out_flip, tf.float32), [-1])) / 2.0
-        return out
+        months, spread = [], []
+        for angle, flip in views:
+            inputs = {"image": view_images(images, angle, flip), "male": male}
+            if spread_model is None:
+                out = model(inputs, training=False)
+                std = tf.zeros_like(tf.reshape(tf.cast(out, tf.float32), [-1]))
+            else:
+                out, std = spread_model(inputs, training=False)
+            months.append(tf.reshape(tf.cast(out, tf.float32), [-1]))
+            spread.append(tf.reshape(tf.cast(std, tf.float32), [-1]))
+        return tf.add_n(months) / len(views), tf.add_n(spread) / len(views)
 
     return run
 
@@ -71,7 +116,7 @@ def predict_dataset(
       model: a Keras model built under `strategy.scope()`.
       dataset: global batches {image, male, boneage, id, mask} with a static batch size that
         the number of replicas divides (`data.build_dataset(..., training=False)`).
-      tta: none | flip.
+      tta: none | flip | rotflip.
       strategy: where to run; default: the current (default) strategy.
     """
     strategy = strategy or tf.distribute.get_strategy()
@@ -82,8 +127,9 @@ def predict_dataset(
     def step(inputs: Mapping[str, Any]) -> Any:
         return strategy.run(predict, args=(inputs["image"], inputs["male"]))
 
+    has_spread = hasattr(model, "get_layer") and heads.logits_of(model) is not None
     ids: list[str] = []
-    male, boneage, predicted = [], [], []
+    male, boneage, predicted, spread = [], [], [], []
     for batch in dataset:
         size = int(batch["image"].shape[0])
         if size % replicas:
@@ -101,13 +147,19 @@ def predict_dataset(
             return {k: batch[k][start : start + per_replica] for k in ("image", "male")}
 
         inputs = strategy.experimental_distribute_values_from_function(replica_slice)
-        outputs = strategy.experimental_local_results(step(inputs))
-        months = np.concatenate([np.asarray(o, np.float32) for o in outputs]).astype(np.float64)
+        months_out, spread_out = step(inputs)
+        months = np.concatenate(
+            [np.asarray(o, np.float32) for o in strategy.experimental_local_results(months_out)]
+        ).astype(np.float64)
+        stds = np.concatenate(
+            [np.asarray(o, np.float32) for o in strategy.experimental_local_results(spread_out)]
+        ).astype(np.float64)
         keep = np.asarray(batch["mask"]) > 0
         ids.extend(v.decode("utf-8") for v in np.asarray(batch["id"])[keep])
         male.append(np.asarray(batch["male"], np.float64)[keep])
         boneage.append(np.asarray(batch["boneage"], np.float64)[keep])
         predicted.append(months[keep])
+        spread.append(stds[keep])
     if not ids:
         raise InferenceError("the evaluation dataset yielded no records")
     return SplitPredictions(
@@ -115,6 +167,7 @@ def predict_dataset(
         male=np.concatenate(male),
         boneage=np.concatenate(boneage),
         predicted=np.concatenate(predicted),
+        spread=np.concatenate(spread) if has_spread else None,
     )
 
 
@@ -138,7 +191,7 @@ def predict_split(
       manifest: the folder's parsed manifest.
       image_size: the model's square input size.
       batch_size: global batch; must be a multiple of the strategy's replicas.
-      tta: none | flip.
+      tta: none | flip | rotflip.
       strategy: where to run; default: the current strategy.
     """
     strategy = strategy or tf.distribute.get_strategy()
@@ -166,6 +219,10 @@ def average(runs: list[SplitPredictions]) -> SplitPredictions:
     for other in runs[1:]:
         if other.ids != first.ids:
             raise InferenceError("ensemble members saw the records in different orders")
+    spreads = [r.spread for r in runs]
     return dataclasses.replace(
-        first, predicted=np.mean(np.stack([r.predicted for r in runs]), axis=0)
+        first,
+        predicted=np.mean(np.stack([r.predicted for r in runs]), axis=0),
+        # Members' mean spread; the members' disagreement is not added in.
+        spread=None if any(v is None for v in spreads) else np.mean(np.stack(spreads), axis=0),
     )

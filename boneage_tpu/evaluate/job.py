@@ -1,13 +1,13 @@
 """Evaluates trained models on a TFRecord split: metrics.json, predictions.csv and a report.
 
   python -m boneage_tpu.evaluate --model_dir PATH --data PATH [--split val]
-      [--checkpoint latest|STEP|export] [--tta none|flip] [--output PATH] [--batch_size B]
+      [--checkpoint latest|STEP|export] [--tta none|flip|rotflip] [--output PATH] [--batch_size B]
       [--continuous [--timeout SECONDS]] [--tpu ...|--virtual_cpus N]
 
 PATHs are local or gs://. Every record of the split is evaluated exactly once. Several
 `--model_dir` flags evaluate the ensemble (mean of the members' predictions). `--continuous`
 follows a training run and evaluates each new checkpoint once (see `boneage_tpu.evaluate.continuous`).
-Outputs go to `--output`, default `MODEL_DIR/eval/<split>-<step>[-flip]/` (the first model
+Outputs go to `--output`, default `MODEL_DIR/eval/<split>-<step>[-<tta>]/` (the first model
 directory's, named `<split>-ensemble-<step>_<step>...` for ensembles).
 """
 

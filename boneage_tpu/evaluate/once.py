@@ -12,6 +12,7 @@ import hashlib
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import tensorflow as tf
 
 from boneage_tpu import __version__, schema
@@ -41,7 +42,10 @@ class EvalConfig:
     split: str = option("val", "Split of the data to evaluate.")
     checkpoint: str = option("latest", "latest, export or a training step.")
     tta: str = option(
-        "none", "flip: mean over the image and its mirror.", choices=inference.TTA_MODES
+        "none",
+        "flip: mean over the image and its mirror; rotflip: also rotated by -10, -5, 5 and 10 "
+        "degrees (10 views).",
+        choices=inference.TTA_MODES,
     )
     output: str = option(
         "",
@@ -109,10 +113,10 @@ def read_data_manifest(data_dir: str, split: str) -> tuple[dict[str, Any], str]:
 
 
 def output_name(split: str, steps: Sequence[int | None], tta: str) -> str:
-    """Returns the eval folder name: `<split>-<step>`, `-flip` for TTA, ensembles listed."""
+    """Returns the eval folder name: `<split>-<step>`, `-<tta>` for TTA, ensembles listed."""
     labels = ["export" if s is None else str(s) for s in steps]
     name = f"{split}-{labels[0]}" if len(labels) == 1 else f"{split}-ensemble-{'_'.join(labels)}"
-    return f"{name}-flip" if tta == "flip" else name
+    return name if tta == "none" else f"{name}-{tta}"
 
 
 def _train_mean(manifest: dict[str, Any], config: config_lib.TrainConfig) -> tuple[float, str]:
@@ -126,6 +130,29 @@ def _train_mean(manifest: dict[str, Any], config: config_lib.TrainConfig) -> tup
     if stats.get("split") == "train" and stats.get("mean_months") is not None:
         return float(stats["mean_months"]), "data manifest label_stats (train split)"
     return float(config.label_mean), "config.json label_mean (the model's training data)"
+
+
+def correction_metrics(
+    result: inference.SplitPredictions, corrections: Sequence[tuple[float, float]]
+) -> dict[str, Any]:
+    """Returns the MAE with and without the members' fitted linear bias corrections.
+
+    The models already apply their correction (it is part of the model a config describes), so
+    the uncorrected predictions are recovered by inverting the members' line.
+    """
+    fitted = [c for c in corrections if tuple(c) != (1.0, 0.0)]
+    labeled = result.boneage >= 0
+    if not fitted or not labeled.any():
+        return dict.fromkeys(("bias_correction", "mae_corrected_months", "mae_uncorrected_months"))
+    # Exact for one model; for an ensemble the mean member line is inverted (approximation).
+    slope = float(np.mean([c[0] for c in corrections]))
+    intercept = float(np.mean([c[1] for c in corrections]))
+    raw = (result.predicted - intercept) / slope
+    return {
+        "bias_correction": {"slope": slope, "intercept": intercept},
+        "mae_corrected_months": float(np.mean(np.abs(result.predicted - result.boneage)[labeled])),
+        "mae_uncorrected_months": float(np.mean(np.abs(raw - result.boneage)[labeled])),
+    }
 
 
 def evaluate_once(
@@ -151,7 +178,7 @@ def evaluate_once(
     """
     checkpoint = checkpoint or config.checkpoint or "latest"
     manifest, checksum = read_data_manifest(config.data, config.split)
-    runs, members, train_mean = [], [], None
+    runs, members, corrections, train_mean = [], [], [], None
     for model_dir in config.model_dirs:
         # config.json alone tells whether the data fits: fail before building the model.
         restore.check_data_compatible(model_dir_lib.load_config(model_dir), manifest)
@@ -175,6 +202,7 @@ def evaluate_once(
             )
         )
         members.append({"model_dir": model_dir, "source": loaded.source, "step": loaded.step})
+        corrections.append((loaded.config.bias_slope, loaded.config.bias_intercept))
         train_mean = train_mean or _train_mean(manifest, loaded.config)
     result = inference.average(runs)
     expected = int(schema.split_info(manifest, config.split)["count"])
@@ -198,6 +226,7 @@ def evaluate_once(
         train_mean_months=train_mean[0],
     )
     values["train_mean_source"] = train_mean[1]
+    values.update(correction_metrics(result, corrections))
     values.update(
         {
             "checkpoint_step": steps[0] if len(steps) == 1 else steps,
@@ -213,6 +242,13 @@ def evaluate_once(
     )
     title = f"Bone age: {', '.join(config.model_dirs)} on {config.split} ({values['n']} images)"
     report.write_outputs(
-        output, values, result.ids, result.male, result.boneage, result.predicted, title=title
+        output,
+        values,
+        result.ids,
+        result.male,
+        result.boneage,
+        result.predicted,
+        title=title,
+        spread=result.spread,
     )
     return values

@@ -27,6 +27,7 @@ PREDICTIONS_NAME = "predictions.csv"
 REPORT_PNG_NAME = "report.png"
 REPORT_HTML_NAME = "report.html"
 PREDICTION_COLUMNS = ("id", "male", "boneage", "predicted", "error")
+SPREAD_COLUMN = "spread_months"  # the bins head's per-image std, when it has one
 # report.png is exactly FIGURE_INCHES * DPI pixels (width, height): no tight bbox cropping.
 FIGURE_INCHES = (15.0, 5.0)
 DPI = 100
@@ -40,27 +41,32 @@ def _write(path: str, data: str | bytes) -> None:
 
 
 def predictions_csv(
-    ids: Sequence[str], male: np.ndarray, true: np.ndarray, predicted: np.ndarray
+    ids: Sequence[str],
+    male: np.ndarray,
+    true: np.ndarray,
+    predicted: np.ndarray,
+    spread: np.ndarray | None = None,
 ) -> str:
     """Returns predictions.csv text; unlabeled records get empty boneage and error cells.
 
     Floats are written with Python's shortest round-trip repr, so parsing the file gives back
-    exactly the values the metrics were computed from.
+    exactly the values the metrics were computed from. With `spread` (the bins head's
+    per-image std in months, an uncertainty) a `spread_months` column is added.
     """
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(PREDICTION_COLUMNS)
-    for image_id, m, y, p in zip(ids, male, true, predicted, strict=True):
+    writer.writerow([*PREDICTION_COLUMNS, *([SPREAD_COLUMN] if spread is not None else [])])
+    spreads = spread if spread is not None else [None] * len(ids)
+    for image_id, m, y, p, s in zip(ids, male, true, predicted, spreads, strict=True):
         labeled = y >= 0
-        writer.writerow(
-            [
-                image_id,
-                int(m > 0.5),
-                repr(float(y)) if labeled else "",
-                repr(float(p)),
-                repr(float(p) - float(y)) if labeled else "",
-            ]
-        )
+        row = [
+            image_id,
+            int(m > 0.5),
+            repr(float(y)) if labeled else "",
+            repr(float(p)),
+            repr(float(p) - float(y)) if labeled else "",
+        ]
+        writer.writerow(row if s is None else [*row, repr(float(s))])
     return buf.getvalue()
 
 
@@ -182,6 +188,7 @@ def write_outputs(
     predicted: np.ndarray,
     *,
     title: str = "Bone age evaluation",
+    spread: np.ndarray | None = None,
 ) -> dict[str, str]:
     """Writes predictions.csv, report.png, report.html and (last) metrics.json.
 
@@ -196,7 +203,7 @@ def write_outputs(
         name: join(output_dir, name)
         for name in (PREDICTIONS_NAME, REPORT_PNG_NAME, REPORT_HTML_NAME, METRICS_NAME)
     }
-    _write(paths[PREDICTIONS_NAME], predictions_csv(ids, male, true, predicted))
+    _write(paths[PREDICTIONS_NAME], predictions_csv(ids, male, true, predicted, spread))
     png = render_png(metrics, male, true, predicted)
     _write(paths[REPORT_PNG_NAME], png)
     _write(paths[REPORT_HTML_NAME], render_html(metrics, png, title))

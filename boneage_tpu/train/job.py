@@ -18,13 +18,15 @@ from typing import Any
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
+import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from absl import logging  # noqa: E402
 
-from boneage_tpu import cli, distribute, export  # noqa: E402
+from boneage_tpu import cli, distribute, export, heads, schema  # noqa: E402
 from boneage_tpu import config as config_lib  # noqa: E402
 from boneage_tpu import model_dir as model_dir_lib  # noqa: E402
-from boneage_tpu.errors import Error  # noqa: E402
+from boneage_tpu.errors import ConfigError, Error  # noqa: E402
+from boneage_tpu.evaluate import inference  # noqa: E402
 from boneage_tpu.train import state as train_state  # noqa: E402
 from boneage_tpu.train.setup import DatasetFn, Session, prepare  # noqa: E402
 
@@ -65,6 +67,22 @@ def _loop_length(config: config_lib.TrainConfig, current: int, steps_per_loop: i
     return min(min(ends) - current, steps_per_loop)
 
 
+def _fit_schedule_to_budget(
+    session: Session, current: int, minutes: float, mark: tuple[int, float]
+) -> None:
+    """Moves the cosine's end to the step the remaining time budget reaches at the recent rate.
+
+    `mark` is (step, minutes) at the end of this process's first loop: the rate is measured
+    from there (validation and checkpoints included), leaving out tracing and cache filling.
+    """
+    config = session.config
+    steps, span = current - mark[0], minutes - mark[1]
+    if steps <= 0 or span <= 0:
+        return
+    reachable = current + int(steps / span * (config.max_train_minutes - minutes))
+    session.schedule_end.steps.assign(min(max(reachable, current), config.train_steps))
+
+
 def _train(
     session: Session,
     train_log: train_state.ScalarLog,
@@ -76,6 +94,8 @@ def _train(
     result: dict[str, Any] = {}
     rates: list[float] = []
     current = session.start_step
+    started = time.perf_counter()
+    mark: tuple[int, float] | None = None
     while current < config.train_steps:
         num_steps = _loop_length(config, current, session.settings["steps_per_loop"])
         began = time.perf_counter()
@@ -110,7 +130,13 @@ def _train(
             "train_mae_months": metrics.mae_months,
             "images_per_second": rate,
         }
-        if val_log is not None and config.eval_every > 0 and current % config.eval_every == 0:
+        validate = (
+            val_log is not None and config.eval_every > 0 and current % config.eval_every == 0
+        )
+        if validate or current % config.checkpoint_every == 0:
+            # Checkpoints and validations get moving statistics of the current weights.
+            trainer.recalibrate_batch_norm(session.train_iterator, config.bn_recalibration_batches)
+        if validate:
             result.update(_validate(session, current, val_log))
             if config.lr_schedule == "plateau" and session.plateau.update(result["val_mae_months"]):
                 log(f"plateau: learning rate x{config.plateau_factor} from step {current}")
@@ -118,7 +144,46 @@ def _train(
             ckpt.save()
         if after_loop is not None:
             after_loop(current)
+        minutes = (time.perf_counter() - started) / 60.0
+        if mark is None:
+            mark = (current, minutes)
+        elif config.max_train_minutes > 0:
+            _fit_schedule_to_budget(session, current, minutes, mark)
+        if 0 < config.max_train_minutes <= minutes and current < config.train_steps:
+            log(
+                f"time budget: stopping at step {current} of {config.train_steps} after "
+                f"{minutes:.1f} min (--max_train_minutes {config.max_train_minutes:g})"
+            )
+            break
+    result["train_minutes"] = (time.perf_counter() - started) / 60.0
     return result
+
+
+def _fit_bias_correction(session: Session) -> dict[str, float]:
+    """Fits the linear bias correction on the validation predictions; saves it in config.json."""
+    config = session.config
+    if not (config.data and config.val_split):
+        raise ConfigError("--fit_bias_correction needs --data and a --val_split to fit on")
+    predictions = inference.predict_split(
+        session.model,
+        config.data,
+        config.val_split,
+        schema.read_manifest(config.data),
+        image_size=config.image_size,
+        batch_size=config.eval_batch_size or config.batch_size,
+        strategy=session.strategy,
+    )
+    slope, intercept = heads.fit_linear_correction(predictions.boneage, predictions.predicted)
+    config.bias_slope, config.bias_intercept = slope, intercept
+    model_dir_lib.save_config(config)
+    labeled = predictions.boneage >= 0
+    corrected = slope * predictions.predicted + intercept
+    mae = float(np.mean(np.abs(corrected - predictions.boneage)[labeled]))
+    log(
+        f"bias correction: months = {slope:.4f} x prediction + {intercept:.2f} "
+        f"(fitted on {config.val_split}: mae {mae:.2f} mo, in-sample)"
+    )
+    return {"bias_slope": slope, "bias_intercept": intercept, "val_mae_corrected_months": mae}
 
 
 def run(
@@ -166,6 +231,9 @@ def run(
         result = _train(session, train_log, val_log, after_loop)
         current = int(session.step.numpy())
         if session.checkpoints.saved_step != current:
+            session.trainer.recalibrate_batch_norm(
+                session.train_iterator, config.bn_recalibration_batches
+            )
             session.checkpoints.save()
         if val_log is not None and "val_mae_months" not in result:
             result.update(_validate(session, current, val_log))
@@ -174,6 +242,8 @@ def run(
         if val_log is not None:
             val_log.close()
     result["step"] = current
+    if config.fit_bias_correction:
+        result.update(_fit_bias_correction(session))
     result["exports"] = export.export_all(session.model, config)
     metrics = {k: v for k, v in result.items() if k != "exports"}
     model_dir_lib.write_done(config.model_dir, current, metrics)

@@ -20,7 +20,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from boneage_tpu import augment, data
+from boneage_tpu import augment, data, heads
 from boneage_tpu.optim import per_example_loss
 
 # Features the replicas need; ids (strings) stay on the host because TPUs cannot hold strings.
@@ -55,6 +55,19 @@ def device_features(batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
     return out
 
 
+BN_SEED_OFFSET = 7919  # seed stream of the batch-norm recalibration batches
+
+
+def _all_layers(model: keras.Model) -> list[keras.layers.Layer]:
+    """Returns every layer of a model, nested models' layers included."""
+    layers = []
+    for layer in model.layers:
+        layers.append(layer)
+        if isinstance(layer, keras.Model):
+            layers.extend(_all_layers(layer))
+    return layers
+
+
 class TrainLoop:
     """Compiled training and validation loops for one model, optimizer and strategy."""
 
@@ -67,6 +80,7 @@ class TrainLoop:
         *,
         global_batch: int,
         label_std: float,
+        label_mean: float = 0.0,
         loss: str = "l1",
         augment_config: augment.AugmentConfig | None = None,
         seed: int = 0,
@@ -81,6 +95,7 @@ class TrainLoop:
           step: int64 variable counting optimizer steps; incremented by the loop.
           global_batch: batch size over all replicas (the loss divisor).
           label_std: training label std in months (z-scores the error).
+          label_mean: training label mean in months (z-scores the bins head's target).
           loss: "l1", "mse" or "huber".
           augment_config: on-device augmentation; None disables it.
           seed: global seed for the stateless augmentation RNG.
@@ -92,10 +107,13 @@ class TrainLoop:
         self.step = step
         self.global_batch = global_batch
         self.label_std = float(label_std)
+        self.label_mean = float(label_mean)
         self.loss_name = loss
         self.augment_config = augment_config
         self.seed = seed
         self.jit_compile = jit_compile
+        # The bins head trains on its logits too (cross-entropy to a Gaussian target).
+        self.logits_model = heads.with_logits(model)
         # Without XLA a nested tf.function only adds graph-inlining work (it is traced once per
         # replica), so the plain method is used; with XLA it is the compiled unit.
         self.gradients = (
@@ -103,6 +121,10 @@ class TrainLoop:
         )
         self._train_fn = tf.function(self._train_loop)
         self._eval_fn = tf.function(self._eval_loop)
+        self._recalibrate_fn = tf.function(self._recalibrate_loop)
+        self.has_batch_norm = any(
+            isinstance(layer, keras.layers.BatchNormalization) for layer in _all_layers(model)
+        )
 
     def batch_stats(
         self, months: tf.Tensor, batch: dict[str, tf.Tensor]
@@ -132,11 +154,18 @@ class TrainLoop:
             images = augment.augment_batch(batch["image"], seed, self.augment_config)
         else:
             images = augment.to_float(batch["image"])
+        inputs = {"image": images, "male": batch["male"]}
         with tf.GradientTape() as tape:
-            months = tf.cast(
-                self.model({"image": images, "male": batch["male"]}, training=True), tf.float32
-            )
-            per_example, stats = self.batch_stats(months, batch)
+            if self.logits_model is None:
+                months = tf.cast(self.model(inputs, training=True), tf.float32)
+                per_example, stats = self.batch_stats(months, batch)
+            else:
+                months, logits = self.logits_model(inputs, training=True)
+                months = tf.cast(months, tf.float32)
+                per_example, stats = self.batch_stats(months, batch)
+                # The bins head also learns the distribution (its logged loss is the L1 part).
+                z = (tf.cast(batch["boneage"], tf.float32) - self.label_mean) / self.label_std
+                per_example += heads.bins_loss(logits, z) * tf.cast(batch["mask"], tf.float32)
             loss = tf.reduce_sum(per_example) / self.global_batch
             scaled = self.optimizer.scale_loss(loss)
         grads = tape.gradient(scaled, self.model.trainable_variables)
@@ -165,6 +194,33 @@ class TrainLoop:
             first_bad = (bad_step < 0) & tf.logical_not(tf.math.is_finite(stats[0]))
             bad_step = tf.where(first_bad, self.step.read_value(), bad_step)
         return totals, bad_step
+
+    def _recalibrate_replica(self, batch: dict[str, tf.Tensor], index: tf.Tensor) -> tf.Tensor:
+        replica_id = tf.distribute.get_replica_context().replica_id_in_sync_group
+        # Another seed stream than the training steps': these batches teach nothing.
+        seed = augment.replica_seed(self.seed + BN_SEED_OFFSET, index, replica_id)
+        if self.augment_config is not None:
+            images = augment.augment_batch(batch["image"], seed, self.augment_config)
+        else:
+            images = augment.to_float(batch["image"])
+        self.model({"image": images, "male": batch["male"]}, training=True)
+        return tf.zeros([])
+
+    def _recalibrate_loop(self, iterator: Any, num_batches: tf.Tensor) -> None:
+        for i in tf.range(num_batches):
+            self.strategy.run(self._recalibrate_replica, args=(next(iterator), i))
+
+    def recalibrate_batch_norm(self, iterator: Any, num_batches: int) -> None:
+        """Re-estimates the batch-norm moving statistics at the current weights ("precise BN").
+
+        The moving averages that training keeps mix statistics of weights from many steps
+        ago; early in a run at a high learning rate they lag far behind the weights (on real
+        radiographs a resnet_small validated at +26 months bias with them, unbiased after
+        this). Runs `num_batches` augmented training batches forward in training mode, no
+        gradients: with momentum 0.9, 50 batches leave under 1 % of the old statistics.
+        """
+        if num_batches > 0 and self.has_batch_norm:
+            self._recalibrate_fn(iterator, tf.constant(num_batches, tf.int64))
 
     def train(self, iterator: Any, num_steps: int) -> LoopMetrics:
         """Runs `num_steps` training steps; returns the summed loss/error over them."""

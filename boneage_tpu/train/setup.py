@@ -58,13 +58,30 @@ def resolve_settings(config: config_lib.TrainConfig, platform: str) -> dict[str,
     return {"precision": precision, "jit_compile": jit, "xla": xla, "steps_per_loop": steps}
 
 
+def resolve_splits(config: config_lib.TrainConfig, manifest: Mapping[str, Any]) -> None:
+    """Sets the train/val splits of a K-fold run (`--fold i`: train on the other folds)."""
+    if config.fold < 0:
+        return
+    folds = schema.fold_count(manifest)
+    if folds == 0:
+        raise ValueError(
+            f"--fold {config.fold}: {config.data} has no folds (convert with --num_folds K)"
+        )
+    if config.fold >= folds:
+        raise ValueError(f"--fold {config.fold}: the data has folds 0..{folds - 1}")
+    config.train_split = "+".join(schema.fold_split(k) for k in range(folds) if k != config.fold)
+    config.val_split = schema.fold_split(config.fold)
+
+
 def fill_from_manifest(config: config_lib.TrainConfig) -> dict[str, Any]:
     """Reads the data manifest and copies its label stats and image facts into `config`."""
     manifest = schema.read_manifest(config.data)
-    schema.split_info(manifest, "train")
+    resolve_splits(config, manifest)
+    train_info = schema.split_info(manifest, config.train_split)
     if config.val_split:
         schema.split_info(manifest, config.val_split)
-    stats = manifest.get("label_stats", {})
+    # The train split's own stats (pooled over folds); older manifests only have global ones.
+    stats = train_info.get("label_stats") or manifest.get("label_stats", {})
     if not stats.get("std_months"):
         raise schema.ManifestError(f"{config.data}: manifest has no training label stats")
     config.label_mean = float(stats["mean_months"])
@@ -85,7 +102,7 @@ def input_fns(
     def train_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
         return data.build_dataset(
             config.data,
-            "train",
+            config.train_split,
             training=True,
             batch_size=context.get_per_replica_batch_size(config.batch_size),
             image_size=config.image_size,
@@ -111,6 +128,20 @@ def input_fns(
     return {"train": train_fn, "val": val_fn} if config.val_split else {"train": train_fn}
 
 
+def augment_config(config: config_lib.TrainConfig) -> augment.AugmentConfig:
+    """Returns the augmentation ranges of the run's aug_* settings."""
+    return augment.AugmentConfig(
+        rotation_deg=config.aug_rotation_deg,
+        shift=config.aug_shift,
+        zoom=tuple(config.aug_zoom),
+        shear=config.aug_shear,
+        flip=config.aug_flip,
+        brightness=config.aug_brightness,
+        contrast=tuple(config.aug_contrast),
+        gamma=tuple(config.aug_gamma),
+    )
+
+
 @dataclasses.dataclass
 class Session:
     """A prepared run: the objects the training loop drives."""
@@ -123,6 +154,7 @@ class Session:
     optimizer: keras.optimizers.Optimizer
     step: tf.Variable
     plateau: optim.PlateauState
+    schedule_end: optim.ScheduleEnd
     checkpoints: train_state.Checkpointing
     start_step: int
     trainer: loop.TrainLoop
@@ -132,10 +164,13 @@ class Session:
 
 def _build_objects(
     config: config_lib.TrainConfig, settings: dict[str, Any], weights: str
-) -> tuple[keras.Model, keras.optimizers.Optimizer, tf.Variable, optim.PlateauState]:
-    """Builds model, optimizer, step and plateau state (call inside `strategy.scope()`)."""
+) -> tuple[
+    keras.Model, keras.optimizers.Optimizer, tf.Variable, optim.PlateauState, optim.ScheduleEnd
+]:
+    """Builds model, optimizer, step, plateau state and schedule end (inside `strategy.scope()`)."""
     model = build_model(config, weights=weights, precision=settings["precision"])
     plateau = optim.PlateauState(config.plateau_patience, config.plateau_factor)
+    end = optim.ScheduleEnd(config.train_steps)
     optimizer = optim.make_optimizer(
         name=config.optimizer,
         learning_rate=config.learning_rate,
@@ -145,6 +180,7 @@ def _build_objects(
         weight_decay=config.weight_decay,
         plateau=plateau,
         loss_scale=settings["precision"] == "fp16",
+        end=end,
     )
     # Built before the first trace: slot variables must not be created inside tf.function.
     optimizer.build(model.trainable_variables)
@@ -155,7 +191,7 @@ def _build_objects(
         name="step",
         aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
     )
-    return model, optimizer, step, plateau
+    return model, optimizer, step, plateau, end
 
 
 def prepare(
@@ -196,7 +232,7 @@ def prepare(
     with strategy.scope():
         # A resumed run takes its weights from the checkpoint: nothing to download then.
         weights = "none" if resuming else config.weights
-        model, optimizer, step, plateau = _build_objects(config, settings, weights)
+        model, optimizer, step, plateau, end = _build_objects(config, settings, weights)
     checkpoints = train_state.Checkpointing(
         config.model_dir,
         config.keep_checkpoints,
@@ -204,6 +240,7 @@ def prepare(
         model=model,
         optimizer=optimizer,
         plateau=plateau,
+        schedule_end=end,
         rng=train_state.rng_state(model),
     )
     start = checkpoints.restore_latest() or 0
@@ -220,8 +257,9 @@ def prepare(
         step,
         global_batch=config.batch_size,
         label_std=config.label_std,
+        label_mean=config.label_mean,
         loss=config.loss,
-        augment_config=augment.AugmentConfig() if config.augment else None,
+        augment_config=augment_config(config) if config.augment else None,
         seed=config.seed,
         jit_compile=settings["jit_compile"],
     )
@@ -242,6 +280,7 @@ def prepare(
         optimizer=optimizer,
         step=step,
         plateau=plateau,
+        schedule_end=end,
         checkpoints=checkpoints,
         start_step=start,
         trainer=trainer,
