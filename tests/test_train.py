@@ -352,6 +352,7 @@ def test_flags_cover_every_config_field_and_parse():
     assert config.backbone == "inception_v3"
     manifest_fields = {"label_mean", "label_std", "data_image_size", "data_encoding"}
     manifest_fields |= {"data_jpeg_quality", "schema_version"}
+    manifest_fields |= {"bias_slope", "bias_intercept"}  # fitted after training
     flag_names = {f.name for f in cli.flag_fields(config_lib.TrainConfig)}
     assert flag_names == set(config_lib.TrainConfig.__dataclass_fields__) - manifest_fields
     for name in flag_names:
