@@ -19,6 +19,7 @@ from boneage_tpu.evaluate import inference, once
 from boneage_tpu.evaluate import job as evaluate
 from boneage_tpu.train import job as train
 from tests.records import write_toy_dataset
+from tests.test_train import _config as train_test_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -185,20 +186,9 @@ def test_correction_metrics_report_with_and_without() -> None:
 
 
 def _config(data_dir: str, model_dir: pathlib.Path, **overrides) -> config_lib.TrainConfig:
-    values = {
-        "data": data_dir,
-        "model_dir": str(model_dir),
-        "backbone": "tiny",
-        "image_size": 32,
-        "dense_units": (16,),
-        "batch_size": 4,
-        "train_steps": 4,
-        "steps_per_loop": 2,
-        "checkpoint_every": 2,
-        "learning_rate": 1e-3,
-    }
-    values.update(overrides)
-    return config_lib.TrainConfig(**values)
+    """The trainer tests' toy config, 4 steps in loops of 2."""
+    values = {"train_steps": 4, "steps_per_loop": 2, "checkpoint_every": 2, **overrides}
+    return train_test_config(data_dir, model_dir, **values)
 
 
 @pytest.fixture(scope="module")
