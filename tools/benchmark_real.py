@@ -1,0 +1,748 @@
+"""Real-data benchmark: convert, train within a wall-time budget, evaluate; optionally vs the seed.
+
+    python -m tools.benchmark_real --labels CSV --images DIR --output DIR [--minutes 60]
+        [--flagfile configs/rsna_cpu.flags] [--json PATH] [--seed 0] [--image_size S]
+        [--data DIR] [--skip_convert] [--eval_every N]
+        [--test_labels CSV --test_images DIR] [--compare_seed]
+
+Every step runs the project's command-line tools as subprocesses, one at a time, with the
+commands recorded in the JSON:
+  1. `boneage_tpu.convert` (val fraction 0.1) into OUTPUT/data, or --data; a folder whose
+     manifest already matches the inputs and options is reused.
+  2. `boneage_tpu.train --flagfile F ... --max_train_minutes M` into OUTPUT/model-seed<N>:
+     the trainer stops at the first loop end after M minutes of its wall time (validation
+     and checkpoints included) and fits its cosine's end to the budget. `train_minutes` is
+     the trainer's own figure (DONE's `train_minutes`: what the budget counts). The curve and
+     `train_img_s` use the trainer's progress lines, timestamped here as they arrive: from its
+     start line to its last step line, minus the validation passes (the time between a step
+     line and the validation line after it); `train_img_s` = images trained / that time.
+  3. `boneage_tpu.evaluate` on val: plain, with rotflip TTA, and the bias-corrected MAE when
+     the model has a fitted correction (metrics.json `mae_corrected_months`); the plain MAE
+     is then `mae_uncorrected_months`, the network's own predictions.
+  4. Export-window robustness: the val images (the converter's val ids) decoded from the
+     source files, transformed (contrast x0.5 about the image mean; gamma 0.7; gamma 1.4; the
+     1st-99th percentile range mapped linearly to 20-100), written as grey PNGs, converted with
+     `--split_name val` and evaluated plainly; each MAE and its ratio to the plain val MAE.
+  5. --test_labels/--test_images: converted with `--split_name test` and evaluated.
+  6. --compare_seed: `tools.benchmark_real_seed` trains the same model (built from the same
+     flagfile and overrides) the seed's way (tf_keras ImageDataGenerator.flow_from_dataframe
+     over the same JPEGs + model.fit) for the same budget; both validation curves (minutes of
+     training, MAE) and the ratio of our time to reach the seed's final MAE to the seed's
+     training time.
+Prints and writes (--json, default OUTPUT/benchmark_real.json) one JSON object.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import pathlib
+import re
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+# Quiets TensorFlow's C++ start-up logging here and in the subprocesses (which inherit it).
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+
+from boneage_tpu import cli  # noqa: E402
+from boneage_tpu.cli import option  # noqa: E402
+from boneage_tpu.errors import Error, UsageError  # noqa: E402
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+DEFAULT_FLAGFILE = "configs/rsna_cpu.flags"
+VAL_FRACTION = 0.1
+ROBUSTNESS_TARGET = 1.15  # the issue's bar: each shifted MAE <= 1.15 x the plain val MAE
+CURVE_POINTS = 10  # validations per run when --eval_every is derived from --train_steps
+TTA = "rotflip"  # Deeplasia's views: -10, -5, 0, 5, 10 degrees x flip
+
+# The trainer's progress lines (boneage_tpu.train): start, per loop, validation, budget stop.
+START_RE = re.compile(r"^train: .*batch (\d+) \(.*(?:from step 0|resuming at step (\d+)) of (\d+)")
+STEP_RE = re.compile(r"^step (\d+)/(\d+) .* (\d+(?:\.\d+)?) img/s")
+VAL_RE = re.compile(r"^val +step (\d+): mae (\d+(?:\.\d+)?) mo")
+BUDGET_RE = re.compile(r"^time budget: stopping at step (\d+) of \d+ after (\d+(?:\.\d+)?) min")
+
+
+class BenchError(Error):
+    """A one-line problem with the benchmark's inputs or with a step it ran."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Export-window transforms (numpy, on the decoded source image).
+
+
+def _to_uint8(values: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(values), 0, 255).astype(np.uint8)
+
+
+def contrast_half(image: np.ndarray) -> np.ndarray:
+    """Halves the contrast about the image mean: mean + 0.5 (x - mean)."""
+    x = image.astype(np.float64)
+    return _to_uint8(x.mean() + 0.5 * (x - x.mean()))
+
+
+def gamma(image: np.ndarray, exponent: float) -> np.ndarray:
+    """Applies 255 (x / 255) ** exponent (< 1 brightens the mid-tones, > 1 darkens them)."""
+    return _to_uint8(255.0 * (image.astype(np.float64) / 255.0) ** exponent)
+
+
+def window_20_100(image: np.ndarray) -> np.ndarray:
+    """Maps the 1st..99th percentile range linearly to 20..100 (outside values follow, clipped).
+
+    This mimics the narrow export window of the other real RSNA set in the issue (std ~20,
+    99th percentile ~100).
+    """
+    x = image.astype(np.float64)
+    low, high = np.percentile(x, [1.0, 99.0])
+    if high <= low:
+        return _to_uint8(np.full_like(x, 20.0))
+    return _to_uint8(20.0 + (x - low) * (80.0 / (high - low)))
+
+
+TRANSFORMS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "contrast_x0.5": contrast_half,
+    "gamma_0.7": lambda image: gamma(image, 0.7),
+    "gamma_1.4": lambda image: gamma(image, 1.4),
+    "window_p1_p99_to_20_100": window_20_100,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Flagfile, curves and log parsing (pure Python: unit-tested without subprocesses).
+
+
+def read_flagfile(path: str) -> dict[str, str]:
+    """Returns {name: value} of an absl flagfile's `--name=value` / `--name` / `--noname` lines."""
+    if not os.path.isfile(path):
+        raise BenchError(f"flagfile {path} not found (the recipe; pass --flagfile)")
+    values: dict[str, str] = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.split("#", 1)[0].strip()
+            if not line.startswith("--"):
+                continue
+            name, sep, value = line[2:].partition("=")
+            if sep:
+                values[name.strip()] = value.strip()
+            elif name.startswith("no"):
+                values[name[2:]] = "false"
+            else:
+                values[name] = "true"
+    return values
+
+
+def _flag_int(flagfile: dict[str, str], name: str, default: int) -> int:
+    try:
+        return int(flagfile.get(name, default))
+    except ValueError as e:
+        raise BenchError(f"flagfile --{name}={flagfile[name]!r} is not an integer") from e
+
+
+def time_to_reach(curve: Sequence[Sequence[float]], target: float) -> float | None:
+    """Returns the first curve time (minutes) whose MAE is <= target, or None."""
+    for minutes, mae in curve:
+        if mae <= target:
+            return float(minutes)
+    return None
+
+
+def compare_curves(
+    ours: Sequence[Sequence[float]], seed: Sequence[Sequence[float]]
+) -> dict[str, Any]:
+    """Time-to-accuracy against the seed: our time to reach its final MAE / its training time.
+
+    Both curves are [minutes of training, val MAE] in time order; the seed's last point is its
+    final MAE at the end of its training. Our time is that of the first validation at or below
+    it (no interpolation: a validation only shows the MAE where it ran, so this errs late).
+    """
+    if not seed or not ours:
+        return {"time_to_seed_final_ratio": None, "reason": "a curve is empty"}
+    seed_minutes, seed_final = float(seed[-1][0]), float(seed[-1][1])
+    reached = time_to_reach(ours, seed_final)
+    result: dict[str, Any] = {
+        "seed_final_mae_months": seed_final,
+        "seed_train_minutes": seed_minutes,
+        "our_minutes_to_seed_final": reached,
+    }
+    if reached is None:
+        best = min(mae for _, mae in ours)
+        result["time_to_seed_final_ratio"] = None
+        result["reason"] = (
+            f"our trainer never reached the seed's final val MAE {seed_final:.2f} "
+            f"(its best was {best:.2f})"
+        )
+    elif seed_minutes <= 0:
+        result["time_to_seed_final_ratio"] = None
+        result["reason"] = "the seed's training time is 0"
+    else:
+        result["time_to_seed_final_ratio"] = reached / seed_minutes
+    return result
+
+
+def parse_trainer_log(lines: Sequence[tuple[float, str]]) -> dict[str, Any]:
+    """Reads the trainer's timestamped progress lines into its curve and throughput.
+
+    Args:
+      lines: (arrival time in seconds, line) in order, as `run_command` records them.
+
+    Returns:
+      {"batch_size", "start_step", "train_steps", "final_step", "train_seconds" (start line to
+      last step line, validations excluded), "wall_seconds" (start line to last step line),
+      "images_per_second", "logged_img_s_median" (the trainer's own per-loop figures after
+      the first loop, which includes tracing), "curve" [[minutes, val MAE], ...],
+      "stopped_on_time_budget", "budget_stop_minutes" (the trainer's figure in its budget
+      line, None without one)}.
+    """
+    start = None
+    excluded = 0.0
+    last_step_time = None
+    info: dict[str, Any] = {"curve": [], "stopped_on_time_budget": False, "final_step": None}
+    info["budget_stop_minutes"] = None
+    rates: list[float] = []
+    train_seconds = wall_seconds = 0.0
+    for arrival, line in lines:
+        line = line.strip()
+        if (match := START_RE.match(line)) and start is None:
+            start = arrival
+            info["batch_size"] = int(match.group(1))
+            info["start_step"] = int(match.group(2) or 0)
+            info["train_steps"] = int(match.group(3))
+        elif start is None:
+            continue
+        elif match := STEP_RE.match(line):
+            last_step_time = arrival
+            train_seconds = arrival - start - excluded
+            wall_seconds = arrival - start
+            info["final_step"] = int(match.group(1))
+            rates.append(float(match.group(3)))
+        elif (match := VAL_RE.match(line)) and last_step_time is not None:
+            excluded += arrival - last_step_time
+            last_step_time = arrival
+            info["curve"].append([train_seconds / 60.0, float(match.group(2))])
+        elif match := BUDGET_RE.match(line):
+            info["stopped_on_time_budget"] = True
+            info["budget_stop_minutes"] = float(match.group(2))
+    if start is None or info["final_step"] is None:
+        raise BenchError("the trainer printed no start or step lines: see its log")
+    info["train_seconds"], info["wall_seconds"] = train_seconds, wall_seconds
+    done = (info["final_step"] - info["start_step"]) * info["batch_size"]
+    info["images_per_second"] = done / train_seconds if train_seconds > 0 else None
+    steady = rates[1:] or rates
+    info["logged_img_s_median"] = float(np.median(steady)) if steady else None
+    return info
+
+
+# ---------------------------------------------------------------------------------------------
+# Subprocesses and data folders.
+
+
+def run_command(
+    args: Sequence[str], log_path: pathlib.Path, commands: list[str]
+) -> list[tuple[float, str]]:
+    """Runs `python -m ...` args, echoing and logging its output; returns timestamped lines.
+
+    Raises BenchError naming the log and the last output line when the command fails.
+    """
+    cmd = [sys.executable, *args]
+    commands.append(shlex.join(["python", *args]))
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(
+        os.pathsep
+    )
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    env["PYTHONUNBUFFERED"] = "1"
+    lines: list[tuple[float, str]] = []
+    print(f"$ {commands[-1]}", flush=True)
+    with open(log_path, "w", encoding="utf-8") as log:
+        log.write(f"$ {commands[-1]}\n")
+        process = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+            env=env,
+        )
+        assert process.stdout is not None
+        for line in process.stdout:
+            lines.append((time.monotonic(), line.rstrip("\n")))
+            log.write(line)
+            log.flush()
+            print(f"  {line}", end="", flush=True)
+        status = process.wait()
+    if status:
+        texts = [t for _, t in lines if t.strip()]
+        last = texts[-1].strip() if texts else "no output"
+        raise BenchError(f"{args[1]} failed (exit {status}): {last} (log: {log_path})")
+    return lines
+
+
+def manifest_matches(data_dir: pathlib.Path, labels: str, image_size: int, split_name: str) -> bool:
+    """Whether data_dir holds a finished conversion of `labels` with these options."""
+    import hashlib
+
+    path = data_dir / "manifest.json"
+    if not path.is_file():
+        return False
+    manifest = json.loads(path.read_text())
+    options = manifest.get("options", {})
+    with open(labels, "rb") as f:
+        csv_sha = hashlib.sha256(f.read()).hexdigest()
+    wanted = {"image_size": image_size, "split_name": split_name}
+    if not split_name:
+        wanted["val_fraction"] = VAL_FRACTION
+    return manifest.get("source_csv_sha256") == csv_sha and all(
+        options.get(k) == v for k, v in wanted.items()
+    )
+
+
+def convert(
+    labels: str,
+    images: str,
+    output: pathlib.Path,
+    image_size: int,
+    logs: pathlib.Path,
+    commands: list[str],
+    split_name: str = "",
+    log_name: str = "data",
+) -> float:
+    """Converts (or reuses a matching conversion); returns the conversion's wall minutes (0 reused)."""
+    if manifest_matches(output, labels, image_size, split_name):
+        print(f"reusing the conversion in {output} (its manifest matches)", flush=True)
+        return 0.0
+    args = ["-m", "boneage_tpu.convert", "--labels", labels, "--images", images]
+    args += ["--output", str(output), "--image_size", str(image_size), "--quiet"]
+    args += ["--split_name", split_name] if split_name else ["--val_fraction", str(VAL_FRACTION)]
+    began = time.monotonic()
+    run_command(args, logs / f"convert-{log_name}.log", commands)
+    return (time.monotonic() - began) / 60.0
+
+
+def split_records(data_dir: pathlib.Path, split: str) -> list[tuple[str, float, bool]]:
+    """Returns (id, boneage, male) of every record of a split, read through `schema`."""
+    import tensorflow as tf
+
+    from boneage_tpu import schema
+
+    manifest = schema.read_manifest(str(data_dir))
+    dataset = tf.data.TFRecordDataset(schema.shard_paths(str(data_dir), manifest, split))
+    rows = []
+    for serialized in dataset.batch(256):
+        features = schema.parse_examples(serialized)
+        ids = features["id"].numpy()
+        for i in range(len(ids)):
+            rows.append(
+                (
+                    ids[i].decode("utf-8"),
+                    float(features["boneage"][i]),
+                    bool(features["male"][i]),
+                )
+            )
+    return rows
+
+
+def image_paths(images_dir: str, ids: Sequence[str]) -> dict[str, str]:
+    """Maps each id to its single source image under images_dir (one-line error otherwise)."""
+    from boneage_tpu import layouts
+
+    found = layouts.find_images(images_dir)
+    missing = [i for i in ids if len(found.get(i, [])) != 1]
+    if missing:
+        raise BenchError(
+            f"{len(missing)} val/train ids have no single image in {images_dir}, e.g. {missing[:3]}"
+        )
+    return {i: found[i][0] for i in ids}
+
+
+def write_labels_csv(path: pathlib.Path, rows: Sequence[tuple[str, float, bool]]) -> None:
+    """Writes a Kaggle-layout labels CSV (id,boneage,male)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", "boneage", "male"])
+        for image_id, age, male in rows:
+            writer.writerow([image_id, f"{age:g}", "True" if male else "False"])
+
+
+def write_transformed(
+    rows: Sequence[tuple[str, float, bool]], paths: dict[str, str], folder: pathlib.Path, name: str
+) -> tuple[pathlib.Path, pathlib.Path]:
+    """Writes the transformed val images as grey PNGs + their CSV; returns (csv, images dir)."""
+    from PIL import Image
+
+    from boneage_tpu import images
+
+    image_dir = folder / "images"
+    image_dir.mkdir(parents=True, exist_ok=True)
+    for image_id, _, _ in rows:
+        target = image_dir / f"{image_id}.png"
+        if not target.exists():
+            pixels = TRANSFORMS[name](images.read_grayscale(paths[image_id]))
+            Image.fromarray(pixels, mode="L").save(target)
+    labels = folder / "labels.csv"
+    write_labels_csv(labels, rows)
+    return labels, image_dir
+
+
+def evaluate(
+    model_dir: pathlib.Path,
+    data_dir: pathlib.Path,
+    split: str,
+    tta: str,
+    output: pathlib.Path,
+    commands: list[str],
+) -> dict[str, Any]:
+    """Runs boneage_tpu.evaluate into `output` (its log beside it); returns its metrics.json."""
+    args = ["-m", "boneage_tpu.evaluate", "--model_dir", str(model_dir), "--data", str(data_dir)]
+    args += ["--split", split, "--tta", tta, "--output", str(output)]
+    run_command(args, output.parent / f"{output.name}.log", commands)
+    return json.loads((output / "metrics.json").read_text())
+
+
+# ---------------------------------------------------------------------------------------------
+# The benchmark.
+
+
+def _ratio(value: float | None, base: float | None) -> float | None:
+    return value / base if value is not None and base else None
+
+
+def plain_mae(metrics: dict[str, Any]) -> float | None:
+    """The MAE of the network's own predictions: without a fitted bias correction.
+
+    A model with a fitted correction applies it itself, and evaluate then reports
+    `mae_months` corrected and `mae_uncorrected_months` beside it.
+    """
+    uncorrected = metrics.get("mae_uncorrected_months")
+    return uncorrected if uncorrected is not None else metrics["mae_months"]
+
+
+def trainer_minutes(model_dir: pathlib.Path) -> float | None:
+    """The trainer's own training-time figure (DONE's metrics.train_minutes), when it has one."""
+    path = model_dir / "DONE"
+    if not path.is_file():
+        return None
+    value = json.loads(path.read_text()).get("metrics", {}).get("train_minutes")
+    return float(value) if value is not None else None
+
+
+@dataclasses.dataclass
+class BenchConfig:
+    """The benchmark's settings (its flags; --flagfile is taken out of the command line first)."""
+
+    labels: str = option("", "Labels CSV of the training data.", required=True)
+    images: str = option("", "Folder of its images (searched recursively).", required=True)
+    output: str = option("", "Work folder: data, model, evaluations, logs.", required=True)
+    minutes: float = option(
+        60.0, "Training wall-time budget in minutes (--max_train_minutes).", min=0, max=10**6
+    )
+    json: str = option("", "JSON output (default OUTPUT/benchmark_real.json).")
+    seed: int = option(0, "Training seed.", min=0, max=2**31 - 1)
+    image_size: int = option(
+        0, "Conversion and training size (0: the flagfile's).", min=0, max=4096
+    )
+    data: str = option("", "Converted data folder (default OUTPUT/data).")
+    skip_convert: bool = option(False, "Use --data (or OUTPUT/data) as it is.")
+    eval_every: int = option(
+        0,
+        "Validation interval in steps (0: the flagfile's; with --compare_seed and none there, "
+        f"--train_steps / {CURVE_POINTS}).",
+        min=0,
+        max=10**9,
+    )
+    test_labels: str = option("", "Held-out labelled CSV to evaluate too.")
+    test_images: str = option("", "Images of --test_labels.")
+    compare_seed: bool = option(False, "Also train the seed's way and compare time to accuracy.")
+    # Not a flag: absl would expand --flagfile into this command's own flags (see main).
+    flagfile: str = DEFAULT_FLAGFILE
+
+
+def run(config: BenchConfig) -> dict[str, Any]:
+    """Runs the benchmark with checked settings (see `check_config`); returns the JSON object."""
+    out = pathlib.Path(config.output).resolve()
+    logs = out / "logs"
+    commands: list[str] = []
+    notes: list[str] = []
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    flagfile = read_flagfile(config.flagfile)
+    image_size = config.image_size or _flag_int(flagfile, "image_size", 0)
+    if image_size <= 0:
+        raise BenchError("no image size: give --image_size or a flagfile with --image_size")
+    model_dir = out / f"model-seed{config.seed}"
+    if model_dir.exists() and any(model_dir.iterdir()):
+        raise BenchError(f"{model_dir} exists: remove it or use another --output (no resuming)")
+    data_dir = pathlib.Path(config.data).resolve() if config.data else out / "data"
+    convert_minutes: float | None = None
+    given = bool(config.data) and (data_dir / "manifest.json").is_file()
+    if config.skip_convert or given:
+        if not (data_dir / "manifest.json").is_file():
+            raise BenchError(f"--skip_convert: {data_dir} has no manifest.json")
+        notes.append(f"data used as converted: {data_dir} (conversion time not measured)")
+    else:
+        convert_minutes = convert(
+            config.labels, config.images, data_dir, image_size, logs, commands
+        )
+    # Shifted and test sets are stored like the training data, so that only the shift differs.
+    stored_size = int(json.loads((data_dir / "manifest.json").read_text())["image_size"])
+
+    # The same recipe for our trainer and the seed pipeline: flagfile, then these overrides.
+    recipe = ["--flagfile", config.flagfile, "--data", str(data_dir)]
+    recipe += ["--seed", str(config.seed), "--max_train_minutes", f"{config.minutes:g}"]
+    if config.image_size:
+        recipe += ["--image_size", str(image_size)]
+    eval_every = config.eval_every
+    if not eval_every and config.compare_seed:
+        eval_every = _flag_int(flagfile, "eval_every", 0) or max(
+            1, _flag_int(flagfile, "train_steps", 1000) // CURVE_POINTS
+        )
+    if eval_every:
+        recipe += ["--eval_every", str(eval_every)]
+    train_args = ["-m", "boneage_tpu.train", *recipe, "--model_dir", str(model_dir)]
+    train_lines = run_command(train_args, logs / f"train-seed{config.seed}.log", commands)
+    train_log = parse_trainer_log(train_lines)
+    if train_log["stopped_on_time_budget"]:
+        notes.append(
+            f"training stopped on the {config.minutes:g}-minute budget at step "
+            f"{train_log['final_step']} of {train_log['train_steps']} (the trainer fits its "
+            "cosine's end to the budget after every loop)"
+        )
+    else:
+        notes.append(
+            f"training reached --train_steps {train_log['train_steps']} within the "
+            f"{config.minutes:g}-minute budget: the budget did not bind"
+        )
+    own_minutes = trainer_minutes(model_dir)
+    if own_minutes is None:
+        notes.append("DONE has no train_minutes: train_minutes is the log's start-to-last-step")
+
+    evals = model_dir / "eval"
+    plain = evaluate(model_dir, data_dir, "val", "none", evals / "val", commands)
+    with_tta = evaluate(model_dir, data_dir, "val", TTA, evals / f"val-{TTA}", commands)
+    corrected = plain.get("mae_corrected_months")
+    if corrected is None:
+        notes.append("metrics.json has no mae_corrected_months (no fitted bias correction): null")
+    else:
+        notes.append(
+            "the model applies its fitted bias correction: val_mae_months is evaluate's "
+            "mae_uncorrected_months; mae_by_sex is of the corrected predictions"
+        )
+
+    val_rows = split_records(data_dir, "val")
+    paths = image_paths(config.images, [r[0] for r in val_rows])
+    robustness = {}
+    for name in TRANSFORMS:
+        folder = out / "robustness" / name
+        labels, images_dir = write_transformed(val_rows, paths, folder, name)
+        shifted = folder / "data"
+        convert(str(labels), str(images_dir), shifted, stored_size, logs, commands, "val", name)
+        values = evaluate(model_dir, shifted, "val", "none", evals / f"val-{name}", commands)
+        ratio = _ratio(plain_mae(values), plain_mae(plain))
+        robustness[name] = {
+            "mae_months": plain_mae(values),
+            "mae_corrected_months": values.get("mae_corrected_months"),
+            "ratio": ratio,
+            "within_target": ratio is not None and ratio <= ROBUSTNESS_TARGET,
+        }
+
+    result: dict[str, Any] = {
+        "val_mae_months": plain_mae(plain),
+        "val_mae_tta_months": plain_mae(with_tta),
+        "tta": TTA,
+        "val_mae_corrected_months": corrected,
+        "val_mae_tta_corrected_months": with_tta.get("mae_corrected_months"),
+        "bias_correction": plain.get("bias_correction"),
+        "mean_predictor_mae_months": plain["mean_predictor_mae_months"],
+        "mae_by_sex": plain["mae_by_sex"],
+        "n_val": plain["n"],
+        "train_minutes": (
+            own_minutes if own_minutes is not None else train_log["wall_seconds"] / 60.0
+        ),
+        "train_minutes_method": (
+            "the trainer's wall time from its first to its last loop, validation and "
+            "checkpoints included (DONE's train_minutes; what --max_train_minutes counts)"
+        ),
+        "train_minutes_excluding_validation": train_log["train_seconds"] / 60.0,
+        "train_img_s": train_log["images_per_second"],
+        "train_img_s_method": (
+            "(final step - start step) x batch / training wall time; the time is taken from the "
+            "trainer's progress lines as they arrive: its start line to its last step line, "
+            "validation passes excluded (first loop, with tracing, included)"
+        ),
+        "train_img_s_logged_median": train_log["logged_img_s_median"],
+        "train_steps_done": train_log["final_step"],
+        "train_steps_planned": train_log["train_steps"],
+        "stopped_on_time_budget": train_log["stopped_on_time_budget"],
+        "budget_minutes": config.minutes,
+        "image_size": image_size,
+        "data_image_size": stored_size,
+        "flagfile": config.flagfile,
+        "seed": config.seed,
+        "model_dir": str(model_dir),
+        "data": str(data_dir),
+        "convert_minutes": convert_minutes,
+        "robustness": robustness,
+        "robustness_target_ratio": ROBUSTNESS_TARGET,
+        "val_curve": train_log["curve"],
+        "cores": os.cpu_count() or 1,
+    }
+    if config.test_labels:
+        test_dir = out / "test-data"
+        convert(
+            config.test_labels, config.test_images, test_dir, stored_size, logs, commands,
+            "test", "test",
+        )  # fmt: skip
+        test = evaluate(model_dir, test_dir, "test", "none", evals / "test", commands)
+        test_tta = evaluate(model_dir, test_dir, "test", TTA, evals / f"test-{TTA}", commands)
+        result["test_mae_months"] = plain_mae(test)
+        result["test_mae_tta_months"] = plain_mae(test_tta)
+        result["test_mae_corrected_months"] = test.get("mae_corrected_months")
+        result["test_mean_predictor_mae_months"] = test["mean_predictor_mae_months"]
+    if config.compare_seed:
+        result["seed_comparison"] = _compare_seed(
+            config, out, data_dir, recipe, eval_every, train_log, convert_minutes, commands
+        )
+    result["notes"] = notes
+    result["commands"] = commands
+    result["load_average"] = {
+        "before": load_before,
+        "after": [round(x, 2) for x in os.getloadavg()],
+    }
+    return result
+
+
+def _compare_seed(
+    config: BenchConfig,
+    out: pathlib.Path,
+    data_dir: pathlib.Path,
+    recipe: Sequence[str],
+    eval_every: int,
+    train_log: dict[str, Any],
+    convert_minutes: float | None,
+    commands: list[str],
+) -> dict[str, Any]:
+    """Trains the seed's way on the same split, then compares the two validation curves."""
+    folder = out / f"seed-pipeline-seed{config.seed}"
+    splits = {}
+    for split in ("train", "val"):
+        rows = split_records(data_dir, split)
+        paths = image_paths(config.images, [r[0] for r in rows])
+        splits[split] = folder / f"{split}.csv"
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(splits[split], "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(["path", "boneage", "male"])
+            for image_id, age, male in rows:
+                writer.writerow([paths[image_id], f"{age:g}", int(male)])
+    curve_path = folder / "curve.json"
+    args = ["-m", "tools.benchmark_real_seed", *recipe, "--model_dir", str(folder / "model")]
+    args += ["--train_csv", str(splits["train"]), "--val_csv", str(splits["val"])]
+    args += ["--curve", str(curve_path)]
+    if "--eval_every" not in recipe:
+        args += ["--eval_every", str(eval_every)]
+    run_command(args, out / "logs" / f"seed-pipeline-seed{config.seed}.log", commands)
+    seed = json.loads(curve_path.read_text())
+    comparison = compare_curves(train_log["curve"], seed["curve"])
+    reached = comparison.get("our_minutes_to_seed_final")
+    with_convert = None
+    if reached is not None and convert_minutes and comparison["seed_train_minutes"] > 0:
+        with_convert = (reached + convert_minutes) / comparison["seed_train_minutes"]
+    return {
+        "our_curve": train_log["curve"],
+        "seed_curve": seed["curve"],
+        **comparison,
+        "time_to_seed_final_ratio_with_convert": with_convert,
+        "eval_every_steps": eval_every,
+        "seed_steps": seed["steps"],
+        "seed_img_s": seed["images_per_second"],
+        "our_img_s": train_log["images_per_second"],
+        "seed_settings": seed["settings"],
+        "method": (
+            "both runs: the same flagfile and overrides, the same budget of wall time "
+            "(validation included, as --max_train_minutes counts it); both curves: minutes of "
+            "training wall time (validation passes excluded) vs val MAE on the same val ids, "
+            "every eval_every_steps steps and at the end; ratio = our first validation at or "
+            "below the seed's final MAE / the seed's training time (validation excluded)"
+        ),
+    }
+
+
+def split_flagfile(argv: Sequence[str]) -> tuple[list[str], str]:
+    """Takes `--flagfile F` out of argv: absl would expand it into this command's own flags.
+
+    Returns:
+      (the other arguments, the flagfile; DEFAULT_FLAGFILE when absent).
+
+    Raises:
+      UsageError: --flagfile without a value.
+    """
+    rest, flagfile = [argv[0]], DEFAULT_FLAGFILE
+    args = iter(argv[1:])
+    for arg in args:
+        if arg in ("--flagfile", "-flagfile"):
+            flagfile = next(args, "")
+            if not flagfile:
+                raise UsageError("--flagfile needs a value")
+        elif arg.startswith(("--flagfile=", "-flagfile=")):
+            flagfile = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+    return rest, flagfile
+
+
+def check_config(config: BenchConfig) -> BenchConfig:
+    """Returns the config with the flagfile's path resolved; UsageError for what cannot work."""
+    if config.minutes <= 0:
+        raise UsageError(f"--minutes must be > 0, got {config.minutes:g}")
+    if bool(config.test_labels) != bool(config.test_images):
+        raise UsageError("--test_labels and --test_images go together")
+    for name in ("labels", "test_labels"):
+        value = getattr(config, name)
+        if value and not os.path.isfile(value):
+            raise UsageError(f"--{name} {value} not found")
+    for name in ("images", "test_images"):
+        value = getattr(config, name)
+        if value and not os.path.isdir(value):
+            raise UsageError(f"--{name} {value} is not a folder")
+    flagfile = pathlib.Path(config.flagfile)
+    if not flagfile.is_file() and not flagfile.is_absolute() and (REPO_ROOT / flagfile).is_file():
+        flagfile = REPO_ROOT / flagfile  # The default recipe, when run from another folder.
+    if not flagfile.is_file():
+        raise UsageError(f"--flagfile {config.flagfile} not found")
+    return dataclasses.replace(config, flagfile=str(flagfile.resolve()))
+
+
+def _job(config: BenchConfig) -> None:
+    config = check_config(config)
+    result = run(config)
+    text = json.dumps(result, indent=2, sort_keys=True, allow_nan=False)
+    print(text)
+    path = pathlib.Path(config.json or pathlib.Path(config.output) / "benchmark_real.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text + "\n")
+    print(f"wrote {path}", file=sys.stderr)
+
+
+def main(argv: Sequence[str]) -> int:
+    """Runs the benchmark on `argv` (argv[0] is the program); returns the exit status.
+
+    0 done; 2 a bad command line; 1 a step failed (one `benchmark_real: error: ...` line).
+    """
+    try:
+        argv, flagfile = split_flagfile(argv)
+    except UsageError as e:
+        print(f"benchmark_real: error: {e}", file=sys.stderr)
+        return 2
+    job = lambda config: _job(dataclasses.replace(config, flagfile=flagfile))  # noqa: E731
+    return cli.main("benchmark_real", BenchConfig, job, argv, __doc__)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,289 @@
+"""The seed's way of training, for `tools.benchmark_real --compare_seed` (one subprocess).
+
+    python -m tools.benchmark_real_seed --flagfile F --data D --model_dir M \
+        --train_csv CSV --val_csv CSV --curve curve.json --max_train_minutes M \
+        [--eval_every N] [--seed 0] [any other training flag]
+
+The training settings are those of `boneage_tpu.train` (`TrainConfig`, the same flags, the same
+flagfile and overrides as the compared run); --data gives the label stats (its manifest) and
+--model_dir receives the settings as config.json. The CSVs have columns path,boneage,male (the
+converter's train and val splits, pointing at the source images). The model is
+`boneage_tpu.model.build_model(config)`, as the trainer builds it, so only the training
+pipeline differs. The input is the seed notebook's: tf_keras `ImageDataGenerator` (rotation
+20, width/height shift 0.2, zoom 0.2, shear 0.2, horizontal flip, no samplewise
+normalisation) `.flow_from_dataframe(color_mode="grayscale", class_mode="raw")` at the
+model's size, pixels kept in 0..255 (the model's input), batches of --batch_size, fed as
+numpy arrays to Keras 3 `model.fit` on one device without XLA (the seed's tf.keras did not
+compile). Resizing uses bilinear interpolation (kinder to the seed than load_img's default
+nearest). Optimizer, schedule, loss (a bins head also trains its logits) are the run's, from
+`boneage_tpu.optim`; with the cosine, its end is re-fitted to the budget from the measured
+step rate as the trainer does (never beyond --train_steps).
+
+Every --eval_every steps and at the end, a callback predicts the preloaded val images and
+records [minutes of training, val MAE]; the curve's clock stops during these measurements.
+Training stops at the first step after --max_train_minutes of wall time, validation
+included (the trainer's budget counts it too).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+
+from boneage_tpu import cli  # noqa: E402
+from boneage_tpu.cli import option  # noqa: E402
+from boneage_tpu.errors import ConfigError, Error, UsageError  # noqa: E402
+
+SEED_AUGMENTATION = {
+    "rotation_range": 20,
+    "width_shift_range": 0.2,
+    "height_shift_range": 0.2,
+    "zoom_range": 0.2,
+    "shear_range": 0.2,
+    "horizontal_flip": True,
+}
+INTERPOLATION = "bilinear"
+
+
+def _frame(path: str) -> Any:
+    import pandas as pd
+
+    frame = pd.read_csv(path)
+    missing = {"path", "boneage", "male"} - set(frame.columns)
+    if missing:
+        raise ConfigError(f"{path} lacks columns {sorted(missing)}")
+    frame["male"] = frame["male"].astype(np.float32)
+    frame["boneage"] = frame["boneage"].astype(np.float32)
+    return frame
+
+
+def _flow(frame: Any, generator: Any, size: int, batch: int, shuffle: bool, seed: int) -> Any:
+    return generator.flow_from_dataframe(
+        frame, x_col="path", y_col=["boneage", "male"], class_mode="raw",
+        target_size=(size, size), color_mode="grayscale", batch_size=batch, shuffle=shuffle,
+        seed=seed, interpolation=INTERPOLATION, validate_filenames=False,
+    )  # fmt: skip
+
+
+def _inputs(x: np.ndarray, y: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    return {"image": x.astype(np.float32), "male": y[:, 1].astype(np.float32)}, y[:, 0]
+
+
+@dataclasses.dataclass
+class SeedConfig:
+    """The seed pipeline's own settings (the training settings are `TrainConfig`'s flags)."""
+
+    train_csv: str = option("", "path,boneage,male of the training images.", required=True)
+    val_csv: str = option("", "path,boneage,male of the validation images.", required=True)
+    curve: str = option("", "Where to write the curve JSON.", required=True)
+
+
+def run(config: Any, seed_config: SeedConfig) -> dict[str, Any]:
+    """Trains the seed's way within the budget; returns {"curve", "steps", ...}.
+
+    Args:
+      config: the run's TrainConfig (label stats filled from its data manifest).
+      seed_config: the CSVs of the split.
+    """
+    import keras
+    import tensorflow as tf
+    from tf_keras.preprocessing.image import ImageDataGenerator
+
+    from boneage_tpu import heads, optim
+    from boneage_tpu.model import build_model
+
+    size, batch, eval_every = config.image_size, config.batch_size, max(config.eval_every, 1)
+    train_frame, val_frame = _frame(seed_config.train_csv), _frame(seed_config.val_csv)
+    keras.utils.set_random_seed(config.seed)
+    model = build_model(config, weights=config.weights)
+
+    # The val images are decoded once, before the clock starts (the seed kept its val in RAM).
+    val_flow = _flow(val_frame, ImageDataGenerator(), size, 256, False, config.seed)
+    parts = [val_flow[i] for i in range(len(val_flow))]
+    val_x = np.concatenate([p[0] for p in parts])
+    val_y = np.concatenate([p[1] for p in parts])
+    val_inputs, val_true = _inputs(val_x, val_y)
+
+    # The plateau schedule needs validation-driven cuts the seed's fit does not make: constant.
+    schedule = "constant" if config.lr_schedule == "plateau" else config.lr_schedule
+    end = optim.ScheduleEnd(config.train_steps)
+    optimizer = optim.make_optimizer(
+        name=config.optimizer,
+        learning_rate=config.learning_rate,
+        warmup_steps=config.warmup_steps,
+        total_steps=config.train_steps,
+        schedule=schedule,
+        weight_decay=config.weight_decay,
+        end=end,
+    )
+    label_mean, label_std, loss_name = config.label_mean, config.label_std, config.loss
+
+    def loss(y_true: Any, y_pred: Any) -> Any:
+        z = (tf.reshape(y_pred, [-1]) - tf.reshape(y_true, [-1])) / label_std
+        return tf.reduce_mean(optim.per_example_loss(loss_name, z))
+
+    # The run's loss: a bins head also trains its logits (cross-entropy to the binned target),
+    # as the trainer does; the model being fitted then outputs (months, logits).
+    fitted, losses = heads.with_logits(model), [loss]
+    if fitted is not None:
+
+        def bins_loss(y_true: Any, logits: Any) -> Any:
+            z = (tf.reshape(y_true, [-1]) - label_mean) / label_std
+            return tf.reduce_mean(heads.bins_loss(logits, z))
+
+        losses.append(bins_loss)
+    else:
+        fitted = model
+    fitted.compile(optimizer=optimizer, loss=losses if len(losses) > 1 else loss, jit_compile=False)
+    two_outputs = len(losses) > 1
+    budget = config.max_train_minutes * 60.0
+
+    class Clock(keras.callbacks.Callback):
+        """Wall clock (budget, cosine end), curve clock (validation paused), val curve."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.curve: list[list[float]] = []
+            self.steps = 0
+            self.excluded = 0.0
+            self.began = 0.0
+            self.evaluated_at = -1
+            self.mark: tuple[int, float] | None = None
+
+        def wall_seconds(self) -> float:
+            return time.perf_counter() - self.began
+
+        def train_seconds(self) -> float:
+            return self.wall_seconds() - self.excluded
+
+        def on_train_begin(self, logs: Any = None) -> None:
+            self.began = time.perf_counter()
+
+        def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+            self.steps += 1
+            wall = self.wall_seconds()
+            if self.mark is None and self.steps >= 20:
+                self.mark = (self.steps, wall)  # The rate leaves out tracing, as the trainer's.
+            elif self.mark is not None and schedule == "cosine" and self.steps % 10 == 0:
+                rate = (self.steps - self.mark[0]) / max(wall - self.mark[1], 1e-9)
+                reachable = self.steps + int(rate * max(budget - wall, 0.0))
+                end.steps.assign(min(max(reachable, self.steps), config.train_steps))
+            if wall >= budget or self.steps >= config.train_steps:
+                self.model.stop_training = True
+            if self.steps % eval_every == 0 or self.model.stop_training:
+                self.measure()
+
+        def measure(self) -> None:
+            if self.evaluated_at == self.steps:
+                return
+            minutes_done = self.train_seconds() / 60.0
+            paused = time.perf_counter()
+            predicted = model.predict(val_inputs, batch_size=256, verbose=0)
+            mae = float(np.mean(np.abs(np.reshape(predicted, [-1]) - val_true)))
+            self.curve.append([minutes_done, mae])
+            self.evaluated_at = self.steps
+            self.excluded += time.perf_counter() - paused
+            print(
+                f"seed  step {self.steps}: val mae {mae:.2f} mo at {minutes_done:.2f} min",
+                flush=True,
+            )
+
+    generator = ImageDataGenerator(**SEED_AUGMENTATION)
+    train_flow = _flow(train_frame, generator, size, batch, True, config.seed)
+
+    def batches() -> Any:
+        while True:
+            inputs, target = _inputs(*next(train_flow))
+            yield inputs, ((target, target) if two_outputs else target)
+
+    clock = Clock()
+    # Epochs of eval_every steps only give fit a stopping grain; the clock does the rest.
+    with warnings.catch_warnings():
+        # fit's default shuffle=True does not apply to a generator; the flow shuffles itself.
+        warnings.filterwarnings("ignore", message="`shuffle=True` was passed")
+        fitted.fit(
+            batches(), steps_per_epoch=eval_every, epochs=10**6, callbacks=[clock], verbose=0
+        )
+    clock.measure()
+    seconds = clock.train_seconds()
+    return {
+        "curve": clock.curve,
+        "steps": clock.steps,
+        "train_minutes": seconds / 60.0,
+        "wall_minutes": clock.wall_seconds() / 60.0,
+        "images_per_second": clock.steps * batch / seconds if seconds > 0 else None,
+        "settings": {
+            "augmentation": SEED_AUGMENTATION,
+            "interpolation": INTERPOLATION,
+            "backbone": config.backbone,
+            "image_size": size,
+            "batch_size": batch,
+            "optimizer": config.optimizer,
+            "learning_rate": config.learning_rate,
+            "warmup_steps": config.warmup_steps,
+            "lr_schedule": schedule,
+            "cosine_end_step": int(end.steps.numpy()),
+            "loss": loss_name,
+            "head": config.head,
+            "input_norm": config.input_norm,
+            "n_train": len(train_frame),
+            "n_val": len(val_frame),
+        },
+    }
+
+
+def _job(train_config: Any, seed_config: SeedConfig) -> None:
+    from boneage_tpu import model_dir as model_dir_lib
+    from boneage_tpu.train import setup
+
+    if train_config.max_train_minutes <= 0:
+        raise UsageError("--max_train_minutes must be > 0 (the budget of the comparison)")
+    setup.fill_from_manifest(train_config)
+    model_dir_lib.save_config(train_config)
+    result = run(train_config, seed_config)
+    with open(seed_config.curve, "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=2)
+    print(f"seed pipeline: {result['steps']} steps, {result['images_per_second']:.1f} img/s")
+
+
+def main(argv: Sequence[str]) -> int:
+    """Runs the seed pipeline on `argv` (argv[0] is the program); returns the exit status."""
+    from absl import flags
+
+    from boneage_tpu.config import TrainConfig
+
+    fv = flags.FlagValues()
+    cli.define_flags(TrainConfig, fv)
+    cli.define_flags(SeedConfig, fv)
+    _, status = cli.parse_flags("benchmark_real_seed", fv, argv, __doc__)
+    if status is not None:
+        return status
+    try:
+        train_config = cli.config_from_flags(TrainConfig, fv)
+        seed_config = cli.config_from_flags(SeedConfig, fv)
+    except UsageError as e:
+        print(f"benchmark_real_seed: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        _job(train_config, seed_config)
+    except UsageError as e:
+        print(f"benchmark_real_seed: error: {e}", file=sys.stderr)
+        return 2
+    except (Error, OSError) as e:
+        print(f"benchmark_real_seed: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
