@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from boneage_tpu import evaluate, report
+from boneage_tpu.evaluate import job as evaluate
+from boneage_tpu.evaluate import report
 from tests.model_dirs import BATCH, make_run
 from tests.records import write_toy_dataset
 

@@ -36,6 +36,7 @@ class Case:
     predicted: float
     outside: float  # share of the map's mass outside the hand mask
     png: bytes  # the overlay
+    spread: float | None = None  # the bins head's std months (an uncertainty), else None
 
 
 def select_cases(true: np.ndarray, predicted: np.ndarray, k: int) -> tuple[list[int], list[int]]:
@@ -188,6 +189,7 @@ def build(
             predicted=float(result.predicted[i]),
             outside=outside[image_id],
             png=heatmap.overlay_png(image, cam, title, kind),
+            spread=std,
         )
 
     section = render_section([case(i) for i in worst], [case(i) for i in best], summary)
@@ -198,10 +200,11 @@ def _card(case: Case) -> str:
     error = case.predicted - case.boneage
     image = base64.b64encode(case.png).decode("ascii")
     outside = "n/a" if not np.isfinite(case.outside) else f"{100 * case.outside:.0f} %"
+    spread = f" ± {case.spread:.1f}" if case.spread is not None and np.isfinite(case.spread) else ""
     caption = (
         f"<b>{html.escape(case.image_id)}</b> · {'M' if case.male > 0.5 else 'F'}<br>"
-        f"true {case.boneage:.1f} · predicted {case.predicted:.1f} · error {error:+.1f} months"
-        f"<br>map mass outside hand: {outside}"
+        f"true {case.boneage:.1f} · predicted {case.predicted:.1f}{spread} · error "
+        f"{error:+.1f} months<br>map mass outside hand: {outside}"
     )
     return (
         f'<figure class="case"><img alt="heatmap of {html.escape(case.image_id)}" '
