@@ -37,5 +37,7 @@ def test_section_escapes_ids_and_says_when_there_is_no_gallery():
     assert "error +12.5 months" in page and "1 worst cases" in page and "50.0 %" in page
     assert "No case gallery" in gallery.render_section([], [], _summary())
     assert "predicted 112.5 · error" in page  # a regression model has no spread
-    bins = gallery.Case("b", 0.0, 100.0, 90.0, 0.2, b"\x89PNG", spread=7.25)
-    assert "predicted 90.0 ± 7.2 · error -10.0 months" in gallery.render_section([bins], [], _summary())
+    bins = gallery.Case("b", 0.0, 100.0, 90.0, 0.2, b"\x89PNG", spread=7.3)
+    assert "predicted 90.0 ± 7.3 · error -10.0 months" in gallery.render_section(
+        [bins], [], _summary()
+    )

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from boneage_tpu import heatmap, heads
+from boneage_tpu import heads, heatmap
 from boneage_tpu import model as model_lib
 from boneage_tpu.config import BACKBONES, TrainConfig
 
