@@ -2,6 +2,7 @@
 
   python -m boneage_tpu.predict --model MODEL_DIR [--sex M|F] IMAGE...
   python -m boneage_tpu.predict --model MODEL_DIR --labels CSV --images DIR [--output CSV]
+  ... [--heatmaps DIR]  # also writes DIR/<id>.png: where the model looks (boneage_tpu.heatmap)
 
 IMAGEs are PNG (8/16-bit, palette, RGB), JPEG or DICOM files, local or gs://. `--model` is a
 training run's folder (its export/model.keras when present, else its latest checkpoint; pick
@@ -23,7 +24,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from boneage_tpu import cli, data, images, predict_io, schema
+from boneage_tpu import cli, data, heatmap, images, predict_io, schema
 from boneage_tpu import config as config_lib
 from boneage_tpu import model_dir as model_dir_lib
 from boneage_tpu.cli import check, option
@@ -192,6 +193,12 @@ class PredictConfig:
     output: str = option("", "Write a CSV here (local or gs://) instead of printing a table.")
     batch_size: int = option(16, "Images per forward pass.", min=1, max=BIG)
     skip_unreadable: bool = option(False, "List unreadable images and predict the others.")
+    heatmaps: str = option(
+        "",
+        "Folder (local or gs://) for one PNG per image: the Grad-CAM map (attention mask for "
+        "--attention models) over the input as the model saw it, predicted months (and the "
+        "bins head's uncertainty) in the title.",
+    )
 
 
 def run(config: PredictConfig) -> list[dict[str, Any]]:
@@ -225,6 +232,18 @@ def run(config: PredictConfig) -> list[dict[str, Any]]:
         item.update(male=int(m > 0.5), predicted=float(value))
         labeled = item["boneage"] is not None
         item["error"] = float(value) - item["boneage"] if labeled else None
+    if config.heatmaps:
+        written = heatmap.write_overlays(
+            loaded.model,
+            batch,
+            sex,
+            [i["id"] for i in items],
+            months,
+            config.heatmaps,
+            batch_size=config.batch_size,
+        )
+        for item, path in zip(items, written, strict=True):
+            item["heatmap"] = path
     return items
 
 
@@ -236,6 +255,8 @@ def _job(config: PredictConfig) -> None:
         print(f"wrote {len(rows)} predictions to {config.output}")
     else:
         sys.stdout.write(predict_io.format_rows(rows, as_csv=False))
+    if config.heatmaps:
+        print(f"wrote {len(rows)} heatmaps to {config.heatmaps}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

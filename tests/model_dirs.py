@@ -42,8 +42,13 @@ def flip_sensitive_model(size: int = 32) -> keras.Model:
     return keras.Model({"image": image, "male": male}, months)
 
 
-def make_run(root: pathlib.Path, manifest: dict, *, seed: int = 0, steps=(1, 2)) -> str:
-    """Writes a model directory like the trainer's: config.json, checkpoints, Keras export."""
+def make_run(
+    root: pathlib.Path, manifest: dict, *, seed: int = 0, steps=(1, 2), **overrides
+) -> str:
+    """Writes a model directory like the trainer's: config.json, checkpoints, Keras export.
+
+    `overrides` are further TrainConfig fields (e.g. head="bins").
+    """
     stats = manifest["label_stats"]
     config = config_lib.TrainConfig(
         data="toy",
@@ -58,6 +63,7 @@ def make_run(root: pathlib.Path, manifest: dict, *, seed: int = 0, steps=(1, 2))
         data_image_size=manifest["image_size"],
         data_encoding=manifest["encoding"],
         schema_version=manifest["schema_version"],
+        **overrides,
     )
     model_dir_lib.save_config(config)
     keras.utils.set_random_seed(seed)
@@ -69,7 +75,7 @@ def make_run(root: pathlib.Path, manifest: dict, *, seed: int = 0, steps=(1, 2))
         max_to_keep=5,
         checkpoint_name="ckpt",
     )
-    dense = model.get_layer("zscore")
+    dense = model.get_layer("age_logits" if config.head == "bins" else "zscore")
     for s in steps:
         step.assign(s)
         dense.kernel.assign(dense.kernel * 1.5)  # different weights at every step

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -61,6 +62,53 @@ def test_metrics_match_numpy_and_every_record_once(toy, tmp_path):
     assert written["data_manifest_sha256"] == hashlib.sha256(manifest_bytes).hexdigest()
     for name in ("report.png", "report.html"):
         assert (pathlib.Path(out) / name).stat().st_size > 1000
+
+
+def test_report_gallery_shows_worst_and_best_with_shortcut_check(toy, tmp_path):
+    out = tmp_path / "gallery"
+    metrics = evaluate.run(
+        model_dir=toy["a"], data=toy["data"], batch_size=BATCH, output=str(out), gallery_size=3
+    )
+    check = metrics["shortcut_check"]
+    assert check["map"] == "grad-cam" and check["model_dir"] == toy["a"]
+    assert check["n"] + check["n_all_zero_maps"] == VAL_COUNT and check["n"] > 0
+    assert 0.0 <= check["outside_hand_mass_fraction"] <= 1.0
+    assert json.loads((out / "metrics.json").read_text())["shortcut_check"] == check
+    page = (out / "report.html").read_text()
+    assert "3 worst cases" in page and "3 best cases" in page
+    df = _csv(str(out))
+    order = (df["predicted"] - df["boneage"]).abs().sort_values(kind="stable").index
+    shown = re.findall(r'alt="heatmap of ([^"]+)"', page)
+    assert shown == [*df["id"][order[::-1][:3]], *df["id"][order[:3]]]
+    assert page.count('src="data:image/png;base64,') == 1 + 6
+    assert "<th>shortcut_check.outside_hand_mass_fraction</th>" in page
+    assert " ± " not in page  # a regression model has no spread
+
+
+def test_gallery_of_a_bins_model_shows_its_spread(toy, tmp_path):
+    run = make_run(tmp_path / "bins", toy["manifest"], head="bins", num_bins=16)
+    out = tmp_path / "out"
+    metrics = evaluate.run(model_dir=run, data=toy["data"], batch_size=BATCH, output=str(out))
+    assert metrics["shortcut_check"]["n"] > 0
+    df = _csv(str(out))
+    page = (out / "report.html").read_text()
+    shown = re.findall(r'alt="heatmap of ([^"]+)"', page)
+    assert len(shown) == VAL_COUNT  # the default 8 worst, then the 3 left as the best
+    first = df.set_index("id").loc[shown[0]]
+    assert f"predicted {first['predicted']:.1f} ± {first[report.SPREAD_COLUMN]:.1f}" in page
+
+
+def test_no_gallery_skips_the_heatmap_pass(toy, tmp_path, capsys):
+    out = tmp_path / "plain"
+    metrics = evaluate.run(
+        model_dir=toy["a"], data=toy["data"], batch_size=BATCH, output=str(out), no_gallery=True
+    )
+    assert "shortcut_check" not in metrics
+    page = (out / "report.html").read_text()
+    assert "worst cases" not in page and page.count("<img") == 1
+    args = ["evaluate", f"--model_dir={toy['a']}", "--data=x", "--gallery_size=-1"]
+    assert evaluate.main(args) == 2
+    assert "--gallery_size must be >= 0" in capsys.readouterr().err
 
 
 def test_default_output_and_checkpoint_choice(toy):

@@ -144,6 +144,18 @@ def test_cli_prints_a_table_and_writes_csv(phantom, tmp_path, capsys):
     assert all(r["male"] == "0" and math.isfinite(float(r["predicted_months"])) for r in table)
 
 
+def test_cli_writes_one_heatmap_overlay_per_image(phantom, tmp_path, capsys):
+    pngs = sorted(str(p) for p in phantom["images"].glob("*.png"))[:4]
+    maps = tmp_path / "maps"
+    args = ["predict", f"--model={phantom['model']}", "--sex=F", f"--heatmaps={maps}", *pngs]
+    assert predict.main(args) == 0
+    assert f"wrote 4 heatmaps to {maps}" in capsys.readouterr().out
+    assert sorted(p.stem for p in maps.glob("*.png")) == sorted(pathlib.Path(p).stem for p in pngs)
+    for path in maps.glob("*.png"):
+        rgb = np.asarray(Image.open(path).convert("RGB"))
+        assert rgb.shape[0] > 250 and len(np.unique(rgb.reshape(-1, 3), axis=0)) > 100
+
+
 def test_tta_flip_averages_mirror(phantom, tmp_path):
     run = tmp_path / "flipper"
     (run / "export").mkdir(parents=True)

@@ -3,12 +3,15 @@
   python -m boneage_tpu.evaluate --model_dir PATH --data PATH [--split val]
       [--checkpoint latest|STEP|export] [--tta none|flip|rotflip] [--output PATH] [--batch_size B]
       [--continuous [--timeout SECONDS]] [--tpu ...|--virtual_cpus N]
+      [--gallery_size K | --no_gallery]
 
 PATHs are local or gs://. Every record of the split is evaluated exactly once. Several
 `--model_dir` flags evaluate the ensemble (mean of the members' predictions). `--continuous`
 follows a training run and evaluates each new checkpoint once (see `boneage_tpu.evaluate.continuous`).
 Outputs go to `--output`, default `MODEL_DIR/eval/<split>-<step>[-<tta>]/` (the first model
-directory's, named `<split>-ensemble-<step>_<step>...` for ensembles).
+directory's, named `<split>-ensemble-<step>_<step>...` for ensembles). The report shows the
+K worst and K best cases with heatmaps and the shortcut check (`boneage_tpu.evaluate.gallery`;
+one extra pass over the split, the first model's maps); `--no_gallery` skips both.
 """
 
 from __future__ import annotations

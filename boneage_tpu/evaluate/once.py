@@ -1,7 +1,9 @@
 """One evaluation of a model (or ensemble) at one checkpoint: the library behind `evaluate`.
 
 A leaf of the evaluation package: `job` (the command) and `continuous` (following a training
-run) both call `evaluate_once`; it imports neither.
+run) both call `evaluate_once`; it imports neither. The report shows the K worst and K best
+cases with heatmaps and the shortcut check (`gallery`; one extra pass over the split, the first
+model's maps); `--no_gallery` skips both.
 """
 
 from __future__ import annotations
@@ -9,19 +11,21 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import hashlib
+import html
+import sys
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
 
-from boneage_tpu import __version__, schema
+from boneage_tpu import __version__, heatmap, schema
 from boneage_tpu import config as config_lib
 from boneage_tpu import model_dir as model_dir_lib
 from boneage_tpu.cli import check, option
 from boneage_tpu.config import BIG
 from boneage_tpu.errors import Error
-from boneage_tpu.evaluate import inference, metrics, report, restore
+from boneage_tpu.evaluate import gallery, inference, metrics, report, restore
 
 
 class EvalError(Error, ValueError):
@@ -72,6 +76,16 @@ class EvalConfig:
     tpu: str = option("", "TPU as in training: colab, local, a name or grpc:// address.")
     virtual_cpus: int = option(
         0, "Split the CPU into N replicas (as in training).", min=0, max=4096
+    )
+    gallery_size: int = option(
+        gallery.DEFAULT_SIZE,
+        "Worst and best cases shown with heatmaps in report.html (each).",
+        min=0,
+        max=BIG,
+    )
+    no_gallery: bool = option(
+        False,
+        "Skip the heatmap pass: no case gallery and no shortcut check (for huge runs).",
     )
 
 
@@ -178,7 +192,7 @@ def evaluate_once(
     """
     checkpoint = checkpoint or config.checkpoint or "latest"
     manifest, checksum = read_data_manifest(config.data, config.split)
-    runs, members, corrections, train_mean = [], [], [], None
+    runs, members, corrections, train_mean, first = [], [], [], None, None
     for model_dir in config.model_dirs:
         # config.json alone tells whether the data fits: fail before building the model.
         restore.check_data_compatible(model_dir_lib.load_config(model_dir), manifest)
@@ -203,6 +217,7 @@ def evaluate_once(
         )
         members.append({"model_dir": model_dir, "source": loaded.source, "step": loaded.step})
         corrections.append((loaded.config.bias_slope, loaded.config.bias_intercept))
+        first = first or (loaded, batch_size)
         train_mean = train_mean or _train_mean(manifest, loaded.config)
     result = inference.average(runs)
     expected = int(schema.split_info(manifest, config.split)["count"])
@@ -240,6 +255,24 @@ def evaluate_once(
             "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         }
     )
+    section = ""
+    if not config.no_gallery:
+        try:
+            section, values["shortcut_check"] = gallery.build(
+                first[0].model,
+                first[0].model_dir,
+                config.data,
+                config.split,
+                manifest,
+                result,
+                image_size=restore.model_image_size(first[0]),
+                batch_size=first[1],
+                size=config.gallery_size,
+                strategy=strategy,
+            )
+        except heatmap.HeatmapError as e:
+            print(f"warning: no heatmaps: {e}", file=sys.stderr)
+            section = f"<p>No heatmaps: {html.escape(str(e))}</p>"
     title = f"Bone age: {', '.join(config.model_dirs)} on {config.split} ({values['n']} images)"
     report.write_outputs(
         output,
@@ -250,5 +283,6 @@ def evaluate_once(
         result.predicted,
         title=title,
         spread=result.spread,
+        extra_html=section,
     )
     return values

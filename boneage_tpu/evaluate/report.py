@@ -156,8 +156,11 @@ def _rows(metrics: Mapping[str, Any], prefix: str = "") -> list[tuple[str, str]]
     return rows
 
 
-def render_html(metrics: Mapping[str, Any], png: bytes, title: str) -> str:
-    """Returns a self-contained HTML page: the figure (embedded) and the metrics table."""
+def render_html(metrics: Mapping[str, Any], png: bytes, title: str, extra_html: str = "") -> str:
+    """Returns a self-contained HTML page: the figure (embedded), `extra_html` and the metrics.
+
+    `extra_html` is e.g. the case gallery of `boneage_tpu.evaluate.gallery`.
+    """
     table = "\n".join(
         f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in _rows(metrics)
     )
@@ -169,6 +172,7 @@ th,td{{border:1px solid #ccc;padding:2px 8px;text-align:left}} img{{max-width:10
 </head><body>
 <h1>{html.escape(title)}</h1>
 <img alt="predicted vs true, Bland-Altman and MAE by age band" src="data:image/png;base64,{image}">
+{extra_html}
 <h2>Metrics</h2>
 <table>
 {table}
@@ -189,11 +193,13 @@ def write_outputs(
     *,
     title: str = "Bone age evaluation",
     spread: np.ndarray | None = None,
+    extra_html: str = "",
 ) -> dict[str, str]:
     """Writes predictions.csv, report.png, report.html and (last) metrics.json.
 
     metrics.json is written last because its presence marks the evaluation complete (the
-    continuous evaluator skips steps that have it).
+    continuous evaluator skips steps that have it). `extra_html` goes into report.html after
+    the figure (the case gallery of `boneage_tpu.evaluate.gallery`).
 
     Returns:
       Output name -> full path.
@@ -206,6 +212,6 @@ def write_outputs(
     _write(paths[PREDICTIONS_NAME], predictions_csv(ids, male, true, predicted, spread))
     png = render_png(metrics, male, true, predicted)
     _write(paths[REPORT_PNG_NAME], png)
-    _write(paths[REPORT_HTML_NAME], render_html(metrics, png, title))
+    _write(paths[REPORT_HTML_NAME], render_html(metrics, png, title, extra_html))
     _write(paths[METRICS_NAME], json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     return paths
