@@ -10,20 +10,25 @@ same arguments, and gives the same bytes as an uninterrupted one; `--overwrite` 
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import functools
 import hashlib
 import math
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import tensorflow as tf
 import tqdm
 from absl import flags
 
 from boneage_tpu import cli, images, layouts, schema
 from boneage_tpu.convert import manifest as convert_output
 from boneage_tpu.convert import shards as convert_write
+from boneage_tpu.convert import verify as convert_verify
 from boneage_tpu.convert import workers as convert_workers
 from boneage_tpu.layouts import ConvertError
 
@@ -82,6 +87,38 @@ def _shard_counts(splits: dict[str, list[layouts.Row]], options: dict[str, Any])
     }
 
 
+@contextlib.contextmanager
+def _disk_full_is_one_line(output: str) -> Iterator[None]:
+    """Turns a full disk (or quota) while writing `output` into one ConvertError line.
+
+    What was written stays resumable: shards become final only when complete, the manifest
+    is created last and atomically, so a rerun after freeing space continues.
+    """
+    hint = "free some space (or use another --output) and rerun the same command to resume"
+    try:
+        yield
+    except tf.errors.ResourceExhaustedError as e:
+        raise ConvertError(
+            f"out of space writing {output} ({' '.join(e.message.split())[:160]}): {hint}"
+        ) from None
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise ConvertError(f"no space left on the device writing {output}: {hint}") from None
+
+
+def _reports_full_disk(convert_fn: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+    """Runs `convert_fn(labels_csv, images_dir, output, ...)` under `_disk_full_is_one_line`."""
+
+    @functools.wraps(convert_fn)
+    def wrapper(labels_csv: str, images_dir: str, output: str, **kwargs: Any) -> dict[str, Any]:
+        with _disk_full_is_one_line(output):
+            return convert_fn(labels_csv, images_dir, output, **kwargs)
+
+    return wrapper
+
+
+@_reports_full_disk
 def convert(
     labels_csv: str,
     images_dir: str,
@@ -218,10 +255,12 @@ def convert(
 
 def _finished_manifest(output: str, key: str) -> dict[str, Any] | None:
     """Returns the manifest of a finished identical conversion, None when there is none."""
+    if not tf.io.gfile.exists(convert_write.join(output, schema.MANIFEST_NAME)):
+        return None
     try:
         manifest = schema.read_manifest(output)
-    except schema.ManifestError:
-        return None
+    except schema.ManifestError as e:
+        raise ConvertError(f"{e}; pass --overwrite to redo the conversion") from None
     if manifest.get("plan_sha256") != key:
         raise ConvertError(
             f"{output} already holds a finished conversion of other inputs or "
@@ -336,16 +375,31 @@ def _define_flags() -> flags.FlagValues:
         "strict", False, "Fail on the first input that would be skipped.", flag_values=fv
     )
     flags.DEFINE_bool("quiet", False, "No progress bar and no summary.", flag_values=fv)
+    flags.DEFINE_bool(
+        "verify",
+        False,
+        "Only check the shards in --output against the sizes and sha256 in its manifest.",
+        flag_values=fv,
+    )
     return fv
 
 
 def main(argv: Sequence[str]) -> int:
     """Parses the flags and runs `convert`; returns the exit status."""
     fv = _define_flags()
-    required = ("labels", "images", "output")
-    _, status = cli.parse_flags("make_tfrecords", fv, argv, __doc__, required=required)
+    _, status = cli.parse_flags("make_tfrecords", fv, argv, __doc__)
     if status is not None:
         return status
+    required = ("output",) if fv.verify else ("labels", "images", "output")
+    missing = [f"--{name}" for name in required if not fv[name].value]
+    if missing:
+        print(
+            f"make_tfrecords: error: missing required flag(s): {', '.join(missing)}",
+            file=sys.stderr,
+        )
+        return 2
+    if fv.verify:
+        return convert_verify.main(["verify_tfrecords", fv.output])
     kill_after = int(os.environ.get(KILL_ENV, "0") or 0)
     try:
         convert(
