@@ -8,11 +8,12 @@ The loop is our own (`boneage_tpu.train.loop`): `strategy.run` inside a `tf.func
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 # Quiets TensorFlow's C++ start-up logging when run as a program (no effect once TF is loaded).
@@ -24,6 +25,8 @@ from absl import app, flags, logging  # noqa: E402
 
 from boneage_tpu import config as config_lib  # noqa: E402
 from boneage_tpu import distribute, export  # noqa: E402
+from boneage_tpu.convert import verify  # noqa: E402
+from boneage_tpu.train import lease as train_lease  # noqa: E402
 from boneage_tpu.train import state as train_state  # noqa: E402
 from boneage_tpu.train.flags import config_from_flags, define_flags  # noqa: E402
 from boneage_tpu.train.setup import DatasetFn, Session, prepare  # noqa: E402
@@ -65,6 +68,20 @@ def _loop_length(config: config_lib.TrainConfig, current: int, steps_per_loop: i
     return min(min(ends) - current, steps_per_loop)
 
 
+@contextlib.contextmanager
+def _data_errors_name_the_shard(
+    config: config_lib.TrainConfig, splits: list[str]
+) -> Iterator[None]:
+    """A failed record read (DataLossError names no file) becomes a TrainingError naming the
+    shard whose size or sha256 differs from the manifest."""
+    try:
+        yield
+    except tf.errors.DataLossError as e:
+        if not config.data:
+            raise
+        raise TrainingError(verify.describe_read_failure(config.data, None, splits, e)) from None
+
+
 def _train(
     session: Session,
     train_log: train_state.ScalarLog,
@@ -79,7 +96,8 @@ def _train(
     while current < config.train_steps:
         num_steps = _loop_length(config, current, session.settings["steps_per_loop"])
         began = time.perf_counter()
-        metrics = trainer.train(session.train_iterator, num_steps)
+        with _data_errors_name_the_shard(config, ["train"]):
+            metrics = trainer.train(session.train_iterator, num_steps)
         elapsed = time.perf_counter() - began
         if metrics.bad_step >= 0:
             kept = (
@@ -111,7 +129,8 @@ def _train(
             "images_per_second": rate,
         }
         if val_log is not None and config.eval_every > 0 and current % config.eval_every == 0:
-            result.update(_validate(session, current, val_log))
+            with _data_errors_name_the_shard(config, [config.val_split]):
+                result.update(_validate(session, current, val_log))
             if config.lr_schedule == "plateau" and session.plateau.update(result["val_mae_months"]):
                 log(f"plateau: learning rate x{config.plateau_factor} from step {current}")
         if current % config.checkpoint_every == 0:
@@ -150,7 +169,15 @@ def run(
     """
     config = dataclasses.replace(config)
     session = prepare(config, strategy, datasets, log)
-    settings = session.settings
+    try:
+        return _run_locked(session, after_loop)
+    finally:
+        session.lease.release()
+
+
+def _run_locked(session: Session, after_loop: Callable[[int], None] | None) -> dict[str, Any]:
+    """`run` once the session holds the model directory's lease."""
+    config, settings = session.config, session.settings
     log(
         f"train: {distribute.describe(session.strategy)}, batch {config.batch_size} "
         f"({session.per_replica_batch}/replica), {settings['precision']}, "
@@ -169,7 +196,8 @@ def run(
         if session.checkpoints.saved_step != current:
             session.checkpoints.save()
         if val_log is not None and "val_mae_months" not in result:
-            result.update(_validate(session, current, val_log))
+            with _data_errors_name_the_shard(config, [config.val_split]):
+                result.update(_validate(session, current, val_log))
     finally:
         train_log.close()
         if val_log is not None:
@@ -188,6 +216,8 @@ ERRORS = (
     ValueError,
     distribute.DistributeError,
     TrainingError,
+    train_state.NonFiniteWeightsError,
+    train_lease.LockedError,
     FileNotFoundError,
     tf.errors.NotFoundError,
     tf.errors.PermissionDeniedError,
