@@ -46,11 +46,20 @@ def resolve_model(model_path: str, checkpoint: str = "auto") -> tuple[str, str]:
     return path, "export" if tf.io.gfile.exists(export) else "latest"
 
 
-def prepare_image(path: str, config: config_lib.TrainConfig, image_size: int) -> np.ndarray:
+def prepare_image(
+    path: str, config: config_lib.TrainConfig, image_size: int, force: bool = False
+) -> np.ndarray:
     """Returns the model input uint8 [S, S, 1] for one image file, as training data was made.
 
+    Args:
+      path: the image file.
+      config: the model's training config (the data's stored size and encoding).
+      image_size: the model's square input size.
+      force: predict an implausible image (tiny, blank, noise) too, with a warning on stderr.
+
     Raises:
-      images.ImageError: the file is missing or cannot be decoded.
+      images.ImageError: the file is missing or cannot be decoded;
+        `images.ImplausibleImageError` when it does not look like a radiograph (unless forced).
     """
     if not config.data_image_size or not config.data_encoding:
         raise PredictError(
@@ -63,6 +72,9 @@ def prepare_image(path: str, config: config_lib.TrainConfig, image_size: int) ->
         config.data_image_size,
         config.data_encoding,
         config.data_jpeg_quality,
+        warn=(lambda reason: print(f"warning: {path}: {reason}", file=sys.stderr))
+        if force
+        else None,
     )
     # Wrapped in a record and parsed by the input pipeline's own function: same decode, same
     # fit-to-square as the training and evaluation data.
@@ -80,13 +92,17 @@ def prepare_image(path: str, config: config_lib.TrainConfig, image_size: int) ->
 
 
 def _read_all(
-    paths: Sequence[str], config: Any, size: int
+    paths: Sequence[str], config: Any, size: int, force: bool = False
 ) -> tuple[np.ndarray, list[tuple[str, str]]]:
     """Prepares every image; returns the batch of readable ones and (path, reason) for the rest."""
     arrays, problems = [], []
     for path in paths:
         try:
-            arrays.append(prepare_image(path, config, size))
+            arrays.append(prepare_image(path, config, size, force))
+        except images.ImplausibleImageError as e:
+            problems.append(
+                (path, f"does not look like a hand radiograph: {e} (--force predicts it)")
+            )
         except images.ImageError as e:
             problems.append((path, str(e)))
     batch = np.stack(arrays) if arrays else np.zeros((0, size, size, 1), np.uint8)
@@ -134,6 +150,7 @@ def predict_images(
     checkpoint: str = "auto",
     tta: str = "none",
     batch_size: int = 16,
+    force: bool = False,
 ) -> list[float]:
     """Predicts bone age in months for image files.
 
@@ -146,6 +163,7 @@ def predict_images(
         or a training step.
       tta: none | flip (mean of the image and its mirror).
       batch_size: images per forward pass.
+      force: also predict images that fail the plausibility check (a warning each).
 
     Returns:
       Bone age in months, one float per path, in order.
@@ -158,7 +176,7 @@ def predict_images(
     model_dir, checkpoint = resolve_model(model_path, checkpoint)
     loaded = restore.load_model(model_dir, checkpoint)
     male = _sex_array(males, len(paths), loaded)
-    batch, problems = _read_all(paths, loaded.config, restore.model_image_size(loaded))
+    batch, problems = _read_all(paths, loaded.config, restore.model_image_size(loaded), force)
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise images.ImageError(f"cannot read {problems[0][0]}: {problems[0][1]}{more}")
@@ -180,6 +198,7 @@ class PredictConfig:
     output: str = ""  # CSV path; "" prints a table
     batch_size: int = 16
     skip_unreadable: bool = False
+    force: bool = False  # predict implausible images too (with a warning)
 
 
 def run(config: PredictConfig) -> list[dict[str, Any]]:
@@ -192,8 +211,10 @@ def run(config: PredictConfig) -> list[dict[str, Any]]:
     males = [i["male"] for i in items]
     sex = _sex_array(None if None in males else males, len(items), loaded)
     batch, problems = _read_all(
-        [i["path"] for i in items], loaded.config, restore.model_image_size(loaded)
+        [i["path"] for i in items], loaded.config, restore.model_image_size(loaded), config.force
     )
+    if len(problems) == 1 and len(items) == 1 and not config.skip_unreadable:
+        raise PredictError(f"cannot use {problems[0][0]}: {problems[0][1]}")
     for path, reason in problems:
         print(
             f"{'skipped' if config.skip_unreadable else 'unreadable'} {path}: {reason}",
@@ -248,6 +269,12 @@ def define_flags(flag_values: Any) -> None:
     flags.DEFINE_bool(
         "skip_unreadable", False, "List unreadable images and predict the others.", **fv
     )
+    flags.DEFINE_bool(
+        "force",
+        False,
+        "Also predict images that do not look like radiographs (tiny, blank, noise).",
+        **fv,
+    )
 
 
 def main(argv: Sequence[str]) -> int:
@@ -270,6 +297,7 @@ def main(argv: Sequence[str]) -> int:
         output=flag_values.output,
         batch_size=flag_values.batch_size,
         skip_unreadable=flag_values.skip_unreadable,
+        force=flag_values.force,
     )
     try:
         if not config.model:

@@ -14,6 +14,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import tensorflow as tf
+
 from boneage_tpu import layouts
 
 _SEX = {"m": 1.0, "male": 1.0, "1": 1.0, "f": 0.0, "female": 0.0, "0": 0.0}
@@ -69,6 +71,12 @@ def list_inputs(
     if not paths:
         raise PredictError("no images: give IMAGE files or --labels CSV --images DIR")
     male = parse_sex(sex) if sex else None
+    for path in paths:
+        if tf.io.gfile.isdir(path):
+            raise PredictError(
+                f"{path} is a folder: give image files (e.g. {path.rstrip('/')}/*.png), or "
+                f"--labels CSV --images {path}"
+            )
     return [
         {
             "id": posixpath.splitext(posixpath.basename(p))[0],

@@ -24,6 +24,7 @@ import tensorflow as tf
 
 from boneage_tpu import __version__, cli, distribute, schema
 from boneage_tpu import config as config_lib
+from boneage_tpu.convert import verify
 from boneage_tpu.evaluate import inference, metrics, report, restore
 
 
@@ -143,8 +144,8 @@ def evaluate_once(
             models[model_dir] = loaded.model
         print(f"evaluating {loaded.source} (step {loaded.step}) on {config.data} [{config.split}]")
         batch_size = config.batch_size or loaded.config.eval_batch_size or loaded.config.batch_size
-        runs.append(
-            inference.predict_split(
+        try:
+            predictions = inference.predict_split(
                 loaded.model,
                 config.data,
                 config.split,
@@ -154,7 +155,11 @@ def evaluate_once(
                 tta=config.tta,
                 strategy=strategy,
             )
-        )
+        except tf.errors.DataLossError as e:  # Names no file: find the shard by its checksum.
+            raise EvalError(
+                verify.describe_read_failure(config.data, manifest, [config.split], e)
+            ) from None
+        runs.append(predictions)
         members.append({"model_dir": model_dir, "source": loaded.source, "step": loaded.step})
         train_mean = train_mean or _train_mean(manifest, loaded.config)
     result = inference.average(runs)
