@@ -1,13 +1,183 @@
-"""Flag parsing shared by the command-line entry points: help, one-line usage errors."""
+"""Every command's command line: flags declared by a config dataclass, one error path.
+
+A command's settings are one dataclass whose fields declare their flag with `option(...)`:
+help text, choices, the valid range of a number, whether it is required. `define_flags`
+turns the class into absl flags, `config_from_flags` builds (and checks) the config from the
+parsed flags, and `main` runs a command with both:
+
+  prog: error: <one line>   exit 2: bad command line (unknown flag, bad or out-of-range value)
+                            exit 1: the run failed on a `boneage_tpu.Error` or an I/O error
+Any other exception is a bug: it keeps its traceback.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
-from collections.abc import Sequence
+import types
+import typing
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from absl import flags
 
+from boneage_tpu.errors import Error, UsageError
+
 HELP_ARGS = ("-h", "-help", "--help", "--helpfull", "--helpshort")
+
+
+def option(
+    default: Any,
+    help: str,  # noqa: A002 - the word absl uses
+    *,
+    choices: Sequence[str] = (),
+    min: float | None = None,  # noqa: A002
+    max: float | None = None,  # noqa: A002
+    required: bool = False,
+    flag: str = "",
+    positional: bool = False,
+) -> Any:
+    """Declares a config field that is a command-line flag.
+
+    Args:
+      default: the field's default (and the flag's).
+      help: the flag's help text.
+      choices: the allowed values of a string setting.
+      min: smallest valid value of a number (inclusive).
+      max: largest valid value of a number (inclusive).
+      required: the flag must be given a non-empty value.
+      flag: the flag's name when it differs from the field's.
+      positional: the field takes the command's positional arguments instead of a flag.
+
+    Returns:
+      A `dataclasses.field`.
+    """
+    metadata = {
+        "help": help,
+        "choices": tuple(choices),
+        "min": min,
+        "max": max,
+        "required": required,
+        "flag": flag,
+        "positional": positional,
+    }
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def flag_fields(config_cls: type) -> list[dataclasses.Field]:
+    """Returns the fields of `config_cls` declared with `option` (the others are not flags)."""
+    return [f for f in dataclasses.fields(config_cls) if "help" in f.metadata]
+
+
+def flag_name(field: dataclasses.Field) -> str:
+    """Returns the command-line name of a field."""
+    return field.metadata["flag"] or field.name
+
+
+def _kind(hint: Any) -> Any:
+    """Reduces `X | None` to X."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
+
+
+def _range_text(meta: dict[str, Any]) -> str:
+    low, high = meta["min"], meta["max"]
+    if low is not None and high is not None:
+        return f"{low}..{high}"
+    return f">= {low}" if low is not None else f"<= {high}" if high is not None else ""
+
+
+def define_flags(config_cls: type, flag_values: flags.FlagValues) -> None:
+    """Defines one absl flag per `option` field of `config_cls`, with the field's default."""
+    hints = typing.get_type_hints(config_cls)
+    defaults = config_cls()
+    for field in flag_fields(config_cls):
+        meta, name = field.metadata, flag_name(field)
+        if meta["positional"]:
+            continue
+        default, kind = getattr(defaults, field.name), _kind(hints[field.name])
+        text = meta["help"] + (f" Valid: {_range_text(meta)}." if _range_text(meta) else "")
+        fv = {"flag_values": flag_values}
+        if meta["choices"]:
+            flags.DEFINE_enum(name, default, meta["choices"], text, **fv)
+        elif kind is bool:
+            flags.DEFINE_bool(name, default, text, **fv)
+        elif kind is int:
+            flags.DEFINE_integer(name, default, text, **fv)
+        elif kind is float:
+            flags.DEFINE_float(name, default, text, **fv)
+        elif typing.get_origin(kind) is tuple and typing.get_args(kind)[0] is str:
+            flags.DEFINE_multi_string(name, list(default), text + " Repeat the flag.", **fv)
+        elif typing.get_origin(kind) is tuple:
+            flags.DEFINE_list(name, [str(v) for v in default], text, **fv)
+        else:
+            flags.DEFINE_string(name, default, text, **fv)
+
+
+def _flag_value(field: dataclasses.Field, kind: Any, value: Any) -> Any:
+    if typing.get_origin(kind) is not tuple:
+        return value
+    item = typing.get_args(kind)[0]
+    try:
+        return tuple(item(v) for v in value or () if str(v).strip())
+    except ValueError:
+        raise UsageError(
+            f"--{flag_name(field)} must be a comma-separated list of {item.__name__}s, got "
+            f"{','.join(map(str, value))!r}"
+        ) from None
+
+
+def check(config: Any) -> None:
+    """Checks every `option` field of a config against its choices and valid range.
+
+    Raises:
+      UsageError: one line naming the flag, its valid range and the value.
+    """
+    fields = flag_fields(type(config))
+    missing = [
+        f"--{flag_name(f)}"
+        for f in fields
+        if f.metadata["required"] and not getattr(config, f.name)
+    ]
+    if missing:
+        raise UsageError(f"missing required flag(s): {', '.join(missing)}")
+    for field in fields:
+        meta, value = field.metadata, getattr(config, field.name)
+        name = flag_name(field)
+        if meta["choices"] and value not in meta["choices"]:
+            raise UsageError(f"--{name} must be one of {', '.join(meta['choices'])}, got {value!r}")
+        numbers = value if isinstance(value, tuple) else (value,)
+        for number in numbers:
+            if not isinstance(number, (int, float)) or isinstance(number, bool):
+                continue
+            low, high = meta["min"], meta["max"]
+            if low is not None and number < low:
+                raise UsageError(f"--{name} must be >= {low}, got {number}")
+            if high is not None and number > high:
+                raise UsageError(f"--{name} must be <= {high}, got {number}")
+
+
+def config_from_flags(
+    config_cls: type, flag_values: flags.FlagValues, positional: Sequence[str] = ()
+) -> Any:
+    """Returns the checked config of parsed flags (and of the positional arguments).
+
+    Raises:
+      UsageError: a value cannot be converted, is out of its range or a required one is empty.
+    """
+    hints = typing.get_type_hints(config_cls)
+    values = {}
+    for field in flag_fields(config_cls):
+        kind = _kind(hints[field.name])
+        if field.metadata["positional"]:
+            values[field.name] = tuple(positional)
+        else:
+            raw = flag_values[flag_name(field)].value
+            values[field.name] = _flag_value(field, kind, raw)
+    config = config_cls(**values)
+    check(config)
+    return config
 
 
 def parse_flags(
@@ -17,17 +187,8 @@ def parse_flags(
     doc: str | None,
     *,
     positional: bool = False,
-    required: Sequence[str] = (),
 ) -> tuple[list[str], int | None]:
     """Parses `argv` (argv[0] is the program) into `flag_values`.
-
-    Args:
-      prog: program name for the `prog: error: ...` line.
-      flag_values: the command's flags, already defined.
-      argv: the command line.
-      doc: the module docstring, printed above the flags for --help.
-      positional: whether arguments other than flags are allowed (e.g. image paths).
-      required: flags that must be given a non-empty value.
 
     Returns:
       (positional arguments, None) to go on, or ([], exit status) when the command must stop:
@@ -40,11 +201,58 @@ def parse_flags(
     try:
         rest = flag_values(list(argv))[1:]
         if rest and not positional:
-            raise flags.Error(f"unexpected arguments: {rest}")
-        missing = [f"--{name}" for name in required if not flag_values[name].value]
-        if missing:
-            raise flags.Error(f"missing required flag(s): {', '.join(missing)}")
+            raise flags.Error(f"unexpected arguments: {rest} (flags are --name=value)")
     except flags.Error as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
         return [], 2
     return rest, None
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def _run_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that end a run with one line: ours, and I/O errors (TensorFlow's too)."""
+    errors: list[type[BaseException]] = [Error, OSError]
+    tf = sys.modules.get("tensorflow")  # Only when loaded: the phantom runs without it.
+    if tf is not None:
+        errors += [tf.errors.NotFoundError, tf.errors.PermissionDeniedError]
+    return tuple(errors)
+
+
+def main(
+    prog: str,
+    config_cls: type,
+    job: Callable[[Any], object],
+    argv: Sequence[str] | None,
+    doc: str | None,
+) -> int:
+    """Runs a command: flags of `config_cls` from `argv`, then `job(config)`; returns its status.
+
+    Args:
+      prog: the program name for `prog: error: ...` lines.
+      config_cls: the command's settings dataclass (fields declared with `option`).
+      job: runs the command with the checked config (and prints its results).
+      argv: the command line; argv[0] is the program (None: sys.argv, for console scripts).
+      doc: printed above the flags by --help.
+
+    Returns:
+      0, 1 (the run failed) or 2 (bad command line).
+    """
+    argv = sys.argv if argv is None else argv
+    flag_values = flags.FlagValues()
+    define_flags(config_cls, flag_values)
+    takes_positional = any(f.metadata["positional"] for f in flag_fields(config_cls))
+    rest, status = parse_flags(prog, flag_values, argv, doc, positional=takes_positional)
+    if status is not None:
+        return status
+    try:
+        job(config_from_flags(config_cls, flag_values, rest))
+    except UsageError as e:
+        print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except _run_errors() as e:
+        print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
+        return 1
+    return 0

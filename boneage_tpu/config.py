@@ -1,15 +1,6 @@
-"""Training configuration and the layout of a model directory (shared by train, evaluate, predict).
+"""Training configuration: every setting of a run, saved as the model directory's config.json.
 
-A model directory (local or gs://) holds:
-  config.json                 every TrainConfig field + the data manifest's label stats
-  checkpoints/ckpt-<step>.*   tf.train.CheckpointManager output (model, optimizer, step, rng)
-  logs/train, logs/eval       TensorBoard event files
-  export/model.keras          the trained Keras model (outputs months)
-  export/saved_model/         SavedModel; signature `serving_default`:
-                                image_bytes: string[None] (PNG/JPEG bytes), male: float32[None]
-                                -> {"boneage_months": float32[None]}
-  DONE                        JSON {"step": N}; written last, marks the training run finished
-  eval/<split>-<step>/        evaluation outputs (metrics.json, predictions.csv, report.*)
+The model directory's layout, and its readers and writers, are in `boneage_tpu.model_dir`.
 """
 
 from __future__ import annotations
@@ -18,57 +9,158 @@ import dataclasses
 import json
 from typing import Any
 
-import tensorflow as tf
+from boneage_tpu.cli import option
 
-CONFIG_NAME = "config.json"
-DONE_NAME = "DONE"
-CHECKPOINT_SUBDIR = "checkpoints"
-EXPORT_SUBDIR = "export"
-KERAS_EXPORT_NAME = "model.keras"
-SAVED_MODEL_SUBDIR = "saved_model"
-LOGS_SUBDIR = "logs"
-EVAL_SUBDIR = "eval"
+# Choices of the string settings (model.py and optim.py build what they name).
+BACKBONES = ("xception", "inception_v3", "vgg19", "efficientnetv2_s", "resnet50", "tiny")
+NORMS = ("batch", "group", "none")
+OPTIMIZERS = ("adam", "adamw")
+SCHEDULES = ("cosine", "constant", "plateau")
+LOSSES = ("l1", "mse", "huber")
+PRECISION_CHOICES = ("auto", "bf16", "fp16", "fp32")
+AUTO_YES_NO = ("auto", "yes", "no")
+BIG = 10**9  # The upper bound of counts that have no natural one.
 
 
 @dataclasses.dataclass
 class TrainConfig:
-    """Every setting of a training run; saved as config.json in the model directory."""
+    """Every setting of a training run; saved as config.json in the model directory.
 
-    data: str = ""
-    model_dir: str = ""
-    backbone: str = "xception"
-    weights: str = "none"  # imagenet | none | PATH
-    image_size: int = 299
-    use_sex: bool = True
-    sex_units: int = 32
-    dense_units: tuple[int, ...] = (256, 128)
-    dropout: float = 0.2
-    attention: bool = False
-    norm: str = "batch"  # batch | group | none: normalisation of the tiny backbone only
-    batch_size: int = 32  # global
-    train_steps: int = 1000
-    steps_per_loop: int = 0  # 0: platform default (larger on TPU)
-    eval_every: int = 0  # 0: only at the end
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 3
-    learning_rate: float = 1e-3
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    optimizer: str = "adam"  # adam | adamw
-    lr_schedule: str = "cosine"  # cosine | constant | plateau (each after the linear warmup)
-    plateau_patience: int = 3  # evaluations without val MAE improvement before a plateau cut
-    plateau_factor: float = 0.5  # learning-rate multiplier of a plateau cut
-    loss: str = "l1"  # l1 | mse | huber (on the z-scored target)
-    precision: str = "auto"  # auto | bf16 | fp16 | fp32
-    jit_compile: str = "auto"  # auto | yes | no: XLA for the replica step (always on TPU)
-    augment: bool = True
-    balance: str = "none"  # none | age_sex
-    cache: str = "auto"  # auto | yes | no
-    seed: int = 0
-    val_split: str = "val"  # split evaluated during training ("" disables)
-    eval_batch_size: int = 0  # global; 0: same as batch_size
-    tpu: str = ""
-    virtual_cpus: int = 0
+    The `option` fields are the flags of `python -m boneage_tpu.train`; the others are filled
+    from the data manifest at the start of training.
+    """
+
+    data: str = option(
+        "",
+        "TFRecord folder from tools.make_tfrecords (local or gs://; holds manifest.json).",
+        required=True,
+    )
+    model_dir: str = option(
+        "",
+        "Output folder (local or gs://): config, checkpoints, TensorBoard logs, exports. "
+        "Rerunning with the same folder resumes from its latest checkpoint.",
+        required=True,
+    )
+    backbone: str = option(
+        "xception",
+        "Image network: keras.applications backbones, or `tiny` (small CPU-fast CNN).",
+        choices=BACKBONES,
+    )
+    weights: str = option(
+        "none",
+        "Initial backbone weights: none | imagenet (downloads; needs internet) | PATH to a "
+        "weights file (e.g. the keras.applications *_notop.h5; gs:// allowed).",
+    )
+    image_size: int = option(
+        299,
+        "Square training size in pixels (images are resized to fit, then padded).",
+        min=8,
+        max=4096,
+    )
+    use_sex: bool = option(
+        True, "Feed the sex through a Dense(sex_units) branch (--nouse_sex: image only)."
+    )
+    sex_units: int = option(32, "Width of the sex branch.", min=1, max=65536)
+    dense_units: tuple[int, ...] = option(
+        (256, 128),
+        "Comma-separated widths of the dense layers after image+sex, e.g. 256,128.",
+        min=1,
+        max=65536,
+    )
+    dropout: float = option(0.2, "Dropout after each dense layer (0 disables).", min=0, max=0.99)
+    attention: bool = option(
+        False,
+        "Light attention head: a learned spatial mask weights the backbone features before "
+        "pooling.",
+    )
+    norm: str = option(
+        "batch",
+        "Normalisation of the tiny backbone (batch | group | none); others keep theirs.",
+        choices=NORMS,
+    )
+    batch_size: int = option(
+        32,
+        "GLOBAL batch size over all replicas; must be divisible by the replica count (on TPU a "
+        "per-core batch that is a multiple of 8, ideally 128, keeps the MXUs full).",
+        min=1,
+        max=BIG,
+    )
+    train_steps: int = option(
+        1000, "Total optimizer steps (a resumed run continues up to this step).", min=0, max=BIG
+    )
+    steps_per_loop: int = option(
+        0,
+        "Steps per compiled loop call and progress line (0: 100 on TPU, 10 else).",
+        min=0,
+        max=BIG,
+    )
+    eval_every: int = option(
+        0, "Validate on --val_split every N steps (0: only at the end).", min=0, max=BIG
+    )
+    checkpoint_every: int = option(
+        500, "Save a checkpoint every N steps (and always at the end).", min=1, max=BIG
+    )
+    keep_checkpoints: int = option(3, "Number of checkpoints to keep.", min=1, max=BIG)
+    learning_rate: float = option(1e-3, "Peak learning rate (after warmup).", min=0, max=100)
+    warmup_steps: int = option(0, "Linear learning-rate warmup steps.", min=0, max=BIG)
+    weight_decay: float = option(
+        0.0, "Decoupled weight decay (needs --optimizer adamw).", min=0, max=1
+    )
+    optimizer: str = option("adam", "adam | adamw.", choices=OPTIMIZERS)
+    lr_schedule: str = option(
+        "cosine",
+        "After warmup: cosine (to 0 at train_steps) | constant | plateau (cut by "
+        "--plateau_factor after --plateau_patience validations without improvement).",
+        choices=SCHEDULES,
+    )
+    plateau_patience: int = option(
+        3, "Validations without a better val MAE before a plateau cut.", min=1, max=BIG
+    )
+    plateau_factor: float = option(0.5, "Learning-rate multiplier of a plateau cut.", min=0, max=1)
+    loss: str = option(
+        "l1", "Loss on the z-scored bone age: l1 | mse | huber (delta = 1 std).", choices=LOSSES
+    )
+    precision: str = option(
+        "auto",
+        "auto (bf16 on TPU, fp16 with loss scaling on GPU, fp32 on CPU) | bf16 | fp16 | fp32.",
+        choices=PRECISION_CHOICES,
+    )
+    jit_compile: str = option(
+        "auto",
+        "XLA for the replica step (augment+model+loss+grads): auto (on for GPU; TPU always "
+        "compiles; off on CPU, where XLA is slower) | yes | no.",
+        choices=AUTO_YES_NO,
+    )
+    augment: bool = option(
+        True, "On-device random affine + intensity augmentation (--noaugment disables)."
+    )
+    balance: str = option(
+        "none",
+        "Training sampling: none | age_sex (uniform over age band x sex strata).",
+        choices=("none", "age_sex"),
+    )
+    cache: str = option(
+        "auto",
+        "Cache decoded images in RAM: auto (when the split fits the budget) | yes | no.",
+        choices=AUTO_YES_NO,
+    )
+    seed: int = option(0, "Seed for weights, data order and augmentation.", min=0, max=2**31 - 1)
+    val_split: str = option("val", "Split validated during training ('' disables validation).")
+    eval_batch_size: int = option(
+        0, "Global validation batch size (0: same as --batch_size).", min=0, max=BIG
+    )
+    tpu: str = option(
+        "",
+        "TPU: colab | local (TPU VM) | NAME | grpc://HOST:PORT. Empty: GPUs/CPU (TF_CONFIG -> "
+        "multi-worker).",
+    )
+    virtual_cpus: int = option(
+        0,
+        "Split the CPU into N logical devices under MirroredStrategy (multi-replica runs on a "
+        "laptop; 0/1: one device).",
+        min=0,
+        max=4096,
+    )
     # Filled from the data manifest at the start of training (targets are z-scored with them).
     label_mean: float = 0.0
     label_std: float = 1.0
@@ -94,19 +186,3 @@ class TrainConfig:
 def join(base: str, *parts: str) -> str:
     """Joins path parts with '/', for local paths and gs:// alike."""
     return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
-
-
-def save_config(config: TrainConfig) -> None:
-    """Writes config.json into the model directory."""
-    tf.io.gfile.makedirs(config.model_dir)
-    with tf.io.gfile.GFile(join(config.model_dir, CONFIG_NAME), "w") as f:
-        f.write(config.to_json())
-
-
-def load_config(model_dir: str) -> TrainConfig:
-    """Reads config.json from a model directory, with a one-line error when it is missing."""
-    path = join(model_dir, CONFIG_NAME)
-    if not tf.io.gfile.exists(path):
-        raise FileNotFoundError(f"{path} not found: is {model_dir} a boneage_tpu model directory?")
-    with tf.io.gfile.GFile(path, "r") as f:
-        return TrainConfig.from_dict(json.load(f))

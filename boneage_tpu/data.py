@@ -19,6 +19,7 @@ import tensorflow as tf
 from absl import logging
 
 from boneage_tpu import sampling, schema
+from boneage_tpu.errors import ConfigError
 
 BALANCE_MODES = ("none", "age_sex")
 CACHE_MODES = ("auto", "yes", "no")
@@ -90,7 +91,7 @@ def _decode_stored(
         return tf.io.decode_jpeg(image, channels=1)
     if encoding == "png":
         return tf.io.decode_png(image, channels=1)
-    raise ValueError(f"encoding must be one of {schema.ENCODINGS}, got {encoding!r}")
+    raise ConfigError(f"encoding must be one of {schema.ENCODINGS}, got {encoding!r}")
 
 
 def decode_stored_image(
@@ -170,23 +171,41 @@ def use_cache(
 ) -> bool:
     """Decides whether to keep the decoded split in RAM (see `CACHE_BUDGET_BYTES`)."""
     if cache not in CACHE_MODES:
-        raise ValueError(f"cache must be one of {CACHE_MODES}, got {cache!r}")
+        raise ConfigError(f"cache must be one of {CACHE_MODES}, got {cache!r}")
     if cache != "auto":
         return cache == "yes"
     needed = math.ceil(split["count"] / num_pipelines) * image_size * image_size
     return needed <= budget_bytes
 
 
-def _pad_batch(batch: dict[str, tf.Tensor], batch_size: int) -> dict[str, tf.Tensor]:
-    """Pads a final partial eval batch to `batch_size` with mask 0 and dummy values."""
-    missing = batch_size - tf.shape(batch["mask"])[0]
-    fill = {"image": 0, "male": 0.0, "boneage": schema.NO_LABEL, "id": "", "mask": 0.0}
+# Values of padding rows (their mask is 0, so no metric sees them).
+PAD_VALUES = {"image": 0, "male": 0.0, "boneage": schema.NO_LABEL, "id": "", "mask": 0.0}
+
+
+def pad_rows(batch: dict[str, tf.Tensor], size: int) -> dict[str, tf.Tensor]:
+    """Pads every feature along axis 0 to `size` rows of `PAD_VALUES` (mask 0).
+
+    The one place evaluation padding is made: the final partial batch of a split and the
+    masked batches that fill the last replica group (`pad_to_replica_multiple`) both use it.
+    """
+    missing = size - tf.shape(batch["mask"])[0]
     out = {}
     for name, value in batch.items():
         paddings = [[0, missing]] + [[0, 0]] * (value.shape.rank - 1)
-        padded = tf.pad(value, paddings, constant_values=fill[name])
-        out[name] = tf.ensure_shape(padded, [batch_size, *value.shape[1:]])
+        padded = tf.pad(value, paddings, constant_values=PAD_VALUES[name])
+        out[name] = tf.ensure_shape(padded, [size, *value.shape[1:]])
     return out
+
+
+def pad_to_replica_multiple(dataset: tf.data.Dataset, replicas: int) -> tf.data.Dataset:
+    """Appends all-masked batches so the batch count is a multiple of `replicas`.
+
+    Every replica then gets a full, static-shape batch on every evaluation step (TPUs need
+    static shapes; a replica without data would stall the all-reduce). The mask is 0 on padding.
+    """
+    if replicas == 1:
+        return dataset
+    return dataset.batch(replicas).map(lambda group: pad_rows(group, replicas)).unbatch()
 
 
 def _shard_files(
@@ -197,7 +216,7 @@ def _shard_files(
         return files
     pipelines = input_context.num_input_pipelines
     if len(files) < pipelines:
-        raise ValueError(
+        raise ConfigError(
             f"split {split!r} has {len(files)} shards, fewer than the {pipelines} input "
             "pipelines: re-run tools.make_tfrecords with at least that many shards"
         )
@@ -243,11 +262,11 @@ def build_dataset(
       padding of the final eval batch.
     """
     if balance not in BALANCE_MODES:
-        raise ValueError(f"balance must be one of {BALANCE_MODES}, got {balance!r}")
+        raise ConfigError(f"balance must be one of {BALANCE_MODES}, got {balance!r}")
     if balance != "none" and not training:
-        raise ValueError("balance is for training only: evaluation must see the split as it is")
+        raise ConfigError("balance is for training only: evaluation must see the split as it is")
     if batch_size < 1 or image_size < 1:
-        raise ValueError(f"batch_size and image_size must be >= 1, got {batch_size}, {image_size}")
+        raise ConfigError(f"batch_size and image_size must be >= 1, got {batch_size}, {image_size}")
     manifest = manifest if manifest is not None else schema.read_manifest(data_dir)
     info = schema.split_info(manifest, split)
     encoding = manifest.get("encoding", "")
@@ -256,7 +275,7 @@ def build_dataset(
     repeats = None
     if balance == "age_sex":
         if info.get("labeled", info["count"]) < info["count"]:
-            raise ValueError(f"balance='age_sex' needs every record of {split!r} labeled")
+            raise ConfigError(f"balance='age_sex' needs every record of {split!r} labeled")
         repeats = sampling.stratum_repeats(list(info["counts_by_stratum"]))
     files = _shard_files(schema.shard_paths(data_dir, manifest, split), split, input_context)
     pipelines = input_context.num_input_pipelines if input_context else 1
@@ -295,7 +314,7 @@ def build_dataset(
     else:
         # Keep the last partial batch, padded to B with mask 0: every record seen once.
         def finish(batch: Any) -> dict[str, tf.Tensor]:
-            return _pad_batch(batch if cached else parse(batch), batch_size)
+            return pad_rows(batch if cached else parse(batch), batch_size)
 
         ds = ds.batch(batch_size).map(finish, num_parallel_calls=tf.data.AUTOTUNE)
     # Overlap host preprocessing with the device step.

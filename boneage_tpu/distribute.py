@@ -22,10 +22,12 @@ from collections.abc import Mapping
 
 import tensorflow as tf
 
+from boneage_tpu.errors import Error
+
 TPU_INSTALL_HINT = "pip install 'tensorflow-tpu==2.21.*' -f https://storage.googleapis.com/libtpu-tf-releases/index.html"
 
 
-class DistributeError(RuntimeError):
+class DistributeError(Error, RuntimeError):
     """Raised when the requested devices cannot be used (one readable line)."""
 
 

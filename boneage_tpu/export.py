@@ -14,12 +14,13 @@ import tensorflow as tf
 
 from boneage_tpu import config as config_lib
 from boneage_tpu import data
-from boneage_tpu.model import model_from_config
+from boneage_tpu import model_dir as model_dir_lib
+from boneage_tpu.model import build_model
 
 
 def serving_model(trained: keras.Model, config: config_lib.TrainConfig) -> keras.Model:
     """Returns an fp32 copy of `trained`, built outside any strategy scope."""
-    model = model_from_config(config, weights="none", precision="fp32")
+    model = build_model(config, weights="none", precision="fp32")
     model.set_weights(trained.get_weights())
     return model
 
@@ -55,11 +56,10 @@ def export_all(trained: keras.Model, config: config_lib.TrainConfig) -> dict[str
     Returns:
       {"keras": path, "saved_model": path}.
     """
-    export_dir = config_lib.join(config.model_dir, config_lib.EXPORT_SUBDIR)
-    tf.io.gfile.makedirs(export_dir)
+    tf.io.gfile.makedirs(model_dir_lib.export_dir(config.model_dir))
     model = serving_model(trained, config)
-    keras_path = config_lib.join(export_dir, config_lib.KERAS_EXPORT_NAME)
-    saved_model_path = config_lib.join(export_dir, config_lib.SAVED_MODEL_SUBDIR)
+    keras_path = model_dir_lib.keras_export_path(config.model_dir)
+    saved_model_path = model_dir_lib.saved_model_path(config.model_dir)
     model.save(keras_path)
     if tf.io.gfile.exists(saved_model_path):
         # A resumed run re-exports; stale files from an older export must not mix in.

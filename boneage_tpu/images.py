@@ -33,6 +33,8 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from boneage_tpu.errors import Error
+
 ENCODINGS = ("jpeg", "png", "raw")  # Same values as schema.ENCODINGS (kept TF-free here).
 PNG_COMPRESS_LEVEL = 6
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -58,7 +60,7 @@ CONTENT_LEVELS = 8
 MIN_CONTENT = 0.02
 
 
-class ImageError(ValueError):
+class ImageError(Error, ValueError):
     """An image that cannot be used; the message is the human-readable skip reason."""
 
 

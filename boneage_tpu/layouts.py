@@ -1,8 +1,8 @@
-"""Labels CSV layouts, image matching and split planning (the converter and `predict` share it).
+"""Labels CSV layouts and image matching (the converter and `predict` share them).
 
-Everything here is deterministic: the same CSV, image listing and options always give the same
-plan (rows sorted by id, then a seeded stratified split and a seeded shuffle within each split),
-which is what makes an interrupted conversion resumable with an identical result.
+Everything here is deterministic: the same CSV and image listing always give the same rows,
+which the converter's plan (`boneage_tpu.convert.plan`) splits and shuffles with its seed; that
+is what makes an interrupted conversion resumable with an identical result.
 """
 
 from __future__ import annotations
@@ -10,26 +10,23 @@ from __future__ import annotations
 import collections
 import csv
 import dataclasses
-import hashlib
 import io
 import math
 import posixpath
-import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-import numpy as np
 import tensorflow as tf
 
 from boneage_tpu import schema
+from boneage_tpu.errors import Error
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".dcm")
 _TRUE = frozenset({"true", "1", "1.0", "m", "male"})
 _FALSE = frozenset({"false", "0", "0.0", "f", "female"})
-_SPLIT_NAME = re.compile(r"^[A-Za-z0-9_]+$")
 
 
-class ConvertError(RuntimeError):
+class ConvertError(Error, RuntimeError):
     """A fatal converter error; the message is the one line shown to the user."""
 
 
@@ -274,64 +271,3 @@ def match_images(
         for path in images[stem]
     ]
     return matched, skipped, orphans
-
-
-def check_split_name(name: str) -> None:
-    """Rejects split names that are not usable in shard file names (letters, digits, _)."""
-    if not _SPLIT_NAME.match(name):
-        raise ConvertError(f"split name {name!r} must be letters, digits or '_'")
-
-
-def assign_splits(
-    rows: Sequence[Row], *, val_fraction: float, seed: int, split_name: str
-) -> dict[str, list[Row]]:
-    """Splits rows into `train`/`val` stratified by age band x sex, or all into `split_name`.
-
-    The validation size is round(val_fraction * rows), shared among strata by largest remainder
-    so that small strata still add up. Each split is then shuffled (seeded), so shards mix ages.
-    """
-    rng = np.random.default_rng(seed)
-    ordered = sorted(rows, key=lambda r: r.image_id)
-    if split_name:
-        check_split_name(split_name)
-        return {split_name: _shuffled(ordered, rng)}
-    if not 0.0 <= val_fraction < 1.0:
-        raise ConvertError(f"--val_fraction must be in [0, 1), got {val_fraction}")
-    if any(r.boneage is None for r in ordered):
-        raise ConvertError("unlabeled rows cannot be split into train/val: pass --split_name")
-    strata: list[list[Row]] = [[] for _ in range(schema.NUM_STRATA)]
-    for row in ordered:
-        strata[row.stratum].append(row)
-    quotas = [val_fraction * len(s) for s in strata]
-    counts = [math.floor(q) for q in quotas]
-    remaining = math.floor(val_fraction * len(ordered) + 0.5) - sum(counts)
-    by_remainder = sorted(range(len(strata)), key=lambda i: (-(quotas[i] - counts[i]), i))
-    for i in by_remainder[: max(remaining, 0)]:
-        counts[i] += 1
-    train, val = [], []
-    for members, count in zip(strata, counts, strict=True):
-        order = rng.permutation(len(members))
-        val.extend(members[i] for i in order[:count])
-        train.extend(members[i] for i in order[count:])
-    splits = {"train": _shuffled(train, rng), "val": _shuffled(val, rng)}
-    return {name: members for name, members in splits.items() if members}
-
-
-def _shuffled(rows: list[Row], rng: np.random.Generator) -> list[Row]:
-    return [rows[i] for i in rng.permutation(len(rows))]
-
-
-def plan_key(
-    options: dict[str, Any], csv_sha256: str, splits: dict[str, list[Row]], skipped: list[dict]
-) -> str:
-    """Returns a digest of everything that determines the output except the shard count."""
-    content = {
-        "options": options,
-        "csv_sha256": csv_sha256,
-        "splits": {
-            name: [[r.line, r.image_id, r.path, r.boneage, r.male] for r in rows]
-            for name, rows in sorted(splits.items())
-        },
-        "skipped": skipped,
-    }
-    return hashlib.sha256(repr(content).encode("utf-8")).hexdigest()

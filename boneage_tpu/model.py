@@ -19,7 +19,8 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from boneage_tpu.config import TrainConfig
+from boneage_tpu.config import BACKBONES, NORMS, TrainConfig
+from boneage_tpu.errors import ConfigError, Error
 
 # name -> (keras.applications constructor, input scaling mode, smallest image size).
 # Scaling modes: "tf" -> [-1, 1]; "caffe" -> BGR mean subtraction; "raw" -> the model
@@ -31,14 +32,12 @@ _APPLICATIONS: dict[str, tuple[str, str, int]] = {
     "efficientnetv2_s": ("EfficientNetV2S", "raw", 32),
     "resnet50": ("ResNet50", "caffe", 32),
 }
-BACKBONES = (*_APPLICATIONS, "tiny")
-NORMS = ("batch", "group", "none")
 PRECISIONS = {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
 _CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)
 _TINY_MIN_SIZE = 16
 
 
-class WeightsError(ValueError):
+class WeightsError(Error, ValueError):
     """Raised when the requested initial weights cannot be obtained or do not fit."""
 
 
@@ -115,7 +114,7 @@ class ZScoreToMonths(keras.layers.Layer):
 def precision_policy(precision: str) -> Iterator[None]:
     """Sets Keras' global dtype policy for `precision` (fp32|bf16|fp16) and restores it after."""
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+        raise ConfigError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy(PRECISIONS[precision])
     try:
@@ -129,7 +128,7 @@ def min_image_size(backbone: str) -> int:
     if backbone == "tiny":
         return _TINY_MIN_SIZE
     if backbone not in _APPLICATIONS:
-        raise ValueError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
+        raise ConfigError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
     return _APPLICATIONS[backbone][2]
 
 
@@ -151,7 +150,7 @@ def tiny_backbone(image_size: int, norm: str = "batch") -> keras.Model:
       norm: "batch", "group" or "none" (no normalisation: replica-count independent maths).
     """
     if norm not in NORMS:
-        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+        raise ConfigError(f"norm must be one of {NORMS}, got {norm!r}")
     inputs = keras.Input((image_size, image_size, 3), name="pixels")
     x = inputs
     # Stride-2 convs shrink early so most compute runs at low resolution: fast on 2 CPU cores.
@@ -233,98 +232,60 @@ def _build_backbone(backbone: str, image_size: int, weights: str, norm: str) -> 
 
 
 def build_model(
-    *,
-    backbone: str,
-    image_size: int,
-    weights: str = "none",
-    use_sex: bool = True,
-    sex_units: int = 32,
-    dense_units: Sequence[int] = (256, 128),
-    dropout: float = 0.2,
-    attention: bool = False,
-    label_mean: float = 0.0,
-    label_std: float = 1.0,
-    norm: str = "batch",
-    precision: str = "fp32",
+    config: TrainConfig, *, weights: str = "none", precision: str = "fp32"
 ) -> keras.Model:
     """Builds the bone-age model.
 
     Args:
-      backbone: one of `BACKBONES` (keras.applications networks, or "tiny").
-      image_size: square input size S; must be >= `min_image_size(backbone)`.
-      weights: "none", "imagenet" (downloads; needs internet) or a path (local or gs://) to a
-        backbone weights file as keras.applications accepts (e.g. the `*_notop.h5` file).
-      use_sex: feed the sex through Dense(sex_units) next to the image features. The "male"
-        input exists either way so every model has the same interface.
-      sex_units: width of the sex branch.
-      dense_units: widths of the dense layers after the concatenation.
-      dropout: dropout rate after each dense layer (0 disables).
-      attention: the seed's light attention: a learned spatial mask weights the backbone
-        features before pooling.
-      label_mean: training label mean in months (the head predicts z-scores).
-      label_std: training label standard deviation in months.
-      norm: normalisation of the tiny backbone ("batch", "group", "none"); others keep theirs.
+      config: the run's settings: backbone, image_size, use_sex, sex_units, dense_units,
+        dropout, attention, norm and the label stats (label_mean, label_std: the head
+        predicts z-scores) are used.
+      weights: "none" (the default: callers that restore a checkpoint or an export need no
+        initial weights, and downloading ImageNet's would be wasted or fail offline),
+        "imagenet" (downloads; needs internet) or a path (local or gs://) to a backbone
+        weights file as keras.applications accepts (e.g. the `*_notop.h5` file).
       precision: "fp32", "bf16" or "fp16" (Keras mixed precision; the output stays float32).
 
     Returns:
       A functional keras.Model named `boneage_<backbone>`.
     """
-    if backbone not in BACKBONES:
-        raise ValueError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
-    smallest = min_image_size(backbone)
-    if image_size < smallest:
-        raise ValueError(f"--image_size {image_size} is too small for {backbone} (min {smallest})")
-    if label_std <= 0:
-        raise ValueError(f"label_std must be > 0, got {label_std}")
-    mode = "unit" if backbone == "tiny" else _APPLICATIONS[backbone][1]
+    if config.backbone not in BACKBONES:
+        raise ConfigError(
+            f"unknown backbone {config.backbone!r}; choose one of {', '.join(BACKBONES)}"
+        )
+    smallest = min_image_size(config.backbone)
+    if config.image_size < smallest:
+        raise ConfigError(
+            f"--image_size {config.image_size} is too small for {config.backbone} (min {smallest})"
+        )
+    if config.label_std <= 0:
+        raise ConfigError(f"label_std must be > 0, got {config.label_std}")
+    mode = "unit" if config.backbone == "tiny" else _APPLICATIONS[config.backbone][1]
     with precision_policy(precision):
-        image = keras.Input((image_size, image_size, 1), name="image")
+        image = keras.Input((config.image_size, config.image_size, 1), name="image")
         male = keras.Input((), name="male")
         x = GrayscaleToBackbone(mode, name="to_backbone_input")(image)
-        features = _build_backbone(backbone, image_size, weights, norm)(x)
-        if attention:
+        features = _build_backbone(config.backbone, config.image_size, weights, config.norm)(x)
+        if config.attention:
             a = keras.layers.Conv2D(64, 1, activation="relu", name="attention_conv1")(features)
             a = keras.layers.Conv2D(16, 1, activation="relu", name="attention_conv2")(a)
             mask = keras.layers.Conv2D(1, 1, activation="sigmoid", name="attention_mask")(a)
             x = MaskedAveragePooling(name="attention_pool")([features, mask])
         else:
             x = keras.layers.GlobalAveragePooling2D(name="pool")(features)
-        if use_sex:
+        if config.use_sex:
             s = keras.layers.Reshape((1,), name="male_column")(male)
-            s = keras.layers.Dense(sex_units, activation="relu", name="sex_dense")(s)
+            s = keras.layers.Dense(config.sex_units, activation="relu", name="sex_dense")(s)
             x = keras.layers.Concatenate(name="image_and_sex")([x, s])
-        for i, units in enumerate(dense_units):
+        for i, units in enumerate(tuple(config.dense_units)):
             x = keras.layers.Dense(units, activation="relu", name=f"dense{i}")(x)
-            if dropout > 0:
-                x = keras.layers.Dropout(dropout, name=f"dropout{i}")(x)
+            if config.dropout > 0:
+                x = keras.layers.Dropout(config.dropout, name=f"dropout{i}")(x)
         # float32 at the top: z-scores and months need more precision than bf16's 8 bits.
         z = keras.layers.Dense(1, dtype="float32", name="zscore")(x)
-        months = ZScoreToMonths(label_mean, label_std, dtype="float32", name="months")(z)
-        return keras.Model({"image": image, "male": male}, months, name=f"boneage_{backbone}")
-
-
-def model_from_config(
-    config: TrainConfig, *, weights: str = "none", precision: str = "fp32"
-) -> keras.Model:
-    """Builds the model a TrainConfig describes.
-
-    Args:
-      config: the run's config (backbone, size, head and label stats are used).
-      weights: initial weights; "none" by default because callers restore a checkpoint or an
-        export afterwards (downloading ImageNet weights there would be wasted or fail offline).
-      precision: "fp32", "bf16" or "fp16".
-    """
-    return build_model(
-        backbone=config.backbone,
-        image_size=config.image_size,
-        weights=weights,
-        use_sex=config.use_sex,
-        sex_units=config.sex_units,
-        dense_units=tuple(config.dense_units),
-        dropout=config.dropout,
-        attention=config.attention,
-        label_mean=config.label_mean,
-        label_std=config.label_std,
-        norm=config.norm,
-        precision=precision,
-    )
+        months = ZScoreToMonths(
+            config.label_mean, config.label_std, dtype="float32", name="months"
+        )(z)
+        return keras.Model(
+            {"image": image, "male": male}, months, name=f"boneage_{config.backbone}"
+        )

@@ -7,9 +7,8 @@ import math
 import keras
 import tensorflow as tf
 
-OPTIMIZERS = ("adam", "adamw")
-SCHEDULES = ("cosine", "constant", "plateau")
-LOSSES = ("l1", "mse", "huber")
+from boneage_tpu.config import LOSSES, OPTIMIZERS, SCHEDULES
+from boneage_tpu.errors import ConfigError
 
 
 class PlateauState(tf.Module):
@@ -21,7 +20,7 @@ class PlateauState(tf.Module):
     def __init__(self, patience: int, factor: float) -> None:
         super().__init__(name="plateau")
         if patience < 1 or not 0 < factor < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"plateau needs patience >= 1 and 0 < factor < 1, got {patience}, {factor}"
             )
         self.patience = patience
@@ -110,11 +109,11 @@ def make_optimizer(
       loss_scale: wrap in a dynamic LossScaleOptimizer (fp16).
     """
     if name not in OPTIMIZERS:
-        raise ValueError(f"--optimizer must be one of {OPTIMIZERS}, got {name!r}")
+        raise ConfigError(f"--optimizer must be one of {OPTIMIZERS}, got {name!r}")
     if schedule not in SCHEDULES:
-        raise ValueError(f"--lr_schedule must be one of {SCHEDULES}, got {schedule!r}")
+        raise ConfigError(f"--lr_schedule must be one of {SCHEDULES}, got {schedule!r}")
     if schedule == "plateau" and plateau is None:
-        raise ValueError("the plateau schedule needs a PlateauState")
+        raise ConfigError("the plateau schedule needs a PlateauState")
     lr = WarmupSchedule(
         learning_rate,
         warmup_steps,
@@ -126,7 +125,7 @@ def make_optimizer(
         optimizer = keras.optimizers.AdamW(learning_rate=lr, weight_decay=weight_decay)
     else:
         if weight_decay:
-            raise ValueError("--weight_decay needs --optimizer adamw (Adam's L2 is not decoupled)")
+            raise ConfigError("--weight_decay needs --optimizer adamw (Adam's L2 is not decoupled)")
         optimizer = keras.optimizers.Adam(learning_rate=lr)
     if loss_scale:
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
@@ -144,4 +143,4 @@ def per_example_loss(name: str, z_error: tf.Tensor) -> tf.Tensor:
         abs_error = tf.abs(z_error)
         quadratic = tf.minimum(abs_error, 1.0)
         return 0.5 * tf.square(quadratic) + (abs_error - quadratic)
-    raise ValueError(f"--loss must be one of {LOSSES}, got {name!r}")
+    raise ConfigError(f"--loss must be one of {LOSSES}, got {name!r}")

@@ -25,6 +25,9 @@ import tensorflow as tf
 
 from boneage_tpu import cli, data, images, predict_io, schema
 from boneage_tpu import config as config_lib
+from boneage_tpu import model_dir as model_dir_lib
+from boneage_tpu.cli import check, option
+from boneage_tpu.config import BIG
 from boneage_tpu.evaluate import inference, restore
 from boneage_tpu.predict_io import PredictError
 
@@ -32,7 +35,7 @@ from boneage_tpu.predict_io import PredictError
 def resolve_model(model_path: str, checkpoint: str = "auto") -> tuple[str, str]:
     """Returns (model_dir, checkpoint) for a model folder or its export/model.keras path."""
     path = model_path.rstrip("/")
-    suffix = f"/{config_lib.EXPORT_SUBDIR}/{config_lib.KERAS_EXPORT_NAME}"
+    suffix = model_dir_lib.keras_export_path("")
     if path.endswith(".keras"):
         if not path.endswith(suffix):
             raise PredictError(
@@ -42,7 +45,7 @@ def resolve_model(model_path: str, checkpoint: str = "auto") -> tuple[str, str]:
         return path[: -len(suffix)], "export"
     if checkpoint != "auto":
         return path, checkpoint
-    export = config_lib.join(path, config_lib.EXPORT_SUBDIR, config_lib.KERAS_EXPORT_NAME)
+    export = model_dir_lib.keras_export_path(path)
     return path, "export" if tf.io.gfile.exists(export) else "latest"
 
 
@@ -169,7 +172,7 @@ def predict_images(
       Bone age in months, one float per path, in order.
 
     Raises:
-      PredictError, images.ImageError, restore.ModelDirError: with a one-line message.
+      PredictError, images.ImageError, model_dir.ModelDirError: with a one-line message.
     """
     if not paths:
         raise PredictError("no images given")
@@ -186,25 +189,34 @@ def predict_images(
 
 @dataclasses.dataclass
 class PredictConfig:
-    """Settings of the predict command."""
+    """Settings of the predict command (its flags and positional IMAGE arguments)."""
 
-    model: str = ""
-    paths: tuple[str, ...] = ()  # image files (positional arguments)
-    sex: str = ""  # M | F for every image in `paths`
-    labels: str = ""  # CSV in a converter layout (with --images_dir)
-    images_dir: str = ""  # the --images folder
-    checkpoint: str = "auto"
-    tta: str = "none"
-    output: str = ""  # CSV path; "" prints a table
-    batch_size: int = 16
-    skip_unreadable: bool = False
-    force: bool = False  # predict implausible images too (with a warning)
+    model: str = option(
+        "", "Training run folder (local or gs://) or its export/model.keras.", required=True
+    )
+    paths: tuple[str, ...] = option((), "Image files.", positional=True)
+    sex: str = option("", "M or F, for every IMAGE (needed when the model uses sex).")
+    labels: str = option("", "CSV (Kaggle, RSNA validation or test layout) naming the images.")
+    images_dir: str = option(
+        "", "Folder of the --labels images (<id>.png|.jpg|.dcm).", flag="images"
+    )
+    checkpoint: str = option(
+        "auto", "auto (export if present, else latest), latest, export or a step."
+    )
+    tta: str = option(
+        "none", "flip: mean of the image and its mirror.", choices=inference.TTA_MODES
+    )
+    output: str = option("", "Write a CSV here (local or gs://) instead of printing a table.")
+    batch_size: int = option(16, "Images per forward pass.", min=1, max=BIG)
+    skip_unreadable: bool = option(False, "List unreadable images and predict the others.")
+    force: bool = option(
+        False, "Also predict images that do not look like radiographs (tiny, blank, noise)."
+    )
 
 
 def run(config: PredictConfig) -> list[dict[str, Any]]:
     """Predicts every image of the command; returns one row dict per predicted image."""
-    if config.tta not in inference.TTA_MODES:
-        raise PredictError(f"--tta must be one of {inference.TTA_MODES}, got {config.tta!r}")
+    check(config)
     items = predict_io.list_inputs(config.paths, config.sex, config.labels, config.images_dir)
     model_dir, checkpoint = resolve_model(config.model, config.checkpoint)
     loaded = restore.load_model(model_dir, checkpoint)
@@ -238,81 +250,19 @@ def run(config: PredictConfig) -> list[dict[str, Any]]:
     return items
 
 
-def define_flags(flag_values: Any) -> None:
-    """Defines the predict flags on `flag_values` (an absl FlagValues)."""
-    from absl import flags
-
-    fv = {"flag_values": flag_values}
-    flags.DEFINE_string(
-        "model", None, "Training run folder (local or gs://) or its export/model.keras.", **fv
-    )
-    flags.DEFINE_string(
-        "sex", "", "M or F, for every IMAGE (needed when the model uses sex).", **fv
-    )
-    flags.DEFINE_string(
-        "labels", "", "CSV (Kaggle, RSNA validation or test layout) naming the images.", **fv
-    )
-    flags.DEFINE_string("images", "", "Folder of the --labels images (<id>.png|.jpg|.dcm).", **fv)
-    flags.DEFINE_string(
-        "checkpoint",
-        "auto",
-        "auto (export if present, else latest), latest, export or a step.",
-        **fv,
-    )
-    flags.DEFINE_enum(
-        "tta", "none", inference.TTA_MODES, "flip: mean of the image and its mirror.", **fv
-    )
-    flags.DEFINE_string(
-        "output", "", "Write a CSV here (local or gs://) instead of printing a table.", **fv
-    )
-    flags.DEFINE_integer("batch_size", 16, "Images per forward pass.", **fv)
-    flags.DEFINE_bool(
-        "skip_unreadable", False, "List unreadable images and predict the others.", **fv
-    )
-    flags.DEFINE_bool(
-        "force",
-        False,
-        "Also predict images that do not look like radiographs (tiny, blank, noise).",
-        **fv,
-    )
-
-
-def main(argv: Sequence[str]) -> int:
-    """Parses `argv` (argv[0] is the program), predicts and prints; returns the exit code."""
-    from absl import flags
-
-    flag_values = flags.FlagValues()
-    define_flags(flag_values)
-    paths, status = cli.parse_flags("predict", flag_values, argv, __doc__, positional=True)
-    if status is not None:
-        return status
-    config = PredictConfig(
-        model=flag_values.model or "",
-        paths=tuple(paths),
-        sex=flag_values.sex,
-        labels=flag_values.labels,
-        images_dir=flag_values.images,
-        checkpoint=flag_values.checkpoint,
-        tta=flag_values.tta,
-        output=flag_values.output,
-        batch_size=flag_values.batch_size,
-        skip_unreadable=flag_values.skip_unreadable,
-        force=flag_values.force,
-    )
-    try:
-        if not config.model:
-            raise PredictError("--model is required: a training run's folder")
-        rows = run(config)
-    except (PredictError, images.ImageError, restore.ModelDirError, FileNotFoundError) as e:
-        print(f"predict: error: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 1
+def _job(config: PredictConfig) -> None:
+    rows = run(config)
     if config.output:
         with tf.io.gfile.GFile(config.output, "w") as f:
             f.write(predict_io.format_rows(rows, as_csv=True))
         print(f"wrote {len(rows)} predictions to {config.output}")
     else:
         sys.stdout.write(predict_io.format_rows(rows, as_csv=False))
-    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parses `argv` (argv[0] is the program), predicts and prints; returns the exit code."""
+    return cli.main("predict", PredictConfig, _job, argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -17,11 +17,12 @@ from typing import Any
 import tensorflow as tf
 
 from boneage_tpu import layouts
+from boneage_tpu.errors import Error
 
 _SEX = {"m": 1.0, "male": 1.0, "1": 1.0, "f": 0.0, "female": 0.0, "0": 0.0}
 
 
-class PredictError(ValueError):
+class PredictError(Error, ValueError):
     """Bad prediction input; the message is one line."""
 
 

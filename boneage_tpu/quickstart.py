@@ -21,6 +21,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from boneage_tpu import cli
+from boneage_tpu.cli import option
+
 PHANTOM_STAMP = "quickstart.json"
 
 
@@ -28,23 +31,23 @@ PHANTOM_STAMP = "quickstart.json"
 class QuickstartConfig:
     """Settings of the quickstart; the defaults are the documented, benchmarked ones."""
 
-    output: str = "runs/quickstart"
-    num_images: int = 1000
-    seed: int = 0
+    output: str = option("runs/quickstart", "Folder for everything the quickstart writes.")
+    num_images: int = option(1000, "Phantom images to generate.", min=10, max=10**7)
+    seed: int = option(0, "Seed of the phantom, the split and the training.", min=0, max=2**31 - 1)
     # The model sees 128 px, so the phantom is drawn at 320x400 (not the tool's 640x800
     # default): 4x fewer pixels to render and decode, the same anatomy after downscaling.
     phantom_width: int = 320
     phantom_height: int = 400
     data_image_size: int = 128
     val_fraction: float = 0.2
-    image_size: int = 128
-    batch_size: int = 32
-    train_steps: int = 1500
+    image_size: int = option(128, "Training image size (pixels, square).", min=16, max=1024)
+    batch_size: int = option(32, "Global batch size.", min=1, max=4096)
+    train_steps: int = option(1500, "Training steps.", min=1, max=10**7)
     dense_units: tuple[int, ...] = (64,)
-    learning_rate: float = 2e-3
-    use_sex: bool = True
-    model_name: str = "model"
-    overwrite: bool = False
+    learning_rate: float = option(2e-3, "Peak learning rate.", min=0, max=100)
+    use_sex: bool = option(True, "Give the model the sex input.")
+    model_name: str = option("model", "Model folder name under --output.")
+    overwrite: bool = option(False, "Delete --output first.")
 
 
 def _log(message: str) -> None:
@@ -154,37 +157,10 @@ def run(config: QuickstartConfig) -> dict[str, Any]:
     return metrics
 
 
-def _define_flags() -> None:
-    from absl import flags
-
-    d = QuickstartConfig()
-    flags.DEFINE_string("output", d.output, "Folder for everything the quickstart writes.")
-    flags.DEFINE_integer("num_images", d.num_images, "Phantom images to generate.")
-    flags.DEFINE_integer("seed", d.seed, "Seed of the phantom, the split and the training.")
-    flags.DEFINE_integer("image_size", d.image_size, "Training image size (pixels, square).")
-    flags.DEFINE_integer("train_steps", d.train_steps, "Training steps.")
-    flags.DEFINE_integer("batch_size", d.batch_size, "Global batch size.")
-    flags.DEFINE_float("learning_rate", d.learning_rate, "Peak learning rate.")
-    flags.DEFINE_bool("use_sex", d.use_sex, "Give the model the sex input.")
-    flags.DEFINE_string("model_name", d.model_name, "Model folder name under --output.")
-    flags.DEFINE_bool("overwrite", d.overwrite, "Delete --output first.")
-
-
-def main(argv: Sequence[str]) -> None:
-    """Parses the flags and runs the quickstart."""
-    from absl import flags
-
-    del argv
-    values = flags.FLAGS
-    names = [f.name for f in dataclasses.fields(QuickstartConfig) if f.name in values]
-    try:
-        run(QuickstartConfig(**{name: values[name].value for name in names}))
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
-        sys.exit(f"quickstart failed: {err}")
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parses the flags in `argv` (argv[0] is the program) and runs; returns the exit status."""
+    return cli.main("quickstart", QuickstartConfig, run, argv, __doc__)
 
 
 if __name__ == "__main__":
-    from absl import app
-
-    _define_flags()
-    app.run(main)
+    sys.exit(main(sys.argv))

@@ -13,6 +13,7 @@ from typing import Any
 import tensorflow as tf
 
 from boneage_tpu import schema
+from boneage_tpu.errors import ConfigError
 
 RESAMPLE_CHUNK = 256  # records per vectorised resampling step.
 
@@ -32,7 +33,7 @@ def stratum_repeats(counts_by_stratum: list[int]) -> list[float]:
     """
     nonempty = [c for c in counts_by_stratum if c > 0]
     if not nonempty:
-        raise ValueError("balance='age_sex' needs labeled records; the split has none")
+        raise ConfigError("balance='age_sex' needs labeled records; the split has none")
     per_stratum = sum(nonempty) / len(nonempty)
     return [per_stratum / c if c > 0 else 0.0 for c in counts_by_stratum]
 

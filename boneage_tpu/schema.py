@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from boneage_tpu.errors import Error
+
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 ENCODINGS = ("jpeg", "png", "raw")
@@ -120,7 +122,7 @@ def shard_name(split: str, index: int, num_shards: int) -> str:
     return f"{split}-{index:05d}-of-{num_shards:05d}.tfrecord"
 
 
-class ManifestError(ValueError):
+class ManifestError(Error, ValueError):
     """Raised when a data folder has no usable manifest."""
 
 

@@ -16,11 +16,13 @@ from typing import Any
 
 import tensorflow as tf
 
+from boneage_tpu.errors import Error
+
 _GS = "gs://"
 _INSTALL_HINT = "pip install 'boneage-tpu[gcs]'"
 
 
-class StorageError(RuntimeError):
+class StorageError(Error, RuntimeError):
     """A storage operation failed; the message says why in one line."""
 
 

@@ -10,6 +10,7 @@ import tensorflow as tf
 
 from boneage_tpu import config as config_lib
 from boneage_tpu import model as model_lib
+from boneage_tpu import model_dir as model_dir_lib
 
 BATCH = 4
 
@@ -58,13 +59,13 @@ def make_run(root: pathlib.Path, manifest: dict, *, seed: int = 0, steps=(1, 2))
         data_encoding=manifest["encoding"],
         schema_version=manifest["schema_version"],
     )
-    config_lib.save_config(config)
+    model_dir_lib.save_config(config)
     keras.utils.set_random_seed(seed)
-    model = model_lib.model_from_config(config)
+    model = model_lib.build_model(config)
     step = tf.Variable(0, dtype=tf.int64)
     manager = tf.train.CheckpointManager(
         tf.train.Checkpoint(step=step, model=model),
-        config_lib.join(str(root), config_lib.CHECKPOINT_SUBDIR),
+        model_dir_lib.checkpoint_dir(str(root)),
         max_to_keep=5,
         checkpoint_name="ckpt",
     )

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from boneage_tpu import distribute, optim
+from boneage_tpu import config as config_lib
+from boneage_tpu import data, distribute, optim
 from boneage_tpu import model as model_lib
 from boneage_tpu.train import loop
 
@@ -98,11 +99,11 @@ def test_pad_to_replica_multiple_adds_masked_batches_only() -> None:
     batches = tf.data.Dataset.from_tensor_slices(
         {"mask": np.ones((5, 2), np.float32), "image": np.ones((5, 2, 3, 3, 1), np.uint8)}
     )
-    padded = list(loop.pad_to_replica_multiple(batches, 4).as_numpy_iterator())
+    padded = list(data.pad_to_replica_multiple(batches, 4).as_numpy_iterator())
     assert len(padded) == 8
     assert [float(b["mask"].sum()) for b in padded] == [2.0] * 5 + [0.0] * 3
     assert all(b["image"].shape == (2, 3, 3, 1) for b in padded)
-    assert len(list(loop.pad_to_replica_multiple(batches, 1))) == 5
+    assert len(list(data.pad_to_replica_multiple(batches, 1))) == 5
 
 
 def _toy_batch(n: int, size: int = 16) -> dict[str, np.ndarray]:
@@ -119,13 +120,15 @@ def _trainer(strategy: tf.distribute.Strategy, global_batch: int) -> loop.TrainL
     keras.utils.set_random_seed(3)
     with strategy.scope():
         model = model_lib.build_model(
-            backbone="tiny",
-            image_size=16,
-            norm="none",
-            dropout=0.0,
-            dense_units=(8,),
-            label_mean=100.0,
-            label_std=50.0,
+            config_lib.TrainConfig(
+                backbone="tiny",
+                image_size=16,
+                norm="none",
+                dropout=0.0,
+                dense_units=(8,),
+                label_mean=100.0,
+                label_std=50.0,
+            )
         )
         optimizer = optim.make_optimizer(
             name="adam", learning_rate=1e-3, warmup_steps=0, total_steps=10, schedule="constant"

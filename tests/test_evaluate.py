@@ -18,7 +18,7 @@ import tensorflow as tf
 from boneage_tpu import data, schema
 from boneage_tpu.evaluate import continuous as continuous_eval
 from boneage_tpu.evaluate import job as evaluate
-from boneage_tpu.evaluate import report
+from boneage_tpu.evaluate import once, report
 from tests.model_dirs import BATCH, flip_sensitive_model, make_run
 from tests.records import write_toy_dataset
 from tests.test_report import recompute_from_csv
@@ -335,7 +335,7 @@ def test_continuous_reports_a_checkpoint_deleted_before_evaluation(toy, tmp_path
     run = tmp_path / "run"
     shutil.copytree(toy["a"], run, ignore=shutil.ignore_patterns("eval"))
     (run / "DONE").write_text(json.dumps({"step": 2}))
-    real = evaluate.evaluate_once
+    real = once.evaluate_once
 
     def racing_trainer(config, strategy, *, checkpoint, **kwargs):
         if checkpoint == "1":  # the trainer's keep-K clean-up wins the race for step 1
@@ -344,7 +344,7 @@ def test_continuous_reports_a_checkpoint_deleted_before_evaluation(toy, tmp_path
             raise tf.errors.NotFoundError(None, None, "ckpt-1.index not found")
         return real(config, strategy, checkpoint=checkpoint, **kwargs)
 
-    monkeypatch.setattr(evaluate, "evaluate_once", racing_trainer)
+    monkeypatch.setattr(once, "evaluate_once", racing_trainer)
     config = evaluate.EvalConfig(
         model_dirs=(str(run),), data=toy["data"], batch_size=BATCH, continuous=True
     )

@@ -140,6 +140,13 @@ def test_verify_names_corrupt_truncated_and_missing_shards(tmp_path, capsys):
     assert lines[0] == f"BAD {out / names[0]}: sha256 differs from the manifest (corrupted)"
     assert lines[1].startswith(f"BAD {out / names[1]}: 100 bytes, the manifest says")
     assert lines[2] == f"BAD {out / names[2]}: missing"
-    assert printed.err.strip() == "verify_tfrecords: error: 3 shard(s) do not match the manifest"
+    assert printed.err.strip() == (
+        f"make_tfrecords: error: 3 shard(s) in {out} do not match manifest.json: reconvert with "
+        "--overwrite"
+    )
+    assert verify.main(["verify_tfrecords", str(out)]) == 1
+    assert capsys.readouterr().err.strip() == (
+        "verify_tfrecords: error: 3 shard(s) do not match the manifest"
+    )
     assert verify.main(["verify_tfrecords", str(tmp_path / "nope")]) == 1
     assert "no manifest.json in" in capsys.readouterr().err

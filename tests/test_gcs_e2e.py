@@ -30,11 +30,11 @@ import pytest
 import tensorflow as tf
 
 from boneage_tpu import config as config_lib
+from boneage_tpu import model_dir as model_dir_lib
 from boneage_tpu import schema, storage
 from boneage_tpu.convert import job as make_tfrecords
 from boneage_tpu.evaluate import continuous as continuous_eval
 from boneage_tpu.evaluate import job as evaluate
-from boneage_tpu.evaluate import restore
 from boneage_tpu.layouts import ConvertError
 from boneage_tpu.phantom import job as make_phantom
 
@@ -65,17 +65,14 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # The trainer has no kill hook of its own: this runs its CLI with an `after_loop` that SIGKILLs
 # the process (no clean-up at all, as a preemption) once the given step's loop is over.
 KILLING_TRAINER = """
-import os, signal
-from absl import app, flags
-from boneage_tpu.train import job as train
-from boneage_tpu.train.flags import config_from_flags, define_flags
+import os, signal, sys
+from boneage_tpu.train import job
 
 def hook(step):
     if step == int(os.environ["KILL_AT_STEP"]):
         os.kill(os.getpid(), signal.SIGKILL)
 
-define_flags()
-app.run(lambda argv: train.run(config_from_flags(flags.FLAGS), after_loop=hook))
+sys.exit(job.main(sys.argv, after_loop=hook))
 """
 
 
@@ -312,7 +309,7 @@ def test_killed_trainer_resumes_from_its_gcs_checkpoint(gcs_emulator, gcs_data, 
     config = json.loads(_blob(gcs_emulator, f"{prefix}/config.json").download_as_bytes())
     assert config["data"] == gcs_data[0] and config["model_dir"] == run.model_dir
     assert config["label_mean"] == pytest.approx(gcs_data[1]["label_stats"]["mean_months"])
-    assert restore.checkpoint_step(f"{run.model_dir}/checkpoints/ckpt-4") == TRAIN_STEPS
+    assert model_dir_lib.checkpoint_step(f"{run.model_dir}/checkpoints/ckpt-4") == TRAIN_STEPS
     # Step 3 ran twice (before the kill and after the restart) but is logged once: the killed
     # run's flushed event file made it to gs://.
     assert _event_steps(f"{run.model_dir}/logs/train")["loss"] == [1, 2, 3, 4]
@@ -421,19 +418,22 @@ def test_idle_continuous_polls_only_list_the_gcs_checkpoint_folder(
     gcs_emulator, gcs_dir, monkeypatch
 ):
     model_dir = f"{gcs_dir}/run"
-    config_lib.save_config(config_lib.TrainConfig(model_dir=model_dir, backbone="tiny"))
+    model_dir_lib.save_config(config_lib.TrainConfig(model_dir=model_dir, backbone="tiny"))
     step = tf.Variable(0, dtype=tf.int64)
     manager = tf.train.CheckpointManager(
-        tf.train.Checkpoint(step=step), restore.checkpoint_dir(model_dir), 3, checkpoint_name="ckpt"
+        tf.train.Checkpoint(step=step),
+        model_dir_lib.checkpoint_dir(model_dir),
+        3,
+        checkpoint_name="ckpt",
     )
     for s in (1, 2):
         step.assign(s)
         manager.save(checkpoint_number=s)
         storage.write_if_absent(f"{model_dir}/eval/val-{s}/metrics.json", "{}")  # Evaluated.
     reads, listings, sleeps = [], [], []
-    list_checkpoints, list_prefix = restore.list_checkpoints, storage.list_prefix
+    list_checkpoints, list_prefix = model_dir_lib.list_checkpoints, storage.list_prefix
     monkeypatch.setattr(
-        restore, "list_checkpoints", lambda d: reads.append(d) or list_checkpoints(d)
+        model_dir_lib, "list_checkpoints", lambda d: reads.append(d) or list_checkpoints(d)
     )
     monkeypatch.setattr(
         storage, "list_prefix", lambda p, **kw: listings.append(p) or list_prefix(p, **kw)

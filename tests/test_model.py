@@ -32,7 +32,10 @@ def _inputs(batch: int, size: int, seed: int = 0) -> dict[str, np.ndarray]:
 )
 def test_every_backbone_builds_and_runs_one_forward_pass(backbone: str, size: int) -> None:
     model = model_lib.build_model(
-        backbone=backbone, image_size=size, weights="none", label_mean=100.0, label_std=40.0
+        config_lib.TrainConfig(
+            backbone=backbone, image_size=size, label_mean=100.0, label_std=40.0
+        ),
+        weights="none",
     )
     months = model(_inputs(2, size), training=False)
     assert months.shape == (2,)
@@ -54,7 +57,9 @@ def test_backbone_list_is_complete() -> None:
 
 def test_output_is_months_from_the_stored_label_stats() -> None:
     model = model_lib.build_model(
-        backbone="tiny", image_size=32, dense_units=(8,), label_mean=120.0, label_std=40.0
+        config_lib.TrainConfig(
+            backbone="tiny", image_size=32, dense_units=(8,), label_mean=120.0, label_std=40.0
+        )
     )
     zscore = model.get_layer("zscore")
     zscore.kernel.assign(np.zeros(zscore.kernel.shape, np.float32))
@@ -65,7 +70,9 @@ def test_output_is_months_from_the_stored_label_stats() -> None:
 
 
 def test_uint8_and_float_images_give_the_same_months() -> None:
-    model = model_lib.build_model(backbone="tiny", image_size=32, dense_units=(8,))
+    model = model_lib.build_model(
+        config_lib.TrainConfig(backbone="tiny", image_size=32, dense_units=(8,))
+    )
     x = _inputs(2, 32)
     as_float = {"image": x["image"].astype(np.float32), "male": x["male"]}
     np.testing.assert_allclose(model(x), model(as_float), rtol=1e-6)
@@ -108,8 +115,10 @@ def test_masked_average_pooling_weights_features_by_the_mask() -> None:
 
 
 def test_attention_head_is_built_when_asked() -> None:
-    plain = model_lib.build_model(backbone="tiny", image_size=32)
-    attn = model_lib.build_model(backbone="tiny", image_size=32, attention=True)
+    plain = model_lib.build_model(config_lib.TrainConfig(backbone="tiny", image_size=32))
+    attn = model_lib.build_model(
+        config_lib.TrainConfig(backbone="tiny", image_size=32, attention=True)
+    )
     names = {layer.name for layer in attn.layers}
     assert {"attention_mask", "attention_pool"} <= names
     assert "attention_mask" not in {layer.name for layer in plain.layers}
@@ -119,9 +128,13 @@ def test_attention_head_is_built_when_asked() -> None:
 def test_sex_input_is_used_only_with_use_sex() -> None:
     x = _inputs(2, 32)
     x["image"][1] = x["image"][0]
-    with_sex = model_lib.build_model(backbone="tiny", image_size=32, dense_units=(8,), dropout=0)
+    with_sex = model_lib.build_model(
+        config_lib.TrainConfig(backbone="tiny", image_size=32, dense_units=(8,), dropout=0)
+    )
     without = model_lib.build_model(
-        backbone="tiny", image_size=32, dense_units=(8,), dropout=0, use_sex=False
+        config_lib.TrainConfig(
+            backbone="tiny", image_size=32, dense_units=(8,), dropout=0, use_sex=False
+        )
     )
     out_with = np.asarray(with_sex(x))
     out_without = np.asarray(without(x))
@@ -133,7 +146,7 @@ def test_sex_input_is_used_only_with_use_sex() -> None:
 
 def test_dense_units_and_dropout_are_configurable() -> None:
     model = model_lib.build_model(
-        backbone="tiny", image_size=32, dense_units=(24, 12, 6), dropout=0.5
+        config_lib.TrainConfig(backbone="tiny", image_size=32, dense_units=(24, 12, 6), dropout=0.5)
     )
     dense = [model.get_layer(f"dense{i}").units for i in range(3)]
     assert dense == [24, 12, 6]
@@ -141,9 +154,15 @@ def test_dense_units_and_dropout_are_configurable() -> None:
 
 
 def test_tiny_norm_options() -> None:
-    none = model_lib.build_model(backbone="tiny", image_size=32, norm="none")
-    batch = model_lib.build_model(backbone="tiny", image_size=32, norm="batch")
-    group = model_lib.build_model(backbone="tiny", image_size=32, norm="group")
+    none = model_lib.build_model(
+        config_lib.TrainConfig(backbone="tiny", image_size=32, norm="none")
+    )
+    batch = model_lib.build_model(
+        config_lib.TrainConfig(backbone="tiny", image_size=32, norm="batch")
+    )
+    group = model_lib.build_model(
+        config_lib.TrainConfig(backbone="tiny", image_size=32, norm="group")
+    )
 
     def layer_types(model: keras.Model) -> set[str]:
         return {type(layer).__name__ for layer in model.get_layer("tiny").layers}
@@ -156,7 +175,9 @@ def test_tiny_norm_options() -> None:
 
 def test_mixed_precision_keeps_a_float32_output_and_restores_the_policy() -> None:
     before = keras.config.dtype_policy().name
-    model = model_lib.build_model(backbone="tiny", image_size=32, precision="bf16")
+    model = model_lib.build_model(
+        config_lib.TrainConfig(backbone="tiny", image_size=32), precision="bf16"
+    )
     assert keras.config.dtype_policy().name == before
     assert model.get_layer("tiny").get_layer("conv0").compute_dtype == "bfloat16"
     assert model.get_layer("months").compute_dtype == "float32"
@@ -165,7 +186,9 @@ def test_mixed_precision_keeps_a_float32_output_and_restores_the_policy() -> Non
 
 def test_keras_export_round_trip(tmp_path) -> None:
     model = model_lib.build_model(
-        backbone="tiny", image_size=32, attention=True, label_mean=90.0, label_std=30.0
+        config_lib.TrainConfig(
+            backbone="tiny", image_size=32, attention=True, label_mean=90.0, label_std=30.0
+        )
     )
     path = tmp_path / "model.keras"
     model.save(path)
@@ -175,11 +198,11 @@ def test_keras_export_round_trip(tmp_path) -> None:
     assert loaded.get_layer("months").label_mean == 90.0
 
 
-def test_model_from_config_uses_the_config() -> None:
+def test_build_model_uses_the_config() -> None:
     config = config_lib.TrainConfig(
         backbone="tiny", image_size=32, dense_units=(16,), label_mean=50.0, label_std=10.0
     )
-    model = model_lib.model_from_config(config)
+    model = model_lib.build_model(config)
     assert model.get_layer("months").label_std == 10.0
     assert model.get_layer("dense0").units == 16
     assert model.input["image"].shape == (None, 32, 32, 1)
@@ -187,9 +210,9 @@ def test_model_from_config_uses_the_config() -> None:
 
 def test_too_small_image_and_unknown_backbone_read_well() -> None:
     with pytest.raises(ValueError, match="too small for xception .min 71"):
-        model_lib.build_model(backbone="xception", image_size=64)
+        model_lib.build_model(config_lib.TrainConfig(backbone="xception", image_size=64))
     with pytest.raises(ValueError, match="unknown backbone 'resnet18'; choose one of"):
-        model_lib.build_model(backbone="resnet18", image_size=64)
+        model_lib.build_model(config_lib.TrainConfig(backbone="resnet18", image_size=64))
 
 
 def test_offline_imagenet_fails_with_one_clear_line(monkeypatch) -> None:
@@ -201,7 +224,9 @@ def test_offline_imagenet_fails_with_one_clear_line(monkeypatch) -> None:
 
     monkeypatch.setattr(file_utils, "get_file", offline)
     with pytest.raises(model_lib.WeightsError) as info:
-        model_lib.build_model(backbone="vgg19", image_size=32, weights="imagenet")
+        model_lib.build_model(
+            config_lib.TrainConfig(backbone="vgg19", image_size=32), weights="imagenet"
+        )
     message = str(info.value)
     assert "\n" not in message
     assert "could not download the vgg19 ImageNet weights" in message
@@ -210,15 +235,19 @@ def test_offline_imagenet_fails_with_one_clear_line(monkeypatch) -> None:
 
 def test_tiny_has_no_imagenet_weights() -> None:
     with pytest.raises(model_lib.WeightsError, match="tiny backbone has no ImageNet weights"):
-        model_lib.build_model(backbone="tiny", image_size=32, weights="imagenet")
+        model_lib.build_model(
+            config_lib.TrainConfig(backbone="tiny", image_size=32), weights="imagenet"
+        )
 
 
 def test_weights_path_loads_backbone_weights(tmp_path) -> None:
-    source = model_lib.build_model(backbone="tiny", image_size=32)
+    source = model_lib.build_model(config_lib.TrainConfig(backbone="tiny", image_size=32))
     path = tmp_path / "tiny.weights.h5"
     source.get_layer("tiny").save_weights(path)
     keras.utils.set_random_seed(123)  # a different initialisation
-    loaded = model_lib.build_model(backbone="tiny", image_size=32, weights=str(path))
+    loaded = model_lib.build_model(
+        config_lib.TrainConfig(backbone="tiny", image_size=32), weights=str(path)
+    )
     for a, b in zip(
         source.get_layer("tiny").get_weights(), loaded.get_layer("tiny").get_weights(), strict=True
     ):
@@ -228,11 +257,15 @@ def test_weights_path_loads_backbone_weights(tmp_path) -> None:
 def test_missing_weights_file_reads_well(tmp_path) -> None:
     missing = tmp_path / "nope.h5"
     with pytest.raises(model_lib.WeightsError, match="nope.h5: file not found"):
-        model_lib.build_model(backbone="tiny", image_size=32, weights=str(missing))
+        model_lib.build_model(
+            config_lib.TrainConfig(backbone="tiny", image_size=32), weights=str(missing)
+        )
 
 
 def test_weights_of_another_network_read_well(tmp_path) -> None:
     path = tmp_path / "nonorm.weights.h5"
     model_lib.tiny_backbone(32, norm="none").save_weights(path)
     with pytest.raises(model_lib.WeightsError, match="does not fit the tiny backbone"):
-        model_lib.build_model(backbone="tiny", image_size=32, weights=str(path))
+        model_lib.build_model(
+            config_lib.TrainConfig(backbone="tiny", image_size=32), weights=str(path)
+        )

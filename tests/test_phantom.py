@@ -288,8 +288,8 @@ def test_cli_writes_data_and_contact_sheet(tmp_path, capsys):
     [
         (["--output=OUT", "--num_images=many"], 2, "num_images"),
         (["--output=OUT", "--layout=dicom"], 2, "layout"),
-        (["--output=OUT", "--num_images=0"], 1, "num_images must be >= 1"),
-        (["--output=OUT", "--num_workers=-1"], 1, "num_workers must be >= 0"),
+        (["--output=OUT", "--num_images=0"], 2, "num_images must be >= 1"),
+        (["--output=OUT", "--num_workers=-1"], 2, "num_workers must be >= 0"),
         ([], 1, "--output is required"),
         (["--age_grid=4"], 1, "--age_grid needs --contact_sheet"),
     ],

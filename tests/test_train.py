@@ -16,10 +16,10 @@ from absl import flags
 from PIL import Image
 
 import boneage_tpu.model  # noqa: F401  (registers the custom layers for load_model)
-from boneage_tpu import augment, data, distribute, optim
+from boneage_tpu import augment, cli, data, distribute, optim
 from boneage_tpu import config as config_lib
 from boneage_tpu import model as model_lib
-from boneage_tpu.train import flags as train_flags
+from boneage_tpu import model_dir as model_dir_lib
 from boneage_tpu.train import job as train
 from boneage_tpu.train import loop
 from boneage_tpu.train import state as train_state
@@ -84,7 +84,7 @@ def test_two_step_run_writes_checkpoints_logs_config_and_both_exports(toy_data, 
     assert np.isfinite(result["train_loss"]) and np.isfinite(result["val_mae_months"])
 
     manifest = json.loads((pathlib.Path(toy_data) / "manifest.json").read_text())
-    saved = config_lib.load_config(str(model_dir))
+    saved = model_dir_lib.load_config(str(model_dir))
     assert saved.label_mean == pytest.approx(manifest["label_stats"]["mean_months"])
     assert saved.label_std == pytest.approx(manifest["label_stats"]["std_months"])
     assert saved.backbone == "tiny" and saved.schema_version == manifest["schema_version"]
@@ -106,8 +106,8 @@ def test_two_step_run_writes_checkpoints_logs_config_and_both_exports(toy_data, 
     assert all(k in progress[0] for k in ("step 1/2", "loss", "mae", "img/s", "eta"))
 
     # The evaluator's way to restore a checkpoint: keys `model` and `step`.
-    config = config_lib.load_config(str(model_dir))
-    restored = model_lib.model_from_config(config)
+    config = model_dir_lib.load_config(str(model_dir))
+    restored = model_lib.build_model(config)
     step = tf.Variable(0, dtype=tf.int64)
     checkpoint = tf.train.Checkpoint(model=restored, step=step)
     checkpoint.restore(str(model_dir / "checkpoints" / "ckpt-2")).expect_partial()
@@ -144,7 +144,7 @@ def test_killed_run_resumes_from_its_checkpoint_without_duplicate_logs(toy_data,
     with pytest.raises(Killed):
         train.run(config, after_loop=kill_at_3)
     assert not (model_dir / "DONE").exists()
-    assert train_state.latest_checkpoint(str(model_dir)).endswith("ckpt-2")
+    assert model_dir_lib.latest_checkpoint(str(model_dir)).endswith("ckpt-2")
     assert _scalar_steps(model_dir / "logs" / "train")["loss"] == [1, 2, 3]
     capsys.readouterr()
 
@@ -250,7 +250,9 @@ def test_replica_step_compiles_with_xla_on_cpu():
     """augment + model + loss + gradients as one jit_compile=True function: TPU-ready."""
     keras.utils.set_random_seed(0)
     model = model_lib.build_model(
-        backbone="tiny", image_size=32, dense_units=(8,), label_mean=100.0, label_std=50.0
+        config_lib.TrainConfig(
+            backbone="tiny", image_size=32, dense_units=(8,), label_mean=100.0, label_std=50.0
+        )
     )
     optimizer = optim.make_optimizer(
         name="adam", learning_rate=1e-3, warmup_steps=0, total_steps=4, schedule="cosine"
@@ -329,7 +331,7 @@ def test_fp16_loss_scaling_path_runs(tmp_path):
 
 def test_flags_cover_every_config_field_and_parse():
     values = flags.FlagValues()
-    train_flags.define_flags(values)
+    cli.define_flags(config_lib.TrainConfig, values)
     values(
         [
             "train",
@@ -343,14 +345,17 @@ def test_flags_cover_every_config_field_and_parse():
             "--backbone=inception_v3",
         ]
     )
-    config = train_flags.config_from_flags(values)
+    config = cli.config_from_flags(config_lib.TrainConfig, values)
     assert config.dense_units == (64, 32)
     assert not config.use_sex and not config.augment
     assert config.balance == "age_sex" and config.virtual_cpus == 8
     assert config.backbone == "inception_v3"
-    for name in config_lib.TrainConfig.__dataclass_fields__:
-        if name not in train_flags.MANIFEST_FIELDS:
-            assert values[name].help, name
+    manifest_fields = {"label_mean", "label_std", "data_image_size", "data_encoding"}
+    manifest_fields |= {"data_jpeg_quality", "schema_version"}
+    flag_names = {f.name for f in cli.flag_fields(config_lib.TrainConfig)}
+    assert flag_names == set(config_lib.TrainConfig.__dataclass_fields__) - manifest_fields
+    for name in flag_names:
+        assert values[name].help, name
 
 
 @pytest.mark.slow
@@ -426,7 +431,7 @@ def test_two_step_run_on_gcs_and_resume(gcs_dir):
     train.run(config)
     result = train.run(config_lib.TrainConfig(**{**config.__dict__, "train_steps": 2}))
     assert result["step"] == 2
-    assert train_state.latest_checkpoint(model_dir).endswith("ckpt-2")
+    assert model_dir_lib.latest_checkpoint(model_dir).endswith("ckpt-2")
     for name in ("config.json", "DONE", "export/model.keras", "export/saved_model/saved_model.pb"):
         assert tf.io.gfile.exists(f"{model_dir}/{name}"), name
     assert json.loads(tf.io.gfile.GFile(f"{model_dir}/DONE").read())["step"] == 2

@@ -11,6 +11,7 @@ same arguments, and gives the same bytes as an uninterrupted one; `--overwrite` 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import functools
 import hashlib
@@ -23,13 +24,15 @@ from typing import Any
 
 import tensorflow as tf
 import tqdm
-from absl import flags
 
 from boneage_tpu import cli, images, layouts, schema
+from boneage_tpu.cli import option
 from boneage_tpu.convert import manifest as convert_output
+from boneage_tpu.convert import plan as plan_lib
 from boneage_tpu.convert import shards as convert_write
 from boneage_tpu.convert import verify as convert_verify
 from boneage_tpu.convert import workers as convert_workers
+from boneage_tpu.errors import UsageError
 from boneage_tpu.layouts import ConvertError
 
 MIN_SHARDS = 16  # Lets 8+ readers (hosts or interleave cycles) read in parallel on small sets.
@@ -182,7 +185,7 @@ def convert(
             f"(first: line {skipped_rows[0]['row']}: {skipped_rows[0]['reason']})"
         )
     split_name = split_name or ("test" if layout.name == "rsna_test" else "")
-    splits = layouts.assign_splits(
+    splits = plan_lib.assign_splits(
         rows, val_fraction=val_fraction, seed=split_seed, split_name=split_name
     )
     options = {
@@ -196,7 +199,7 @@ def convert(
         "num_shards": num_shards,
     }
     csv_sha256 = hashlib.sha256(csv_bytes).hexdigest()
-    key = layouts.plan_key(options, csv_sha256, splits, [*skipped_rows, *orphans])
+    key = plan_lib.plan_key(options, csv_sha256, splits, [*skipped_rows, *orphans])
     state = convert_write.OutputState(output)
     if overwrite:
         state.clear()
@@ -323,107 +326,77 @@ def _kill_after(shards: int) -> Callable[[str], None]:
     return hook
 
 
-def _define_flags() -> flags.FlagValues:
-    fv = flags.FlagValues()
-    flags.DEFINE_string(
-        "labels", None, "Labels CSV (Kaggle, RSNA validation or RSNA test layout).", flag_values=fv
+@dataclasses.dataclass
+class ConvertConfig:
+    """The converter's command line: the arguments of `convert`, as flags."""
+
+    labels: str = option("", "Labels CSV (Kaggle, RSNA validation or RSNA test layout).")
+    images: str = option("", "Folder with <id>.png|.jpg|.dcm images (searched recursively).")
+    output: str = option("", "Output folder, local or gs://bucket/prefix.")
+    image_size: int = option(
+        512, "Longest side of the stored images (aspect kept).", min=1, max=65536
     )
-    flags.DEFINE_string(
-        "images",
-        None,
-        "Folder with <id>.png|.jpg|.dcm images (searched recursively).",
-        flag_values=fv,
+    encoding: str = option("jpeg", "Stored image encoding.", choices=schema.ENCODINGS)
+    jpeg_quality: int = option(95, "JPEG quality.", min=1, max=100)
+    val_fraction: float = option(
+        0.1, "Fraction of each age band x sex stratum put in 'val'.", min=0, max=0.99
     )
-    flags.DEFINE_string(
-        "output", None, "Output folder, local or gs://bucket/prefix.", flag_values=fv
+    split_seed: int = option(
+        0, "Seed of the train/val split and of the record order.", min=0, max=2**63 - 1
     )
-    flags.DEFINE_integer(
-        "image_size", 512, "Longest side of the stored images (aspect kept).", flag_values=fv
+    split_name: str = option(
+        "", "Write every row to this one split (e.g. test) instead of train/val."
     )
-    flags.DEFINE_enum(
-        "encoding", "jpeg", list(schema.ENCODINGS), "Stored image encoding.", flag_values=fv
+    target_shard_mb: float = option(
+        150.0, "Target shard size in MB when --num_shards is 0.", min=1e-3, max=1e6
     )
-    flags.DEFINE_integer("jpeg_quality", 95, "JPEG quality, 1..100.", flag_values=fv)
-    flags.DEFINE_float(
-        "val_fraction", 0.1, "Fraction of each age band x sex stratum put in 'val'.", flag_values=fv
+    num_shards: int = option(
+        0, "Shards per split (0: from --target_shard_mb, at least 16).", min=0, max=10**6
     )
-    flags.DEFINE_integer(
-        "split_seed", 0, "Seed of the train/val split and of the record order.", flag_values=fv
+    num_workers: int | None = option(
+        None, "Worker processes (default: CPU count; 0: none).", min=0, max=4096
     )
-    flags.DEFINE_string(
-        "split_name",
-        "",
-        "Write every row to this one split (e.g. test) instead of train/val.",
-        flag_values=fv,
+    overwrite: bool = option(False, "Delete a previous conversion in --output and redo it.")
+    strict: bool = option(False, "Fail on the first input that would be skipped.")
+    quiet: bool = option(False, "No progress bar and no summary.")
+    verify: bool = option(
+        False, "Only check the shards in --output against the sizes and sha256 in its manifest."
     )
-    flags.DEFINE_float(
-        "target_shard_mb", 150.0, "Target shard size in MB when --num_shards is 0.", flag_values=fv
-    )
-    flags.DEFINE_integer(
-        "num_shards",
-        0,
-        "Shards per split (0: from --target_shard_mb, at least 16).",
-        flag_values=fv,
-    )
-    flags.DEFINE_integer(
-        "num_workers", None, "Worker processes (default: CPU count; 0: none).", flag_values=fv
-    )
-    flags.DEFINE_bool(
-        "overwrite", False, "Delete a previous conversion in --output and redo it.", flag_values=fv
-    )
-    flags.DEFINE_bool(
-        "strict", False, "Fail on the first input that would be skipped.", flag_values=fv
-    )
-    flags.DEFINE_bool("quiet", False, "No progress bar and no summary.", flag_values=fv)
-    flags.DEFINE_bool(
-        "verify",
-        False,
-        "Only check the shards in --output against the sizes and sha256 in its manifest.",
-        flag_values=fv,
-    )
-    return fv
 
 
-def main(argv: Sequence[str]) -> int:
-    """Parses the flags and runs `convert`; returns the exit status."""
-    fv = _define_flags()
-    _, status = cli.parse_flags("make_tfrecords", fv, argv, __doc__)
-    if status is not None:
-        return status
-    required = ("output",) if fv.verify else ("labels", "images", "output")
-    missing = [f"--{name}" for name in required if not fv[name].value]
+def run(
+    config: ConvertConfig, on_shard_done: Callable[[str], None] | None = None
+) -> dict[str, Any]:
+    """Runs `convert` with the settings of `config` (or `--verify`); returns the manifest."""
+    options = dataclasses.asdict(config)
+    verify_only = options.pop("verify")
+    # Declared here rather than as `required`: --verify needs only --output.
+    required = ("output",) if verify_only else ("labels", "images", "output")
+    missing = [f"--{name}" for name in required if not options[name]]
     if missing:
-        print(
-            f"make_tfrecords: error: missing required flag(s): {', '.join(missing)}",
-            file=sys.stderr,
-        )
-        return 2
-    if fv.verify:
-        return convert_verify.main(["verify_tfrecords", fv.output])
+        raise UsageError(f"missing required flag(s): {', '.join(missing)}")
+    if verify_only:
+        bad = convert_verify.verify(config.output.rstrip("/"))
+        if bad:
+            raise ConvertError(
+                f"{bad} shard(s) in {config.output} do not match {schema.MANIFEST_NAME}: "
+                "reconvert with --overwrite"
+            )
+        return schema.read_manifest(config.output)
+    return convert(
+        options.pop("labels"),
+        options.pop("images"),
+        options.pop("output"),
+        **options,
+        on_shard_done=on_shard_done,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parses the flags and runs `convert`; returns the exit status."""
     kill_after = int(os.environ.get(KILL_ENV, "0") or 0)
-    try:
-        convert(
-            fv.labels,
-            fv.images,
-            fv.output,
-            image_size=fv.image_size,
-            encoding=fv.encoding,
-            jpeg_quality=fv.jpeg_quality,
-            val_fraction=fv.val_fraction,
-            split_seed=fv.split_seed,
-            split_name=fv.split_name,
-            target_shard_mb=fv.target_shard_mb,
-            num_shards=fv.num_shards,
-            num_workers=fv.num_workers,
-            overwrite=fv.overwrite,
-            strict=fv.strict,
-            quiet=fv.quiet,
-            on_shard_done=_kill_after(kill_after) if kill_after > 0 else None,
-        )
-    except ConvertError as e:
-        print(f"make_tfrecords: error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    hook = _kill_after(kill_after) if kill_after > 0 else None
+    return cli.main("make_tfrecords", ConvertConfig, lambda c: run(c, hook), argv, __doc__)
 
 
 if __name__ == "__main__":

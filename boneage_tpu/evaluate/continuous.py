@@ -23,8 +23,9 @@ from typing import Any
 import tensorflow as tf
 
 from boneage_tpu import config as config_lib
+from boneage_tpu import model_dir as model_dir_lib
 from boneage_tpu import storage
-from boneage_tpu.evaluate import report, restore
+from boneage_tpu.evaluate import once, report
 
 # metrics.json key -> TensorBoard tag. "mae_months" is also the trainer's tag in logs/train and
 # logs/val, so TensorBoard draws train, val and eval MAE on one chart.
@@ -40,9 +41,7 @@ SCALARS = {
 def eval_logdir(model_dir: str, split: str, tta: str) -> str:
     """Returns the TensorBoard folder: logs/eval for the val split, logs/eval_<split>[_flip]."""
     name = "eval" if split == "val" else f"eval_{split}"
-    return config_lib.join(
-        model_dir, config_lib.LOGS_SUBDIR, f"{name}_flip" if tta == "flip" else name
-    )
+    return model_dir_lib.logs_dir(model_dir, f"{name}_flip" if tta == "flip" else name)
 
 
 def write_scalars(writer: Any, step: int, values: dict[str, Any]) -> None:
@@ -64,7 +63,7 @@ def run_continuous(
     """Evaluates every new checkpoint of `config.model_dirs[0]` until DONE or the timeout.
 
     Args:
-      config: an `evaluate.EvalConfig` with `continuous=True` and one model directory.
+      config: an `once.EvalConfig` with `continuous=True` and one model directory.
       strategy: where the model runs.
       sleep: waits between polls (injectable for tests).
       clock: monotonic seconds (injectable for tests).
@@ -73,12 +72,9 @@ def run_continuous(
       {"evaluated_steps": [...], "already_evaluated_steps": [...], "skipped": [{step, reason}],
        "stop_reason": "done" | "timeout", "metrics": {step: metrics dict}}.
     """
-    from boneage_tpu.evaluate import (
-        job as evaluate,  # Circular at import time: evaluate imports this lazily.
-    )
 
     model_dir = config.model_dirs[0]
-    base = config.output or config_lib.join(model_dir, config_lib.EVAL_SUBDIR)
+    base = config.output or model_dir_lib.eval_dir(model_dir)
     writer = None
     models: dict[str, Any] = {}
     handled: set[int] = set()
@@ -90,16 +86,16 @@ def run_continuous(
     }
     last_new = clock()
     settled: list[str] | None = None
-    print(f"watching {restore.checkpoint_dir(model_dir)} for new checkpoints")
+    print(f"watching {model_dir_lib.checkpoint_dir(model_dir)} for new checkpoints")
     while True:
-        done = restore.read_done(model_dir) is not None
-        has_config = tf.io.gfile.exists(config_lib.join(model_dir, config_lib.CONFIG_NAME))
+        done = model_dir_lib.read_done(model_dir) is not None
+        has_config = model_dir_lib.has_config(model_dir)
         # One listing call per poll (a single LIST request on gs://); the state file and every
         # checkpoint's index are read again only when the listing changed.
-        listing = storage.list_prefix(restore.checkpoint_dir(model_dir) + "/ckpt-")
+        listing = storage.list_prefix(model_dir_lib.checkpoint_dir(model_dir) + "/ckpt-")
         checkpoints = []
         if has_config and listing != settled:
-            checkpoints = restore.list_checkpoints(model_dir)
+            checkpoints = model_dir_lib.list_checkpoints(model_dir)
             # Settled once the state file lists every index (it is updated after them).
             indexes = {n for n in listing if n.endswith(".index")}
             if indexes <= {f"{path}.index" for _, path in checkpoints}:
@@ -109,17 +105,17 @@ def run_continuous(
                 continue
             handled.add(step)
             last_new = clock()
-            output = config_lib.join(base, evaluate.output_name(config.split, [step], config.tta))
+            output = config_lib.join(base, once.output_name(config.split, [step], config.tta))
             if tf.io.gfile.exists(config_lib.join(output, report.METRICS_NAME)):
                 print(f"step {step}: already evaluated in {output}, skipped")
                 summary["already_evaluated_steps"].append(step)
                 continue
             try:
-                values = evaluate.evaluate_once(
+                values = once.evaluate_once(
                     config, strategy, checkpoint=str(step), output=output, models=models
                 )
-            except (tf.errors.NotFoundError, restore.ModelDirError) as e:
-                if step in {s for s, _ in restore.list_checkpoints(model_dir)}:
+            except (tf.errors.NotFoundError, model_dir_lib.ModelDirError) as e:
+                if step in {s for s, _ in model_dir_lib.list_checkpoints(model_dir)}:
                     raise  # Still there: a real problem, not the trainer's clean-up.
                 reason = (
                     "deleted by the trainer's keep-K policy before it could be evaluated "

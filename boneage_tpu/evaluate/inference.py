@@ -15,11 +15,12 @@ import numpy as np
 import tensorflow as tf
 
 from boneage_tpu import data
+from boneage_tpu.errors import Error
 
 TTA_MODES = ("none", "flip")
 
 
-class InferenceError(ValueError):
+class InferenceError(Error, ValueError):
     """Inference cannot run or its result is inconsistent; the message is one line."""
 
 

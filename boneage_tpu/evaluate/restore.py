@@ -1,27 +1,20 @@
 """Finds and restores trained models in a model directory (checkpoints or the Keras export).
 
 Shared by `boneage_tpu.evaluate` (including its continuous mode) and `boneage_tpu.predict`.
-The directory layout is the one documented in `boneage_tpu.config`.
+The directory layout is `boneage_tpu.model_dir`'s.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import re
 from collections.abc import Mapping
 from typing import Any
 
 import tensorflow as tf
 
 from boneage_tpu import config as config_lib
-
-_STEP_KEY = "step/.ATTRIBUTES/VARIABLE_VALUE"
-_CKPT_NUMBER = re.compile(r"ckpt-(\d+)$")
-
-
-class ModelDirError(ValueError):
-    """A model directory, checkpoint or export that cannot be used; the message is one line."""
+from boneage_tpu import model_dir as model_dir_lib
+from boneage_tpu.model_dir import ModelDirError, list_checkpoints
 
 
 @dataclasses.dataclass
@@ -35,57 +28,6 @@ class LoadedModel:
     source: str  # checkpoint path or export path
 
 
-def checkpoint_dir(model_dir: str) -> str:
-    """Returns the folder holding the CheckpointManager's checkpoints."""
-    return config_lib.join(model_dir, config_lib.CHECKPOINT_SUBDIR)
-
-
-def checkpoint_step(path: str) -> int:
-    """Returns the training step stored in a checkpoint (its `step` variable, else `ckpt-<N>`).
-
-    The checkpoint number is the manager's save counter, not necessarily the step, so the `step`
-    variable wins when the checkpoint has one.
-    """
-    reader = tf.train.load_checkpoint(path)
-    if reader.has_tensor(_STEP_KEY):
-        return int(reader.get_tensor(_STEP_KEY))
-    match = _CKPT_NUMBER.search(path)
-    if not match:
-        raise ModelDirError(f"checkpoint {path} has no `step` variable and no ckpt-<N> name")
-    return int(match.group(1))
-
-
-def list_checkpoints(model_dir: str) -> list[tuple[int, str]]:
-    """Returns (step, path) of every checkpoint the CheckpointManager lists, oldest first.
-
-    Uses the manager's `checkpoint` state file, which is updated only after a checkpoint is
-    completely written, so a checkpoint being saved right now is never listed half-written.
-    """
-    state = tf.train.get_checkpoint_state(checkpoint_dir(model_dir))
-    if state is None:
-        return []
-    found = []
-    for path in state.all_model_checkpoint_paths:
-        try:
-            found.append((checkpoint_step(path), path))
-        except tf.errors.NotFoundError:
-            continue  # Deleted by the trainer's keep-K policy since the state file was read.
-    return sorted(found)
-
-
-def read_done(model_dir: str) -> dict[str, Any] | None:
-    """Returns the DONE marker's JSON when training has finished, else None."""
-    path = config_lib.join(model_dir, config_lib.DONE_NAME)
-    if not tf.io.gfile.exists(path):
-        return None
-    with tf.io.gfile.GFile(path, "r") as f:
-        text = f.read()
-    try:
-        return json.loads(text) if text.strip() else {}
-    except json.JSONDecodeError as e:
-        raise ModelDirError(f"{path} is not valid JSON: {e}") from e
-
-
 def resolve_checkpoint(model_dir: str, checkpoint: str) -> tuple[str, int | None]:
     """Returns (path, step) for `checkpoint` = latest | export | STEP.
 
@@ -93,15 +35,15 @@ def resolve_checkpoint(model_dir: str, checkpoint: str) -> tuple[str, int | None
       ModelDirError: with one line naming what exists, when the checkpoint is not there.
     """
     if checkpoint == "export":
-        path = config_lib.join(model_dir, config_lib.EXPORT_SUBDIR, config_lib.KERAS_EXPORT_NAME)
+        path = model_dir_lib.keras_export_path(model_dir)
         if not tf.io.gfile.exists(path):
             raise ModelDirError(f"no Keras export {path}: has training finished?")
-        done = read_done(model_dir)
+        done = model_dir_lib.read_done(model_dir)
         return path, (int(done["step"]) if done and "step" in done else None)
     checkpoints = list_checkpoints(model_dir)
     if not checkpoints:
         raise ModelDirError(
-            f"no checkpoints in {checkpoint_dir(model_dir)}: is {model_dir} a training run's "
+            f"no checkpoints in {model_dir_lib.checkpoint_dir(model_dir)}: is {model_dir} a training run's "
             "--model_dir, and has it saved a checkpoint yet?"
         )
     if checkpoint == "latest":
@@ -152,7 +94,7 @@ def load_model(model_dir: str, checkpoint: str = "latest", model: Any = None) ->
     """
     from boneage_tpu import model as model_lib  # Heavy (Keras); only needed here.
 
-    config = config_lib.load_config(model_dir)
+    config = model_dir_lib.load_config(model_dir)
     path, step = resolve_checkpoint(model_dir, checkpoint)
     if checkpoint == "export":
         import keras
@@ -163,7 +105,7 @@ def load_model(model_dir: str, checkpoint: str = "latest", model: Any = None) ->
             raise ModelDirError(f"cannot load {path}: {str(e).splitlines()[0]}") from e
         return LoadedModel(model, config, model_dir, step, path)
     if model is None:
-        model = model_lib.model_from_config(config)
+        model = model_lib.build_model(config)
     try:
         status = tf.train.Checkpoint(model=model).restore(path).expect_partial()
         status.assert_existing_objects_matched()

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
+from boneage_tpu.errors import Error
 from boneage_tpu.phantom.render import render_phantom
 
 MIN_LABEL, MAX_LABEL = 1, 228
@@ -60,7 +61,7 @@ LAYOUTS = {
 }
 
 
-class PhantomError(ValueError):
+class PhantomError(Error, ValueError):
     """Bad arguments or an unusable output folder (reported as one line by the CLI)."""
 
 

@@ -34,9 +34,9 @@ import time
 from collections.abc import Sequence
 
 import numpy as np
-from absl import flags
 
 from boneage_tpu import cli
+from boneage_tpu.cli import option
 from boneage_tpu.phantom.dataset import LAYOUTS, PhantomError, PhantomRecord, generate, plan_records
 from boneage_tpu.phantom.render import render_phantom
 from boneage_tpu.phantom.sheet import sheet_from_age_grid, sheet_from_records, write_contact_sheet
@@ -61,19 +61,23 @@ __all__ = [
 class PhantomConfig:
     """Command-line settings of `python -m tools.make_phantom`."""
 
-    output: str = ""
-    num_images: int = 1000
-    seed: int = 0
-    width: int = 640
-    height: int = 800
-    size_jitter: float = 0.1
-    layout: str = "kaggle"
-    label_noise_months: float = 5.0
-    num_workers: int = 0
-    overwrite: bool = False
-    contact_sheet: str = ""
-    contact_sheet_size: int = 16
-    age_grid: int = 0
+    output: str = option("", "Folder to write the data set into (created if missing).")
+    num_images: int = option(1000, "Number of images.", min=1, max=10**8)
+    seed: int = option(0, "Random seed; image i depends only on (seed, i).", min=0, max=2**63 - 1)
+    width: int = option(640, "Nominal image width in pixels.", min=64, max=16384)
+    height: int = option(800, "Nominal image height in pixels.", min=64, max=16384)
+    size_jitter: float = option(
+        0.1, "Each side varies by +- this fraction; 0 = exact.", min=0, max=0.49
+    )
+    layout: str = option("kaggle", "File layout.", choices=tuple(sorted(LAYOUTS)))
+    label_noise_months: float = option(5.0, "Sigma of the rater noise.", min=0, max=240)
+    num_workers: int = option(0, "Rendering processes; 0 = one per CPU.", min=0, max=4096)
+    overwrite: bool = option(False, "Delete PNGs in the image folder this run won't write.")
+    contact_sheet: str = option("", "Also write a PNG grid of images sorted by age.")
+    contact_sheet_size: int = option(16, "Images on the contact sheet.", min=1, max=10**5)
+    age_grid: int = option(
+        0, "Sheet of N new hands at ages 0..228 months (no --output).", min=0, max=10**5
+    )
 
 
 def run(config: PhantomConfig) -> list[PhantomRecord]:
@@ -116,56 +120,14 @@ def _generate(config: PhantomConfig) -> list[PhantomRecord]:
     )
 
 
-def _define_flags() -> flags.FlagValues:
-    fv = flags.FlagValues()
-    d = PhantomConfig()
-    for name, default, help_text in (
-        ("output", d.output, "Folder to write the data set into (created if missing)."),
-        ("contact_sheet", d.contact_sheet, "Also write a PNG grid of images sorted by age."),
-    ):
-        flags.DEFINE_string(name, default, help_text, flag_values=fv)
-    for name, default, help_text in (
-        ("num_images", d.num_images, "Number of images."),
-        ("seed", d.seed, "Random seed; image i depends only on (seed, i)."),
-        ("width", d.width, "Nominal image width in pixels."),
-        ("height", d.height, "Nominal image height in pixels."),
-        ("num_workers", d.num_workers, "Rendering processes; 0 = one per CPU."),
-        ("contact_sheet_size", d.contact_sheet_size, "Images on the contact sheet."),
-        ("age_grid", d.age_grid, "Sheet of N new hands at ages 0..228 months (no --output)."),
-    ):
-        flags.DEFINE_integer(name, default, help_text, flag_values=fv)
-    flags.DEFINE_float(
-        "size_jitter",
-        d.size_jitter,
-        "Each side varies by +- this fraction; 0 = exact.",
-        flag_values=fv,
-    )
-    flags.DEFINE_float(
-        "label_noise_months", d.label_noise_months, "Sigma of the rater noise.", flag_values=fv
-    )
-    flags.DEFINE_enum("layout", d.layout, sorted(LAYOUTS), "File layout.", flag_values=fv)
-    flags.DEFINE_bool(
-        "overwrite",
-        d.overwrite,
-        "Delete PNGs in the image folder this run won't write.",
-        flag_values=fv,
-    )
-    return fv
-
-
-def main(argv: Sequence[str]) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Parses the flags in `argv` (argv[0] is the program) and runs; returns the exit status."""
-    fv = _define_flags()
-    _, status = cli.parse_flags("make_phantom", fv, argv, __doc__)
-    if status is not None:
-        return status
-    config = PhantomConfig(**{f.name: fv[f.name].value for f in dataclasses.fields(PhantomConfig)})
+    return cli.main("make_phantom", PhantomConfig, _job, argv, __doc__)
+
+
+def _job(config: PhantomConfig) -> None:
     start = time.perf_counter()
-    try:
-        records = run(config)
-    except PhantomError as e:
-        print(f"make_phantom: error: {e}", file=sys.stderr)
-        return 1
+    records = run(config)
     if records:
         labels = np.array([r.label_months for r in records])
         print(
@@ -175,7 +137,6 @@ def main(argv: Sequence[str]) -> int:
         )
     if config.contact_sheet:
         print(f"wrote contact sheet {config.contact_sheet}")
-    return 0
 
 
 if __name__ == "__main__":

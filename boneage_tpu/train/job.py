@@ -2,7 +2,7 @@
 
 The loop is our own (`boneage_tpu.train.loop`): `strategy.run` inside a `tf.function` running
 --steps_per_loop steps per call, one progress line per call. The model directory layout is in
-`boneage_tpu.config`; a rerun with the same --model_dir resumes from its latest checkpoint
+`boneage_tpu.model_dir`; a rerun with the same --model_dir resumes from its latest checkpoint
 (`boneage_tpu.train.state`). Every flag: `python -m boneage_tpu.train --helpfull`.
 """
 
@@ -11,9 +11,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 # Quiets TensorFlow's C++ start-up logging when run as a program (no effect once TF is loaded).
@@ -21,18 +20,18 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
+from absl import logging  # noqa: E402
 
+from boneage_tpu import cli, distribute, export  # noqa: E402
 from boneage_tpu import config as config_lib  # noqa: E402
-from boneage_tpu import distribute, export  # noqa: E402
+from boneage_tpu import model_dir as model_dir_lib  # noqa: E402
 from boneage_tpu.convert import verify  # noqa: E402
-from boneage_tpu.train import lease as train_lease  # noqa: E402
+from boneage_tpu.errors import Error  # noqa: E402
 from boneage_tpu.train import state as train_state  # noqa: E402
-from boneage_tpu.train.flags import config_from_flags, define_flags  # noqa: E402
 from boneage_tpu.train.setup import DatasetFn, Session, prepare  # noqa: E402
 
 
-class TrainingError(RuntimeError):
+class TrainingError(Error, RuntimeError):
     """Training cannot go on (e.g. a non-finite loss); the message names the step."""
 
 
@@ -185,11 +184,10 @@ def _run_locked(session: Session, after_loop: Callable[[int], None] | None) -> d
         + (f"resuming at step {session.start_step}" if session.start_step else "from step 0")
         + f" of {config.train_steps}"
     )
-    logs_dir = config_lib.join(config.model_dir, config_lib.LOGS_SUBDIR)
-    train_log = train_state.ScalarLog(config_lib.join(logs_dir, "train"))
+    train_log = train_state.ScalarLog(model_dir_lib.logs_dir(config.model_dir, "train"))
     val_log = None
     if session.val_dataset is not None:
-        val_log = train_state.ScalarLog(config_lib.join(logs_dir, "val"))
+        val_log = train_state.ScalarLog(model_dir_lib.logs_dir(config.model_dir, "val"))
     try:
         result = _train(session, train_log, val_log, after_loop)
         current = int(session.step.numpy())
@@ -205,40 +203,25 @@ def _run_locked(session: Session, after_loop: Callable[[int], None] | None) -> d
     result["step"] = current
     result["exports"] = export.export_all(session.model, config)
     metrics = {k: v for k, v in result.items() if k != "exports"}
-    train_state.write_done(config.model_dir, current, metrics)
-    export_dir = config_lib.join(config.model_dir, config_lib.EXPORT_SUBDIR)
-    log(f"done: step {current}, exports in {export_dir}")
+    model_dir_lib.write_done(config.model_dir, current, metrics)
+    log(f"done: step {current}, exports in {model_dir_lib.export_dir(config.model_dir)}")
     return result
 
 
-# Bad input ends the CLI with one line; anything else keeps its traceback (a bug to report).
-ERRORS = (
-    ValueError,
-    distribute.DistributeError,
-    TrainingError,
-    train_state.NonFiniteWeightsError,
-    train_lease.LockedError,
-    FileNotFoundError,
-    tf.errors.NotFoundError,
-    tf.errors.PermissionDeniedError,
-)
+def _job(config: config_lib.TrainConfig, after_loop: Callable[[int], None] | None) -> None:
+    # absl and TF log INFO by default; that would bury the progress lines.
+    logging.set_verbosity(logging.WARNING)
+    tf.get_logger().setLevel("WARNING")
+    run(config, after_loop=after_loop)
 
 
-def main(argv: list[str]) -> None:
-    """Entry point after absl parsed the flags: builds the config and calls `run`."""
-    if len(argv) > 1:
-        sys.exit(f"train: error: unexpected arguments {argv[1:]} (flags are --name=value)")
-    if not flags.FLAGS["verbosity"].present:
-        # absl turns INFO on by default; TF and Keras then bury the progress lines.
-        logging.set_verbosity(logging.WARNING)
-        tf.get_logger().setLevel("WARNING")
-    try:
-        run(config_from_flags(flags.FLAGS))
-    except ERRORS as err:
-        message = " ".join(str(err).split()) or type(err).__name__
-        sys.exit(f"train: error: {message}")
+def main(
+    argv: Sequence[str] | None = None, *, after_loop: Callable[[int], None] | None = None
+) -> int:
+    """Runs `python -m boneage_tpu.train` on `argv` (argv[0] is the program); returns the status.
 
-
-if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    Args:
+      argv: the command line.
+      after_loop: passed to `run` (tests use it to kill a run mid-way).
+    """
+    return cli.main("train", config_lib.TrainConfig, lambda c: _job(c, after_loop), argv, __doc__)

@@ -23,21 +23,17 @@ from typing import Any
 
 import tensorflow as tf
 
-from boneage_tpu import config as config_lib
+from boneage_tpu import model_dir as model_dir_lib
 from boneage_tpu import storage
+from boneage_tpu.errors import Error
 
-LOCK_NAME = "LOCK"
+LOCK_NAME = model_dir_lib.LOCK_NAME
 HEARTBEAT_SECONDS = 30.0
 STALE_SECONDS = 600.0
 
 
-class LockedError(RuntimeError):
+class LockedError(Error, RuntimeError):
     """Another trainer holds the model directory; the message names it and what to do."""
-
-
-def lock_path(model_dir: str) -> str:
-    """Returns the lease file of a model directory."""
-    return config_lib.join(model_dir, LOCK_NAME)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -61,7 +57,7 @@ class Lease:
         heartbeat_seconds: float = HEARTBEAT_SECONDS,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.path = lock_path(model_dir)
+        self.path = model_dir_lib.lock_path(model_dir)
         self.model_dir = model_dir
         self.stale_seconds = stale_seconds
         self.heartbeat_seconds = heartbeat_seconds

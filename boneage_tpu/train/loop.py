@@ -20,7 +20,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from boneage_tpu import augment
+from boneage_tpu import augment, data
 from boneage_tpu.optim import per_example_loss
 
 # Features the replicas need; ids (strings) stay on the host because TPUs cannot hold strings.
@@ -53,26 +53,6 @@ def device_features(batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
     if "mask" not in out:
         out["mask"] = tf.ones_like(batch["male"], tf.float32)
     return out
-
-
-def pad_to_replica_multiple(dataset: tf.data.Dataset, replicas: int) -> tf.data.Dataset:
-    """Appends all-masked batches so the batch count is a multiple of `replicas`.
-
-    Every replica then gets a full, static-shape batch on every evaluation step (TPUs need
-    static shapes; a replica without data would stall the all-reduce). The mask is 0 on padding.
-    """
-    if replicas == 1:
-        return dataset
-
-    def pad_group(group: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        missing = replicas - tf.shape(group["mask"])[0]
-        padded = {}
-        for key, value in group.items():
-            paddings = [[0, missing]] + [[0, 0]] * (value.shape.rank - 1)
-            padded[key] = tf.pad(value, paddings)
-        return padded
-
-    return dataset.batch(replicas).map(pad_group).unbatch()
 
 
 class TrainLoop:
@@ -124,6 +104,26 @@ class TrainLoop:
         self._train_fn = tf.function(self._train_loop)
         self._eval_fn = tf.function(self._eval_loop)
 
+    def batch_stats(
+        self, months: tf.Tensor, batch: dict[str, tf.Tensor]
+    ) -> tuple[tf.Tensor, tf.Tensor]:
+        """Returns one batch's masked per-example loss [B] and its [loss, abs-error, count] sums.
+
+        The one definition of the statistics, for training and validation alike; `LoopMetrics`
+        turns their sums into means.
+        """
+        target = tf.cast(batch["boneage"], tf.float32)
+        mask = tf.cast(batch["mask"], tf.float32)
+        per_example = per_example_loss(self.loss_name, (months - target) / self.label_std) * mask
+        stats = tf.stack(
+            [
+                tf.reduce_sum(per_example),
+                tf.reduce_sum(tf.abs(months - target) * mask),
+                tf.reduce_sum(mask),
+            ]
+        )
+        return per_example, stats
+
     def _gradients(
         self, batch: dict[str, tf.Tensor], seed: tf.Tensor
     ) -> tuple[list[tf.Tensor], tf.Tensor]:
@@ -132,25 +132,14 @@ class TrainLoop:
             images = augment.augment_batch(batch["image"], seed, self.augment_config)
         else:
             images = augment.to_float(batch["image"])
-        target = tf.cast(batch["boneage"], tf.float32)
-        mask = tf.cast(batch["mask"], tf.float32)
         with tf.GradientTape() as tape:
             months = tf.cast(
                 self.model({"image": images, "male": batch["male"]}, training=True), tf.float32
             )
-            per_example = (
-                per_example_loss(self.loss_name, (months - target) / self.label_std) * mask
-            )
+            per_example, stats = self.batch_stats(months, batch)
             loss = tf.reduce_sum(per_example) / self.global_batch
             scaled = self.optimizer.scale_loss(loss)
         grads = tape.gradient(scaled, self.model.trainable_variables)
-        stats = tf.stack(
-            [
-                tf.reduce_sum(per_example),
-                tf.reduce_sum(tf.abs(months - target) * mask),
-                tf.reduce_sum(mask),
-            ]
-        )
         return grads, stats
 
     def _replica_step(self, batch: dict[str, tf.Tensor], step: tf.Tensor) -> tf.Tensor:
@@ -190,16 +179,7 @@ class TrainLoop:
             ),
             tf.float32,
         )
-        target = tf.cast(batch["boneage"], tf.float32)
-        mask = tf.cast(batch["mask"], tf.float32)
-        per_example = per_example_loss(self.loss_name, (months - target) / self.label_std) * mask
-        return tf.stack(
-            [
-                tf.reduce_sum(per_example),
-                tf.reduce_sum(tf.abs(months - target) * mask),
-                tf.reduce_sum(mask),
-            ]
-        )
+        return self.batch_stats(months, batch)[1]
 
     def _eval_loop(self, dataset: Any) -> tf.Tensor:
         totals = tf.zeros([3], tf.float32)
@@ -243,7 +223,7 @@ def distribute(
         dataset = dataset.map(device_features)
         if not training:
             local_replicas = context.num_replicas_in_sync // context.num_input_pipelines
-            dataset = pad_to_replica_multiple(dataset, local_replicas)
+            dataset = data.pad_to_replica_multiple(dataset, local_replicas)
         return dataset.prefetch(tf.data.AUTOTUNE)
 
     return strategy.distribute_datasets_from_function(fn)

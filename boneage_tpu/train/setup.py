@@ -17,6 +17,8 @@ import tensorflow as tf
 
 from boneage_tpu import augment, data, distribute, optim, schema
 from boneage_tpu import config as config_lib
+from boneage_tpu import model_dir as model_dir_lib
+from boneage_tpu.errors import ConfigError
 from boneage_tpu.model import build_model
 from boneage_tpu.train import lease as train_lease
 from boneage_tpu.train import loop
@@ -30,7 +32,7 @@ DEFAULT_PRECISION = {"tpu": "bf16", "gpu": "fp16", "cpu": "fp32"}
 def per_replica_batch(global_batch: int, replicas: int, flag: str = "--batch_size") -> int:
     """Returns global / replicas, or raises a one-line error when it does not divide."""
     if global_batch < 1 or global_batch % replicas:
-        raise ValueError(
+        raise ConfigError(
             f"{flag} {global_batch} is not divisible by the {replicas} replicas: use a multiple "
             f"of {replicas} (each replica gets {flag} / {replicas})"
         )
@@ -134,20 +136,7 @@ def _build_objects(
     config: config_lib.TrainConfig, settings: dict[str, Any], weights: str
 ) -> tuple[keras.Model, keras.optimizers.Optimizer, tf.Variable, optim.PlateauState]:
     """Builds model, optimizer, step and plateau state (call inside `strategy.scope()`)."""
-    model = build_model(
-        backbone=config.backbone,
-        image_size=config.image_size,
-        weights=weights,
-        use_sex=config.use_sex,
-        sex_units=config.sex_units,
-        dense_units=config.dense_units,
-        dropout=config.dropout,
-        attention=config.attention,
-        label_mean=config.label_mean,
-        label_std=config.label_std,
-        norm=config.norm,
-        precision=settings["precision"],
-    )
+    model = build_model(config, weights=weights, precision=settings["precision"])
     plateau = optim.PlateauState(config.plateau_patience, config.plateau_factor)
     optimizer = optim.make_optimizer(
         name=config.optimizer,
@@ -179,17 +168,17 @@ def prepare(
 ) -> Session:
     """Validates, builds and restores everything for `config` (which gets the label stats)."""
     if not config.model_dir:
-        raise ValueError("--model_dir is required")
+        raise ConfigError("--model_dir is required")
     if config.train_steps < 1 or config.checkpoint_every < 1:
-        raise ValueError("--train_steps and --checkpoint_every must be >= 1")
+        raise ConfigError("--train_steps and --checkpoint_every must be >= 1")
     if config.lr_schedule == "plateau" and (config.eval_every < 1 or not config.val_split):
-        raise ValueError("--lr_schedule plateau needs --eval_every > 0 and a --val_split")
+        raise ConfigError("--lr_schedule plateau needs --eval_every > 0 and a --val_split")
     paths = {"--data": config.data, "--model_dir": config.model_dir}
     for warning in distribute.check_paths(config.tpu, paths):
         log(f"warning: {warning}")
     manifest = fill_from_manifest(config) if config.data else None
     if datasets is None and manifest is None:
-        raise ValueError("--data is required")
+        raise ConfigError("--data is required")
     strategy = strategy or distribute.make_strategy(config.tpu, config.virtual_cpus)
     platform = distribute.platform(strategy)
     replicas = strategy.num_replicas_in_sync
@@ -202,7 +191,7 @@ def prepare(
     worker = distribute.worker_name(strategy)
     if worker:
         # Non-chief multi-worker replicas save in step with the chief, into a private folder.
-        config.model_dir = config_lib.join(config.model_dir, "workers", worker)
+        config.model_dir = model_dir_lib.worker_dir(config.model_dir, worker)
     # Before anything in the model directory is read or written: one trainer per directory.
     lease = train_lease.Lease(config.model_dir)
     lease.acquire(log)
@@ -227,7 +216,7 @@ def _prepare_locked(
 ) -> Session:
     """The part of `prepare` that reads and writes the (locked) model directory."""
     train_state.check_resume(config)
-    resuming = train_state.latest_checkpoint(config.model_dir) is not None
+    resuming = model_dir_lib.latest_checkpoint(config.model_dir) is not None
     keras.utils.set_random_seed(config.seed)
     with strategy.scope():
         # A resumed run takes its weights from the checkpoint: nothing to download then.
@@ -244,8 +233,8 @@ def _prepare_locked(
     )
     start = checkpoints.restore_latest() or 0
     # Written once the model exists: a run that fails to start leaves no config behind.
-    config_lib.save_config(config)
-    train_state.clear_done(config.model_dir)
+    model_dir_lib.save_config(config)
+    model_dir_lib.clear_done(config.model_dir)
     if datasets is None:
         # A resumed run reshuffles with a new seed rather than replaying the first batches.
         datasets = input_fns(config, manifest, config.seed + start)

@@ -1,4 +1,4 @@
-"""Run state in the model directory: checkpoints, TensorBoard scalars, config and DONE.
+"""Run state of training: checkpointing, resume checks and TensorBoard scalars.
 
 Preemption safety: a restarted run with the same --model_dir restores the latest checkpoint
 (step, model, optimizer with its step counter, plateau state, Keras RNG state such as dropout
@@ -8,12 +8,13 @@ needs no state. TensorBoard steps already on disk are not written again after a 
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import tensorflow as tf
 
 from boneage_tpu import config as config_lib
+from boneage_tpu import model_dir as model_dir_lib
+from boneage_tpu.errors import Error
 
 # Fields that define the network: resuming with other values cannot restore the checkpoint.
 ARCHITECTURE_FIELDS = (
@@ -27,32 +28,21 @@ ARCHITECTURE_FIELDS = (
 )
 
 
-class ResumeError(ValueError):
+class ResumeError(Error, ValueError):
     """The model directory holds a run that this config cannot continue."""
 
 
-class NonFiniteWeightsError(RuntimeError):
+class NonFiniteWeightsError(Error, RuntimeError):
     """The weights became NaN or inf; no checkpoint of them is written."""
-
-
-def checkpoint_dir(model_dir: str) -> str:
-    """Returns the checkpoint folder of a model directory."""
-    return config_lib.join(model_dir, config_lib.CHECKPOINT_SUBDIR)
-
-
-def latest_checkpoint(model_dir: str) -> str | None:
-    """Returns the latest checkpoint path in a model directory, or None."""
-    return tf.train.latest_checkpoint(checkpoint_dir(model_dir))
 
 
 def check_resume(config: config_lib.TrainConfig) -> None:
     """Raises ResumeError when model_dir has checkpoints of a different network."""
-    if latest_checkpoint(config.model_dir) is None:
+    if model_dir_lib.latest_checkpoint(config.model_dir) is None:
         return
-    path = config_lib.join(config.model_dir, config_lib.CONFIG_NAME)
-    if not tf.io.gfile.exists(path):
+    if not model_dir_lib.has_config(config.model_dir):
         return
-    previous = config_lib.load_config(config.model_dir)
+    previous = model_dir_lib.load_config(config.model_dir)
     for name, what in (("data_image_size", "px"), ("data_encoding", "encoding")):
         old, new = getattr(previous, name), getattr(config, name)
         if old and new and old != new:
@@ -97,7 +87,7 @@ class Checkpointing:
         self.checkpoint = tf.train.Checkpoint(**objects)
         self.manager = tf.train.CheckpointManager(
             self.checkpoint,
-            checkpoint_dir(model_dir),
+            model_dir_lib.checkpoint_dir(model_dir),
             max_to_keep=keep,
             checkpoint_name="ckpt",
             step_counter=self.step,
@@ -180,20 +170,3 @@ class ScalarLog:
     def close(self) -> None:
         """Flushes and closes the event file."""
         self.writer.close()
-
-
-def done_path(model_dir: str) -> str:
-    """Returns the path of the DONE marker."""
-    return config_lib.join(model_dir, config_lib.DONE_NAME)
-
-
-def clear_done(model_dir: str) -> None:
-    """Removes DONE so a continued run is not taken as finished by a continuous evaluator."""
-    if tf.io.gfile.exists(done_path(model_dir)):
-        tf.io.gfile.remove(done_path(model_dir))
-
-
-def write_done(model_dir: str, step: int, metrics: dict[str, Any]) -> None:
-    """Writes DONE (JSON with the final step and metrics); call it last."""
-    with tf.io.gfile.GFile(done_path(model_dir), "w") as f:
-        json.dump({"step": step, "metrics": metrics}, f, indent=2, sort_keys=True)

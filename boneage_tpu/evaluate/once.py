@@ -1,0 +1,223 @@
+"""One evaluation of a model (or ensemble) at one checkpoint: the library behind `evaluate`.
+
+A leaf of the evaluation package: `job` (the command) and `continuous` (following a training
+run) both call `evaluate_once`; it imports neither.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+from collections.abc import Sequence
+from typing import Any
+
+import tensorflow as tf
+
+from boneage_tpu import __version__, schema
+from boneage_tpu import config as config_lib
+from boneage_tpu import model_dir as model_dir_lib
+from boneage_tpu.cli import check, option
+from boneage_tpu.config import BIG
+from boneage_tpu.convert import verify
+from boneage_tpu.errors import Error
+from boneage_tpu.evaluate import inference, metrics, report, restore
+
+
+class EvalError(Error, ValueError):
+    """Bad evaluation input or an inconsistent result; the message is one line."""
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    """Every setting of an evaluation job (the flags of `python -m boneage_tpu.evaluate`)."""
+
+    model_dirs: tuple[str, ...] = option(
+        (),
+        "Training run folder (local or gs://); repeat it to evaluate an ensemble (mean of the "
+        "members' predictions).",
+        flag="model_dir",
+    )
+    data: str = option("", "TFRecord folder written by tools.make_tfrecords.")
+    split: str = option("val", "Split of the data to evaluate.")
+    checkpoint: str = option("latest", "latest, export or a training step.")
+    tta: str = option(
+        "none", "flip: mean over the image and its mirror.", choices=inference.TTA_MODES
+    )
+    output: str = option(
+        "",
+        "Output folder; default MODEL_DIR/eval/<split>-<step> (with --continuous: the folder "
+        "of the <split>-<step> folders).",
+    )
+    batch_size: int = option(
+        0, "Global batch; 0: the training run's eval batch size.", min=0, max=BIG
+    )
+    continuous: bool = option(
+        False,
+        "Follow a training run: evaluate each new checkpoint once, until the run writes DONE "
+        "or --timeout passes.",
+    )
+    timeout: float = option(
+        3600.0,
+        "Continuous: stop after this many seconds without a new checkpoint (0: never).",
+        min=0,
+        max=BIG,
+    )
+    poll_interval: float = option(
+        10.0, "Continuous: seconds between looks at the model directory.", min=0, max=BIG
+    )
+    tpu: str = option("", "TPU as in training: colab, local, a name or grpc:// address.")
+    virtual_cpus: int = option(
+        0, "Split the CPU into N replicas (as in training).", min=0, max=4096
+    )
+
+
+def make_config(config: EvalConfig | None, kwargs: dict[str, Any]) -> EvalConfig:
+    if config is not None and kwargs:
+        raise TypeError("pass either an EvalConfig or keyword arguments, not both")
+    if config is not None:
+        return config
+    if "model_dir" in kwargs:
+        kwargs["model_dirs"] = (kwargs.pop("model_dir"),)
+    if isinstance(kwargs.get("model_dirs"), str):
+        kwargs["model_dirs"] = (kwargs["model_dirs"],)
+    kwargs["model_dirs"] = tuple(kwargs.get("model_dirs", ()))
+    return EvalConfig(**kwargs)
+
+
+def validate(config: EvalConfig) -> None:
+    """Raises UsageError or EvalError for settings that cannot work, before any model is loaded."""
+    check(config)
+    if not config.model_dirs:
+        raise EvalError("--model_dir is required (repeat it to evaluate an ensemble)")
+    if not config.data:
+        raise EvalError("--data is required: a folder written by tools.make_tfrecords")
+    if config.continuous and len(config.model_dirs) > 1:
+        raise EvalError("--continuous follows one training run: give a single --model_dir")
+    if config.continuous and config.checkpoint not in ("latest", ""):
+        raise EvalError("--continuous evaluates every new checkpoint: drop --checkpoint")
+
+
+def read_data_manifest(data_dir: str, split: str) -> tuple[dict[str, Any], str]:
+    """Returns the data folder's manifest (checked for `split`) and the sha256 of its bytes."""
+    manifest = schema.read_manifest(data_dir)
+    info = schema.split_info(manifest, split)
+    if int(info.get("count", 0)) <= 0:
+        raise EvalError(f"split {split!r} of {data_dir} has no records")
+    with tf.io.gfile.GFile(config_lib.join(data_dir, schema.MANIFEST_NAME), "rb") as f:
+        checksum = hashlib.sha256(f.read()).hexdigest()
+    return manifest, checksum
+
+
+def output_name(split: str, steps: Sequence[int | None], tta: str) -> str:
+    """Returns the eval folder name: `<split>-<step>`, `-flip` for TTA, ensembles listed."""
+    labels = ["export" if s is None else str(s) for s in steps]
+    name = f"{split}-{labels[0]}" if len(labels) == 1 else f"{split}-ensemble-{'_'.join(labels)}"
+    return f"{name}-flip" if tta == "flip" else name
+
+
+def _train_mean(manifest: dict[str, Any], config: config_lib.TrainConfig) -> tuple[float, str]:
+    """Returns the training label mean for the naive baseline, and where it came from.
+
+    The data manifest's stats when they are a train split's (the usual case: evaluating the
+    val split of the training data); else, e.g. for a separately converted test set, the
+    training data's mean that the trainer stored in config.json.
+    """
+    stats = manifest.get("label_stats") or {}
+    if stats.get("split") == "train" and stats.get("mean_months") is not None:
+        return float(stats["mean_months"]), "data manifest label_stats (train split)"
+    return float(config.label_mean), "config.json label_mean (the model's training data)"
+
+
+def evaluate_once(
+    config: EvalConfig,
+    strategy: tf.distribute.Strategy,
+    *,
+    checkpoint: str | None = None,
+    output: str | None = None,
+    models: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Evaluates the model (or ensemble) at one checkpoint and writes every output.
+
+    Args:
+      config: the job's settings.
+      strategy: where the models run.
+      checkpoint: overrides `config.checkpoint` (the continuous mode passes steps).
+      output: overrides the output folder.
+      models: model_dir -> Keras model built earlier, restored into instead of building a new
+        one (filled in when given; the continuous mode keeps one across checkpoints).
+
+    Returns:
+      The metrics dict written to metrics.json.
+    """
+    checkpoint = checkpoint or config.checkpoint or "latest"
+    manifest, checksum = read_data_manifest(config.data, config.split)
+    runs, members, train_mean = [], [], None
+    for model_dir in config.model_dirs:
+        # config.json alone tells whether the data fits: fail before building the model.
+        restore.check_data_compatible(model_dir_lib.load_config(model_dir), manifest)
+        reuse = models.get(model_dir) if models is not None and checkpoint != "export" else None
+        with strategy.scope():
+            loaded = restore.load_model(model_dir, checkpoint, model=reuse)
+        if models is not None and checkpoint != "export":
+            models[model_dir] = loaded.model
+        print(f"evaluating {loaded.source} (step {loaded.step}) on {config.data} [{config.split}]")
+        batch_size = config.batch_size or loaded.config.eval_batch_size or loaded.config.batch_size
+        try:
+            predictions = inference.predict_split(
+                loaded.model,
+                config.data,
+                config.split,
+                manifest,
+                image_size=restore.model_image_size(loaded),
+                batch_size=batch_size,
+                tta=config.tta,
+                strategy=strategy,
+            )
+        except tf.errors.DataLossError as e:  # Names no file: find the shard by its checksum.
+            raise EvalError(
+                verify.describe_read_failure(config.data, manifest, [config.split], e)
+            ) from None
+        runs.append(predictions)
+        members.append({"model_dir": model_dir, "source": loaded.source, "step": loaded.step})
+        train_mean = train_mean or _train_mean(manifest, loaded.config)
+    result = inference.average(runs)
+    expected = int(schema.split_info(manifest, config.split)["count"])
+    if len(result.ids) != expected or len(set(result.ids)) != expected:
+        raise EvalError(
+            f"evaluated {len(result.ids)} records ({len(set(result.ids))} distinct ids) but the "
+            f"manifest lists {expected} in split {config.split!r}: the data folder is inconsistent"
+        )
+    steps = [m["step"] for m in members]
+    output = (
+        output
+        or config.output
+        or model_dir_lib.eval_dir(
+            config.model_dirs[0], output_name(config.split, steps, config.tta)
+        )
+    )
+    values = metrics.regression_metrics(
+        result.boneage,
+        result.predicted,
+        result.male,
+        train_mean_months=train_mean[0],
+    )
+    values["train_mean_source"] = train_mean[1]
+    values.update(
+        {
+            "checkpoint_step": steps[0] if len(steps) == 1 else steps,
+            "models": members,
+            "tta": config.tta,
+            "data": config.data,
+            "split": config.split,
+            "data_manifest_sha256": checksum,
+            "output": output,
+            "boneage_tpu_version": __version__,
+            "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        }
+    )
+    title = f"Bone age: {', '.join(config.model_dirs)} on {config.split} ({values['n']} images)"
+    report.write_outputs(
+        output, values, result.ids, result.male, result.boneage, result.predicted, title=title
+    )
+    return values
