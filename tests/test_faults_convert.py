@@ -150,3 +150,32 @@ def test_verify_names_corrupt_truncated_and_missing_shards(tmp_path, capsys):
     )
     assert verify.main(["verify_tfrecords", str(tmp_path / "nope")]) == 1
     assert "no manifest.json in" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "command, flag, message",
+    [
+        ("make_tfrecords", "--num_workers=-1", "--num_workers must be >= 0, got -1"),
+        ("make_tfrecords", "--image_size=0", "--image_size must be >= 1, got 0"),
+        ("evaluate", "--batch_size=-4", "--batch_size must be >= 0, got -4"),
+        ("evaluate", "--virtual_cpus=-1", "--virtual_cpus must be >= 0, got -1"),
+        ("predict", "--batch_size=0", "--batch_size must be >= 1, got 0"),
+    ],
+)
+def test_other_commands_check_flag_ranges_first(tmp_path, capsys, command, flag, message):
+    from boneage_tpu import predict
+    from boneage_tpu.evaluate import job as evaluate
+
+    mains = {
+        "make_tfrecords": make_tfrecords.main,
+        "evaluate": evaluate.main,
+        "predict": predict.main,
+    }
+    args = {
+        "make_tfrecords": ["--labels=a.csv", "--images=i", f"--output={tmp_path}/out"],
+        "evaluate": [f"--model_dir={tmp_path}/m", f"--data={tmp_path}/d"],
+        "predict": [f"--model={tmp_path}/m", "x.png"],
+    }[command]
+    assert mains[command]([command, *args, flag]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"{command}: error: {message}"]
+    assert not (tmp_path / "out").exists()

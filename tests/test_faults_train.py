@@ -144,3 +144,22 @@ def test_resume_with_data_of_another_image_size_is_refused(toy_data, tmp_path):
     )
     assert (model_dir / "config.json").read_bytes() == before
     assert os.path.exists(model_dir / "DONE")  # The finished run is left as it was.
+
+
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        ("--steps_per_loop=-1", "--steps_per_loop must be >= 0, got -1"),
+        ("--learning_rate=-0.001", "--learning_rate must be >= 0, got -0.001"),
+        ("--dropout=-0.1", "--dropout must be >= 0, got -0.1"),
+        ("--warmup_steps=-5", "--warmup_steps must be >= 0, got -5"),
+        ("--virtual_cpus=-2", "--virtual_cpus must be >= 0, got -2"),
+        ("--batch_size=-8", "--batch_size must be >= 1, got -8"),
+        ("--keep_checkpoints=0", "--keep_checkpoints must be >= 1, got 0"),
+    ],
+)
+def test_out_of_range_flags_are_one_line_usage_errors(tmp_path, capsys, flag, message):
+    argv = ["train", f"--data={tmp_path}/data", f"--model_dir={tmp_path}/run", flag]
+    assert train.main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"train: error: {message}"]
+    assert not (tmp_path / "run").exists()  # Checked before any work.
