@@ -163,3 +163,25 @@ def test_out_of_range_flags_are_one_line_usage_errors(tmp_path, capsys, flag, me
     assert train.main(argv) == 2
     assert capsys.readouterr().err.strip().splitlines() == [f"train: error: {message}"]
     assert not (tmp_path / "run").exists()  # Checked before any work.
+
+
+@pytest.mark.gcs
+def test_lease_on_gcs_is_create_only_and_taken_over_when_stale(gcs_dir, capsys):
+    import tensorflow as tf
+
+    clock = [1000.0]
+    first = train_lease.Lease(gcs_dir, heartbeat_seconds=3600, clock=lambda: clock[0])
+    first.acquire()
+    second = train_lease.Lease(gcs_dir, heartbeat_seconds=3600, clock=lambda: clock[0])
+    with pytest.raises(train_lease.LockedError, match=f"{gcs_dir} is in use by another trainer"):
+        second.acquire()
+    clock[0] += 10
+    assert first.heartbeat()
+    clock[0] += train_lease.STALE_SECONDS + 1  # The first trainer died: no more heartbeats.
+    second.acquire(log=print)
+    assert "taking over the lock" in capsys.readouterr().out
+    assert not first.heartbeat()  # Its generation is gone: it can no longer write the lease.
+    first.release()
+    assert second.holds()
+    second.release()
+    assert not tf.io.gfile.exists(f"{gcs_dir}/LOCK")
