@@ -79,6 +79,8 @@ def test_lease_heartbeat_and_release_only_touch_our_own_lease(tmp_path):
         other.acquire()
     _lock(tmp_path, host="h2")  # Someone else's lease now (e.g. after a takeover).
     assert not lease.heartbeat()
+    with pytest.raises(train_lease.LockedError, match=r"lost the lock of .* \(now held by host h2"):
+        lease.check_held()  # The trainer stops before its next checkpoint.
     lease.release()
     assert json.loads((tmp_path / "LOCK").read_text())["host"] == "h2"
 

@@ -133,6 +133,7 @@ def _train(
             if config.lr_schedule == "plateau" and session.plateau.update(result["val_mae_months"]):
                 log(f"plateau: learning rate x{config.plateau_factor} from step {current}")
         if current % config.checkpoint_every == 0:
+            session.lease.check_held()  # Never write after another trainer took over.
             ckpt.save()
         if after_loop is not None:
             after_loop(current)
@@ -192,6 +193,7 @@ def _run_locked(session: Session, after_loop: Callable[[int], None] | None) -> d
         result = _train(session, train_log, val_log, after_loop)
         current = int(session.step.numpy())
         if session.checkpoints.saved_step != current:
+            session.lease.check_held()
             session.checkpoints.save()
         if val_log is not None and "val_mae_months" not in result:
             with _data_errors_name_the_shard(config, [config.val_split]):

@@ -154,7 +154,10 @@ class Lease:
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_seconds):
-            self.heartbeat()
+            try:
+                self.heartbeat()
+            except (OSError, tf.errors.OpError):
+                continue  # Transient storage trouble: the next beat retries.
 
     def heartbeat(self) -> bool:
         """Refreshes the heartbeat if the lease is still ours; returns whether it is."""
@@ -175,6 +178,17 @@ class Lease:
         """True while the lease file names this trainer."""
         holder = self._read()
         return bool(holder) and holder.get("owner") == self.owner
+
+    def check_held(self) -> None:
+        """Raises LockedError when another trainer has taken the lease over (ours went stale)."""
+        holder = self._read()
+        if holder and holder.get("owner") == self.owner:
+            return
+        who = f"host {holder.get('host')}, pid {holder.get('pid')}" if holder else "nobody"
+        raise LockedError(
+            f"lost the lock of {self.model_dir} (now held by {who}; no heartbeat reached it for "
+            f"{self.stale_seconds:.0f} s?): stopped without writing, to leave the run to one trainer"
+        )
 
     def release(self) -> None:
         """Stops the heartbeat and deletes the lease file if it is still ours."""
@@ -224,6 +238,6 @@ def _gcs_replace_if_owned(path: str, owner: str, text: str) -> bool:
         if held.get("owner") != owner:
             return False
         blob.upload_from_string(text, if_generation_match=blob.generation)
-    except (exceptions.PreconditionFailed, exceptions.NotFound, json.JSONDecodeError):
-        return False
+    except (exceptions.GoogleAPICallError, json.JSONDecodeError):
+        return False  # Taken over (precondition), gone, or a transient error: not written.
     return True
