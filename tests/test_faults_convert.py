@@ -12,11 +12,10 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from boneage_tpu import layouts, schema
+from boneage_tpu import layouts, schema, verify
 from boneage_tpu.convert import job as make_tfrecords
 from boneage_tpu.convert import manifest as convert_manifest
 from boneage_tpu.convert import shards as convert_shards
-from boneage_tpu.convert import verify
 from tests.test_make_tfrecords import _convert, _dataset, _records, _shard_bytes
 
 

@@ -26,11 +26,11 @@ import tensorflow as tf
 import tqdm
 
 from boneage_tpu import cli, images, layouts, schema
+from boneage_tpu import verify as convert_verify
 from boneage_tpu.cli import option
 from boneage_tpu.convert import manifest as convert_output
 from boneage_tpu.convert import plan as plan_lib
 from boneage_tpu.convert import shards as convert_write
-from boneage_tpu.convert import verify as convert_verify
 from boneage_tpu.convert import workers as convert_workers
 from boneage_tpu.errors import UsageError
 from boneage_tpu.layouts import ConvertError

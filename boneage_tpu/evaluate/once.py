@@ -14,12 +14,11 @@ from typing import Any
 
 import tensorflow as tf
 
-from boneage_tpu import __version__, schema
+from boneage_tpu import __version__, schema, verify
 from boneage_tpu import config as config_lib
 from boneage_tpu import model_dir as model_dir_lib
 from boneage_tpu.cli import check, option
 from boneage_tpu.config import BIG
-from boneage_tpu.convert import verify
 from boneage_tpu.errors import Error
 from boneage_tpu.evaluate import inference, metrics, report, restore
 

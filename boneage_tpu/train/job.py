@@ -22,10 +22,14 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from absl import logging  # noqa: E402
 
-from boneage_tpu import cli, distribute, export  # noqa: E402
+from boneage_tpu import (  # noqa: E402
+    cli,
+    distribute,
+    export,
+    verify,  # noqa: E402
+)
 from boneage_tpu import config as config_lib  # noqa: E402
 from boneage_tpu import model_dir as model_dir_lib  # noqa: E402
-from boneage_tpu.convert import verify  # noqa: E402
 from boneage_tpu.errors import Error  # noqa: E402
 from boneage_tpu.train import state as train_state  # noqa: E402
 from boneage_tpu.train.setup import DatasetFn, Session, prepare  # noqa: E402

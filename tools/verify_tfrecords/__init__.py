@@ -1,1 +1,1 @@
-"""`python -m tools.verify_tfrecords DATA`: runs `boneage_tpu.convert.verify`."""
+"""`python -m tools.verify_tfrecords DATA`: runs `boneage_tpu.verify`."""

@@ -4,11 +4,13 @@
 
 The converter records each shard's byte count and sha256 in `manifest.json`; this recomputes
 them. Training and evaluation call `corrupt_shards` when a read fails, to name the bad shard
-(TensorFlow's DataLossError names none).
+(TensorFlow's DataLossError names none). A library module: the converter, the trainer and the
+evaluator all use it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -16,7 +18,22 @@ from typing import Any
 import tensorflow as tf
 
 from boneage_tpu import schema
-from boneage_tpu.convert.shards import join, sha256_file
+
+_HASH_CHUNK = 8 << 20
+
+
+def sha256_file(path: str) -> str:
+    """Returns the sha256 hex digest of a file read through `tf.io.gfile`."""
+    digest = hashlib.sha256()
+    with tf.io.gfile.GFile(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def join(base: str, name: str) -> str:
+    """Joins a folder (local or gs://) and a file name."""
+    return f"{base.rstrip('/')}/{name}"
 
 
 def shard_problem(path: str, expected: Mapping[str, Any]) -> str:
