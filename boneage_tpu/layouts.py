@@ -71,8 +71,8 @@ class Row:
 
 
 def skip(line: int | None, image_id: str, path: str, reason: str) -> dict[str, Any]:
-    """Returns one manifest `skipped` entry."""
-    return {"row": line, "id": image_id, "path": path, "reason": reason}
+    """Returns one manifest `skipped` entry; the reason is folded to one line (summary table)."""
+    return {"row": line, "id": image_id, "path": path, "reason": " ".join(reason.split())}
 
 
 def read_csv_bytes(labels_csv: str) -> bytes:

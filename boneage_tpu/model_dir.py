@@ -12,6 +12,8 @@ A model directory (local or gs://) holds:
   DONE                        JSON {"step": N, "metrics": {...}}; written last: the run finished
   eval/<split>-<step>/        evaluation outputs (metrics.json, predictions.csv, report.*)
   workers/<task>/             the private model directory of a non-chief multi-worker replica
+  LOCK                        JSON {owner, host, pid, started, heartbeat}: the lease of the one
+                                trainer running here (`boneage_tpu.train.lease`); absent when idle
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ SAVED_MODEL_SUBDIR = "saved_model"
 LOGS_SUBDIR = "logs"
 EVAL_SUBDIR = "eval"
 WORKERS_SUBDIR = "workers"
+LOCK_NAME = "LOCK"
 
 _STEP_KEY = "step/.ATTRIBUTES/VARIABLE_VALUE"
 _CKPT_NUMBER = re.compile(r"ckpt-(\d+)$")
@@ -41,6 +44,11 @@ _CKPT_NUMBER = re.compile(r"ckpt-(\d+)$")
 
 class ModelDirError(Error, ValueError):
     """A model directory, checkpoint or export that cannot be used; the message is one line."""
+
+
+def lock_path(model_dir: str) -> str:
+    """Returns the path of the trainer's lease file."""
+    return join(model_dir, LOCK_NAME)
 
 
 def save_config(config: TrainConfig) -> None:

@@ -50,11 +50,20 @@ def resolve_model(model_path: str, checkpoint: str = "auto") -> tuple[str, str]:
     return path, "export" if tf.io.gfile.exists(export) else "latest"
 
 
-def prepare_image(path: str, config: config_lib.TrainConfig, image_size: int) -> np.ndarray:
+def prepare_image(
+    path: str, config: config_lib.TrainConfig, image_size: int, force: bool = False
+) -> np.ndarray:
     """Returns the model input uint8 [S, S, 1] for one image file, as training data was made.
 
+    Args:
+      path: the image file.
+      config: the model's training config (the data's stored size and encoding).
+      image_size: the model's square input size.
+      force: predict an implausible image (tiny, blank, noise) too, with a warning on stderr.
+
     Raises:
-      images.ImageError: the file is missing or cannot be decoded.
+      images.ImageError: the file is missing or cannot be decoded;
+        `images.ImplausibleImageError` when it does not look like a radiograph (unless forced).
     """
     if not config.data_image_size or not config.data_encoding:
         raise PredictError(
@@ -67,6 +76,9 @@ def prepare_image(path: str, config: config_lib.TrainConfig, image_size: int) ->
         config.data_image_size,
         config.data_encoding,
         config.data_jpeg_quality,
+        warn=(lambda reason: print(f"warning: {path}: {reason}", file=sys.stderr))
+        if force
+        else None,
     )
     # Wrapped in a record and parsed by the input pipeline's own function: same decode, same
     # fit-to-square as the training and evaluation data.
@@ -84,13 +96,17 @@ def prepare_image(path: str, config: config_lib.TrainConfig, image_size: int) ->
 
 
 def _read_all(
-    paths: Sequence[str], config: Any, size: int
+    paths: Sequence[str], config: Any, size: int, force: bool = False
 ) -> tuple[np.ndarray, list[tuple[str, str]]]:
     """Prepares every image; returns the batch of readable ones and (path, reason) for the rest."""
     arrays, problems = [], []
     for path in paths:
         try:
-            arrays.append(prepare_image(path, config, size))
+            arrays.append(prepare_image(path, config, size, force))
+        except images.ImplausibleImageError as e:
+            problems.append(
+                (path, f"does not look like a hand radiograph: {e} (--force predicts it)")
+            )
         except images.ImageError as e:
             problems.append((path, str(e)))
     batch = np.stack(arrays) if arrays else np.zeros((0, size, size, 1), np.uint8)
@@ -139,6 +155,7 @@ def predict_images(
     checkpoint: str = "auto",
     tta: str = "none",
     batch_size: int = 16,
+    force: bool = False,
 ) -> list[float]:
     """Predicts bone age in months for image files.
 
@@ -151,6 +168,7 @@ def predict_images(
         or a training step.
       tta: none | flip (mean of the image and its mirror) | rotflip (also +-5, +-10 deg).
       batch_size: images per forward pass.
+      force: also predict images that fail the plausibility check (a warning each).
 
     Returns:
       Bone age in months, one float per path, in order.
@@ -163,7 +181,7 @@ def predict_images(
     model_dir, checkpoint = resolve_model(model_path, checkpoint)
     loaded = restore.load_model(model_dir, checkpoint)
     male = _sex_array(males, len(paths), loaded)
-    batch, problems = _read_all(paths, loaded.config, restore.model_image_size(loaded))
+    batch, problems = _read_all(paths, loaded.config, restore.model_image_size(loaded), force)
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise images.ImageError(f"cannot read {problems[0][0]}: {problems[0][1]}{more}")
@@ -199,6 +217,9 @@ class PredictConfig:
         "--attention models) over the input as the model saw it, predicted months (and the "
         "bins head's uncertainty) in the title.",
     )
+    force: bool = option(
+        False, "Also predict images that do not look like radiographs (tiny, blank, noise)."
+    )
 
 
 def run(config: PredictConfig) -> list[dict[str, Any]]:
@@ -210,8 +231,10 @@ def run(config: PredictConfig) -> list[dict[str, Any]]:
     males = [i["male"] for i in items]
     sex = _sex_array(None if None in males else males, len(items), loaded)
     batch, problems = _read_all(
-        [i["path"] for i in items], loaded.config, restore.model_image_size(loaded)
+        [i["path"] for i in items], loaded.config, restore.model_image_size(loaded), config.force
     )
+    if len(problems) == 1 and len(items) == 1 and not config.skip_unreadable:
+        raise PredictError(f"cannot use {problems[0][0]}: {problems[0][1]}")
     for path, reason in problems:
         print(
             f"{'skipped' if config.skip_unreadable else 'unreadable'} {path}: {reason}",

@@ -14,6 +14,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import tensorflow as tf
+
 from boneage_tpu import layouts
 from boneage_tpu.errors import Error
 
@@ -70,6 +72,12 @@ def list_inputs(
     if not paths:
         raise PredictError("no images: give IMAGE files or --labels CSV --images DIR")
     male = parse_sex(sex) if sex else None
+    for path in paths:
+        if tf.io.gfile.isdir(path):
+            raise PredictError(
+                f"{path} is a folder: give image files (e.g. {path.rstrip('/')}/*.png), or "
+                f"--labels CSV --images {path}"
+            )
     return [
         {
             "id": posixpath.splitext(posixpath.basename(p))[0],

@@ -134,8 +134,16 @@ def read_manifest(data_dir: str) -> dict[str, Any]:
         raise ManifestError(
             f"no {MANIFEST_NAME} in {data_dir}: is it an output folder of tools.make_tfrecords?"
         )
-    with tf.io.gfile.GFile(path, "r") as f:
-        manifest = json.load(f)
+    try:
+        with tf.io.gfile.GFile(path, "r") as f:
+            manifest = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ManifestError(
+            f"{path} is not valid JSON ({' '.join(str(e).split())}): the conversion was cut "
+            "short or the file was edited; rerun tools.make_tfrecords --overwrite"
+        ) from None
+    if not isinstance(manifest, dict):
+        raise ManifestError(f"{path} is not a manifest (a JSON {type(manifest).__name__})")
     version = manifest.get("schema_version")
     if version != SCHEMA_VERSION:
         raise ManifestError(

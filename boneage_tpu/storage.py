@@ -107,6 +107,8 @@ def _local_write_if_absent(path: str, payload: bytes) -> bool:
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
+        # mkstemp makes the file 0600; the file gets the mode an ordinary create would give.
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
             f.flush()
@@ -121,6 +123,13 @@ def _local_write_if_absent(path: str, payload: bytes) -> bool:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+def _umask() -> int:
+    """The process umask (reading it means setting it: set it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def list_prefix(path: str, *, recursive: bool = False) -> list[str]:

@@ -7,6 +7,7 @@ signal (a bright bar whose length grows with age).
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import pathlib
@@ -89,7 +90,16 @@ def write_toy_dataset(
             with tf.io.TFRecordWriter(f"{output}/{name}") as writer:
                 for record in records:
                     writer.write(record)
-            shard_entries.append({"name": name, "records": len(records)})
+            with tf.io.gfile.GFile(f"{output}/{name}", "rb") as f:
+                written = f.read()
+            shard_entries.append(
+                {
+                    "name": name,
+                    "records": len(records),
+                    "bytes": len(written),
+                    "sha256": hashlib.sha256(written).hexdigest(),
+                }
+            )
         strata = [0] * schema.NUM_STRATA
         bands = dict.fromkeys(schema.AGE_BAND_NAMES, 0)
         for age, male in zip(ages, males, strict=True):

@@ -28,7 +28,9 @@ def _write_sample(folder, ids=("1", "2", "3")) -> tuple[str, str]:
     images.mkdir()
     rng = np.random.default_rng(0)
     for image_id in ids:
-        pixels = rng.integers(0, 256, (104, 80)).astype(np.uint8)
+        # A gradient under the noise: pure noise is refused by the converter's plausibility check.
+        gradient = np.add.outer(np.arange(104), np.arange(80)) * 1.2
+        pixels = np.clip(gradient + rng.integers(0, 60, (104, 80)), 0, 255).astype(np.uint8)
         Image.fromarray(pixels, mode="L").save(images / f"{image_id}.png")
     labels = folder / "labels.csv"
     labels.write_text("id,boneage,male\n1,30,True\n2,150,False\n3,200,True\n")

@@ -219,7 +219,23 @@ def bad_inputs(toy, tmp_path):
     v2 = tmp_path / "v2"
     shutil.copytree(toy["data"], v2)
     _write_manifest(v2, schema_version=schema.SCHEMA_VERSION + 1)
-    return {"no_ckpt": str(empty), "big": str(big), "v2": str(v2), "nodir": str(tmp_path / "nope")}
+    not_json = tmp_path / "not_json"
+    shutil.copytree(toy["data"], not_json)
+    (not_json / "manifest.json").write_text('{"schema_version": 1, "spl')
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(toy["data"], corrupt)
+    shard = corrupt / schema.shard_name("val", 0, 2)
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 3] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    return {
+        "no_ckpt": str(empty),
+        "big": str(big),
+        "v2": str(v2),
+        "nodir": str(tmp_path / "nope"),
+        "not_json": str(not_json),
+        "corrupt": str(corrupt),
+    }
 
 
 @pytest.mark.parametrize(
@@ -233,6 +249,11 @@ def bad_inputs(toy, tmp_path):
         ({"checkpoint": "7"}, "no checkpoint at step 7"),
         ({"data": "nodir"}, "no manifest.json"),
         ({"tta": "rot"}, "value should be one of"),
+        ({"data": "not_json"}, "not_json/manifest.json is not valid JSON"),
+        (
+            {"data": "corrupt"},
+            "corrupt data shard {corrupt}/val-00000-of-00002.tfrecord: sha256 differs",
+        ),
     ],
 )
 def test_bad_input_gives_one_line_and_nonzero_exit(toy, bad_inputs, capsys, case, message):
@@ -240,7 +261,8 @@ def test_bad_input_gives_one_line_and_nonzero_exit(toy, bad_inputs, capsys, case
     args.update({k: bad_inputs.get(v, v) for k, v in case.items()})
     code = evaluate.main(["evaluate", *(f"--{k}={v}" for k, v in args.items())])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code != 0
+    message = message.format(**bad_inputs)
+    assert code == (2 if "tta" in case else 1)
     assert len(err) == 1 and err[0].startswith("evaluate: error:") and message in err[0], err
 
 

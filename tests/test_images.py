@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 
 import numpy as np
 import pydicom
@@ -232,3 +234,89 @@ def test_prepare_equals_the_public_steps(encoding):
     steps = images.resize_longest_side(images.decode_grayscale(data), 64)
     assert (height, width) == steps.shape == (64, 47)
     assert encoded == images.encode(steps, encoding, 90)
+
+
+def test_16bit_png_is_scaled_by_its_significant_bits():
+    gray = _gray()
+    twelve_bit = (gray.astype(np.uint32) * 4095 // 255).astype(np.uint16)  # 0..4095 (DICOM export)
+    data = _save(Image.fromarray(twelve_bit), "PNG")
+    assert Image.open(io.BytesIO(data)).mode.startswith("I")
+    out = images.decode_grayscale(data)
+    assert images.significant_bits(twelve_bit) == 12
+    assert out.max() == 255 and np.abs(out.astype(int) - gray).max() <= 1  # Not max 15.
+    ten_bit = np.array([[0, 1023, 512, 64]], np.uint16)
+    np.testing.assert_array_equal(
+        images.decode_grayscale(_save(Image.fromarray(ten_bit), "PNG")), [[0, 255, 128, 16]]
+    )
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_exif_orientation_is_applied(fmt):
+    gray = _gray(60, 44)  # Marker top-left.
+    stored = np.rot90(gray, 1)  # As a camera stores it; EXIF 6 says "rotate 90 CW to view".
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = _save(Image.fromarray(np.ascontiguousarray(stored)), fmt, exif=exif.tobytes())
+    out = images.decode_grayscale(data).astype(np.float64)
+    assert out.shape == gray.shape
+    assert np.corrcoef(out.ravel(), gray.ravel())[0, 1] > 0.98
+    assert out[:5, :4].mean() > out[5:10, 5:10].mean() + 50  # The marker is top-left again.
+
+
+def _png_header_only(width: int, height: int, bit_depth: int, color_type: int) -> bytes:
+    """A PNG signature + IHDR + IEND: Pillow opens it (lazily) without pixel data."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = zlib.crc32(kind + body).to_bytes(4, "big")
+        return len(body).to_bytes(4, "big") + kind + body + crc
+
+    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+def test_decoded_size_bounds_memory_by_bit_depth_and_channels(monkeypatch):
+    # 13000 x 13000 x 16 bit: under Pillow's pixel limit, but 322 MB decoded.
+    with pytest.raises(images.ImageError, match=r"image too large: 13000x13000 I;16 decodes to"):
+        images.decode_grayscale(_png_header_only(13000, 13000, 16, 0), "big.png")
+    # Same pixel count, 8 and 16 bits, 1 and 3 channels: the budget counts bytes.
+    gray = _gray(40, 40)
+    monkeypatch.setattr(images, "MAX_DECODED_BYTES", 40 * 40 + 1)
+    images.decode_grayscale(_save(Image.fromarray(gray), "PNG"))
+    for image in (
+        Image.fromarray(gray.astype(np.uint16) * 257),
+        Image.fromarray(np.stack([gray] * 3, -1)),
+    ):
+        with pytest.raises(images.ImageError, match="per-image limit"):
+            images.decode_grayscale(_save(image, "PNG"))
+    with pytest.raises(images.ImageError, match="DICOM 16-bit decodes to"):
+        images.decode_grayscale(_dicom(gray.astype(np.uint16)))
+
+
+def test_read_errors_of_one_file_are_image_errors(tmp_path):
+    with pytest.raises(images.ImageError, match="is a folder, not an image file"):
+        images.read_bytes(str(tmp_path))
+    (tmp_path / "a.png").write_bytes(b"x")
+    with pytest.raises(images.ImageError, match=r"cannot read .*a.png/b.png: \[Errno 20\]"):
+        images.read_bytes(str(tmp_path / "a.png" / "b.png"))  # ENOTDIR: any OSError.
+
+
+@pytest.mark.parametrize(
+    "make, reason",
+    [
+        (lambda: np.full((1, 1), 128, np.uint8), "too small for a radiograph: 1x1"),
+        (lambda: np.full((300, 200), 255, np.uint8), "near-constant image"),
+        (
+            lambda: np.random.default_rng(0).integers(0, 256, (300, 200)).astype(np.uint8),
+            "no image structure",
+        ),
+        (lambda: np.pad(np.full((6, 6), 250, np.uint8), 100), "no hand-like content"),
+    ],
+)
+def test_implausible_images_are_refused_or_warned(make, reason):
+    data = _save(Image.fromarray(make()), "PNG")
+    with pytest.raises(images.ImplausibleImageError, match=reason):
+        images.prepare(data, "x.png", 64, "png")
+    warnings = []
+    encoded, _, _ = images.prepare(data, "x.png", 64, "png", warn=warnings.append)
+    assert encoded and len(warnings) == 1 and reason in warnings[0]
+    assert images.plausibility_problem(_gray(300, 220)) == ""

@@ -196,6 +196,8 @@ def test_real_rsna_sample_pngs(phantom, rsna_sample_dir, capsys):
 def bad_files(phantom, tmp_path):
     (tmp_path / "empty.png").write_bytes(b"")
     (tmp_path / "junk.png").write_bytes(b"not an image at all")
+    Image.fromarray(np.full((1, 1), 120, np.uint8)).save(tmp_path / "tiny.png")
+    Image.fromarray(np.full((300, 200), 255, np.uint8)).save(tmp_path / "white.png")
     bare = tmp_path / "model.keras"
     bare.write_bytes(b"x")
     no_ckpt = tmp_path / "no_ckpt"
@@ -208,9 +210,15 @@ def bad_files(phantom, tmp_path):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--sex=M", "{dir}/empty.png"], "cannot read 1 of 1 images"),
+        (["--sex=M", "{dir}/empty.png"], "cannot use {dir}/empty.png: empty file"),
         (["--sex=M", "{good}", "{dir}/junk.png"], "cannot read 1 of 2 images"),
-        (["--sex=M", "{dir}/missing.png"], "cannot read 1 of 1 images"),
+        (["--sex=M", "{dir}/missing.png"], "image file not found: {dir}/missing.png"),
+        (["--sex=M", "{dir}"], "{dir} is a folder: give image files"),
+        (
+            ["--sex=M", "{dir}/tiny.png"],
+            "{dir}/tiny.png: does not look like a hand radiograph: image too small",
+        ),
+        (["--sex=F", "{dir}/white.png"], "white.png: does not look like a hand radiograph: near"),
         (["{good}"], "uses the sex input: give --sex M or F"),
         (["--sex=X", "{good}"], "--sex must be M or F"),
         ([], "no images"),
@@ -221,8 +229,21 @@ def test_bad_input_exits_nonzero_with_clear_line(phantom, bad_files, capsys, arg
     argv = ["predict", f"--model={phantom['model']}", *(a.format(**bad_files) for a in args)]
     assert predict.main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()
+    message = message.format(**bad_files)
     assert err[-1].startswith("predict: error:") and message in err[-1], err
     assert all(line.startswith(("unreadable ", "predict: error:")) for line in err), err
+    assert len(err) == 1 or "of 2 images" in message  # One input: one line.
+
+
+def test_force_predicts_an_implausible_image_with_a_warning(phantom, bad_files, capsys):
+    argv = ["predict", f"--model={phantom['model']}", "--sex=F", "--force"]
+    assert predict.main([*argv, f"{bad_files['dir']}/white.png"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.strip() == (
+        f"warning: {bad_files['dir']}/white.png: near-constant image (std 0.0 grey levels): "
+        "no radiograph content"
+    )
+    assert len(captured.out.strip().splitlines()) == 2  # Header + the prediction.
 
 
 @pytest.mark.parametrize(

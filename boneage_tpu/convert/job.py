@@ -10,23 +10,29 @@ same arguments, and gives the same bytes as an uninterrupted one; `--overwrite` 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
+import functools
 import hashlib
 import math
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import tensorflow as tf
 import tqdm
 
 from boneage_tpu import cli, images, layouts, schema
+from boneage_tpu import verify as convert_verify
 from boneage_tpu.cli import option
 from boneage_tpu.convert import manifest as convert_output
 from boneage_tpu.convert import plan as plan_lib
 from boneage_tpu.convert import shards as convert_write
 from boneage_tpu.convert import workers as convert_workers
+from boneage_tpu.errors import UsageError
 from boneage_tpu.layouts import ConvertError
 
 MIN_SHARDS = 16  # Lets 8+ readers (hosts or interleave cycles) read in parallel on small sets.
@@ -84,6 +90,38 @@ def _shard_counts(splits: dict[str, list[layouts.Row]], options: dict[str, Any])
     }
 
 
+@contextlib.contextmanager
+def _disk_full_is_one_line(output: str) -> Iterator[None]:
+    """Turns a full disk (or quota) while writing `output` into one ConvertError line.
+
+    What was written stays resumable: shards become final only when complete, the manifest
+    is created last and atomically, so a rerun after freeing space continues.
+    """
+    hint = "free some space (or use another --output) and rerun the same command to resume"
+    try:
+        yield
+    except tf.errors.ResourceExhaustedError as e:
+        raise ConvertError(
+            f"out of space writing {output} ({' '.join(e.message.split())[:160]}): {hint}"
+        ) from None
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise ConvertError(f"no space left on the device writing {output}: {hint}") from None
+
+
+def _reports_full_disk(convert_fn: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+    """Runs `convert_fn(labels_csv, images_dir, output, ...)` under `_disk_full_is_one_line`."""
+
+    @functools.wraps(convert_fn)
+    def wrapper(labels_csv: str, images_dir: str, output: str, **kwargs: Any) -> dict[str, Any]:
+        with _disk_full_is_one_line(output):
+            return convert_fn(labels_csv, images_dir, output, **kwargs)
+
+    return wrapper
+
+
+@_reports_full_disk
 def convert(
     labels_csv: str,
     images_dir: str,
@@ -228,10 +266,12 @@ def convert(
 
 def _finished_manifest(output: str, key: str) -> dict[str, Any] | None:
     """Returns the manifest of a finished identical conversion, None when there is none."""
+    if not tf.io.gfile.exists(convert_write.join(output, schema.MANIFEST_NAME)):
+        return None
     try:
         manifest = schema.read_manifest(output)
-    except schema.ManifestError:
-        return None
+    except schema.ManifestError as e:
+        raise ConvertError(f"{e}; pass --overwrite to redo the conversion") from None
     if manifest.get("plan_sha256") != key:
         raise ConvertError(
             f"{output} already holds a finished conversion of other inputs or "
@@ -298,13 +338,9 @@ def _kill_after(shards: int) -> Callable[[str], None]:
 class ConvertConfig:
     """The converter's command line: the arguments of `convert`, as flags."""
 
-    labels: str = option(
-        "", "Labels CSV (Kaggle, RSNA validation or RSNA test layout).", required=True
-    )
-    images: str = option(
-        "", "Folder with <id>.png|.jpg|.dcm images (searched recursively).", required=True
-    )
-    output: str = option("", "Output folder, local or gs://bucket/prefix.", required=True)
+    labels: str = option("", "Labels CSV (Kaggle, RSNA validation or RSNA test layout).")
+    images: str = option("", "Folder with <id>.png|.jpg|.dcm images (searched recursively).")
+    output: str = option("", "Output folder, local or gs://bucket/prefix.")
     image_size: int = option(
         512, "Longest side of the stored images (aspect kept).", min=1, max=65536
     )
@@ -338,13 +374,30 @@ class ConvertConfig:
     overwrite: bool = option(False, "Delete a previous conversion in --output and redo it.")
     strict: bool = option(False, "Fail on the first input that would be skipped.")
     quiet: bool = option(False, "No progress bar and no summary.")
+    verify: bool = option(
+        False, "Only check the shards in --output against the sizes and sha256 in its manifest."
+    )
 
 
 def run(
     config: ConvertConfig, on_shard_done: Callable[[str], None] | None = None
 ) -> dict[str, Any]:
-    """Runs `convert` with the settings of `config`; returns the manifest."""
+    """Runs `convert` with the settings of `config` (or `--verify`); returns the manifest."""
     options = dataclasses.asdict(config)
+    verify_only = options.pop("verify")
+    # Declared here rather than as `required`: --verify needs only --output.
+    required = ("output",) if verify_only else ("labels", "images", "output")
+    missing = [f"--{name}" for name in required if not options[name]]
+    if missing:
+        raise UsageError(f"missing required flag(s): {', '.join(missing)}")
+    if verify_only:
+        bad = convert_verify.verify(config.output.rstrip("/"))
+        if bad:
+            raise ConvertError(
+                f"{bad} shard(s) in {config.output} do not match {schema.MANIFEST_NAME}: "
+                "reconvert with --overwrite"
+            )
+        return schema.read_manifest(config.output)
     return convert(
         options.pop("labels"),
         options.pop("images"),

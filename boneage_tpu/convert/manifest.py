@@ -188,11 +188,12 @@ def summary(manifest: dict[str, Any]) -> str:
     )
     skipped = manifest["skipped"]
     if skipped:
-        reasons = collections.Counter(s["reason"] for s in skipped)
+        reasons = collections.Counter(" ".join(s["reason"].split()) for s in skipped)
         lines.append(f"skipped {len(skipped)} input(s):")
         for entry in skipped[:_SUMMARY_SKIPS]:
             where = f"line {entry['row']}" if entry["row"] is not None else "no row"
-            lines.append(f"  {where:<10} id {entry['id']!r:<14} {entry['reason']}")
+            reason = " ".join(entry["reason"].split())  # A newline would break the table.
+            lines.append(f"  {where:<10} id {entry['id']!r:<14} {reason}")
         if len(skipped) > _SUMMARY_SKIPS:
             lines.append(f"  ... {len(skipped) - _SUMMARY_SKIPS} more in {schema.MANIFEST_NAME}")
             common = "; ".join(f"{n} x {r}" for r, n in reasons.most_common(10))

@@ -12,7 +12,6 @@ counts as done on a rerun only when both exist and the sizes agree.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -23,12 +22,12 @@ import tensorflow as tf
 from boneage_tpu import images, schema
 from boneage_tpu.convert.workers import Prepared, is_remote
 from boneage_tpu.layouts import ConvertError, Row, skip
+from boneage_tpu.verify import sha256_file
 
 STATE_DIR = ".convert"
 PLAN_NAME = "plan.json"
 SHARD_PATTERN = re.compile(r"^\w+-\d{5}-of-\d{5}\.tfrecord$")
 TFDS_FILES = ("dataset_info.json", "features.json")
-_HASH_CHUNK = 8 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,15 +54,6 @@ def write_text_atomic(path: str, text: str) -> None:
     with tf.io.gfile.GFile(temp, "w") as f:
         f.write(text)
     tf.io.gfile.rename(temp, path, overwrite=True)
-
-
-def sha256_file(path: str) -> str:
-    """Returns the sha256 hex digest of a file read through `tf.io.gfile`."""
-    digest = hashlib.sha256()
-    with tf.io.gfile.GFile(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class OutputState:

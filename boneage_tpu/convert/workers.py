@@ -76,6 +76,8 @@ def prepare_all(
             results.append(images.prepare(blob, path, size, encoding, quality))
         except images.ImageError as e:
             results.append(e)
+        except (OSError, MemoryError) as e:  # This image only: skipped with the reason.
+            results.append(images.ImageError(f"cannot prepare {path}: {e!r}"))
         except tf.errors.OpError as e:  # Re-raised as an error that pickles back cleanly.
             raise ConvertError(f"cannot read {path}: {e.message}") from None
     return results

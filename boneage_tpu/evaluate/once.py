@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from boneage_tpu import __version__, heatmap, schema
+from boneage_tpu import __version__, heatmap, schema, verify
 from boneage_tpu import config as config_lib
 from boneage_tpu import model_dir as model_dir_lib
 from boneage_tpu.cli import check, option
@@ -203,8 +203,8 @@ def evaluate_once(
             models[model_dir] = loaded.model
         print(f"evaluating {loaded.source} (step {loaded.step}) on {config.data} [{config.split}]")
         batch_size = config.batch_size or loaded.config.eval_batch_size or loaded.config.batch_size
-        runs.append(
-            inference.predict_split(
+        try:
+            predictions = inference.predict_split(
                 loaded.model,
                 config.data,
                 config.split,
@@ -214,7 +214,11 @@ def evaluate_once(
                 tta=config.tta,
                 strategy=strategy,
             )
-        )
+        except tf.errors.DataLossError as e:  # Names no file: find the shard by its checksum.
+            raise EvalError(
+                verify.describe_read_failure(config.data, manifest, [config.split], e)
+            ) from None
+        runs.append(predictions)
         members.append({"model_dir": model_dir, "source": loaded.source, "step": loaded.step})
         corrections.append((loaded.config.bias_slope, loaded.config.bias_intercept))
         first = first or (loaded, batch_size)

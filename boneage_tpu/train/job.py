@@ -8,10 +8,11 @@ The loop is our own (`boneage_tpu.train.loop`): `strategy.run` inside a `tf.func
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 # Quiets TensorFlow's C++ start-up logging when run as a program (no effect once TF is loaded).
@@ -22,7 +23,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from absl import logging  # noqa: E402
 
-from boneage_tpu import cli, distribute, export, heads, schema  # noqa: E402
+from boneage_tpu import cli, distribute, export, heads, schema, verify  # noqa: E402
 from boneage_tpu import config as config_lib  # noqa: E402
 from boneage_tpu import model_dir as model_dir_lib  # noqa: E402
 from boneage_tpu.errors import ConfigError, Error  # noqa: E402
@@ -83,6 +84,20 @@ def _fit_schedule_to_budget(
     session.schedule_end.steps.assign(min(max(reachable, current), config.train_steps))
 
 
+@contextlib.contextmanager
+def _data_errors_name_the_shard(
+    config: config_lib.TrainConfig, splits: list[str]
+) -> Iterator[None]:
+    """A failed record read (DataLossError names no file) becomes a TrainingError naming the
+    shard whose size or sha256 differs from the manifest."""
+    try:
+        yield
+    except tf.errors.DataLossError as e:
+        if not config.data:
+            raise
+        raise TrainingError(verify.describe_read_failure(config.data, None, splits, e)) from None
+
+
 def _train(
     session: Session,
     train_log: train_state.ScalarLog,
@@ -99,7 +114,8 @@ def _train(
     while current < config.train_steps:
         num_steps = _loop_length(config, current, session.settings["steps_per_loop"])
         began = time.perf_counter()
-        metrics = trainer.train(session.train_iterator, num_steps)
+        with _data_errors_name_the_shard(config, ["train"]):
+            metrics = trainer.train(session.train_iterator, num_steps)
         elapsed = time.perf_counter() - began
         if metrics.bad_step >= 0:
             kept = (
@@ -137,10 +153,12 @@ def _train(
             # Checkpoints and validations get moving statistics of the current weights.
             trainer.recalibrate_batch_norm(session.train_iterator, config.bn_recalibration_batches)
         if validate:
-            result.update(_validate(session, current, val_log))
+            with _data_errors_name_the_shard(config, [config.val_split]):
+                result.update(_validate(session, current, val_log))
             if config.lr_schedule == "plateau" and session.plateau.update(result["val_mae_months"]):
                 log(f"plateau: learning rate x{config.plateau_factor} from step {current}")
         if current % config.checkpoint_every == 0:
+            session.lease.check_held()  # Never write after another trainer took over.
             ckpt.save()
         if after_loop is not None:
             after_loop(current)
@@ -215,7 +233,15 @@ def run(
     """
     config = dataclasses.replace(config)
     session = prepare(config, strategy, datasets, log)
-    settings = session.settings
+    try:
+        return _run_locked(session, after_loop)
+    finally:
+        session.lease.release()
+
+
+def _run_locked(session: Session, after_loop: Callable[[int], None] | None) -> dict[str, Any]:
+    """`run` once the session holds the model directory's lease."""
+    config, settings = session.config, session.settings
     log(
         f"train: {distribute.describe(session.strategy)}, batch {config.batch_size} "
         f"({session.per_replica_batch}/replica), {settings['precision']}, "
@@ -234,9 +260,11 @@ def run(
             session.trainer.recalibrate_batch_norm(
                 session.train_iterator, config.bn_recalibration_batches
             )
+            session.lease.check_held()
             session.checkpoints.save()
         if val_log is not None and "val_mae_months" not in result:
-            result.update(_validate(session, current, val_log))
+            with _data_errors_name_the_shard(config, [config.val_split]):
+                result.update(_validate(session, current, val_log))
     finally:
         train_log.close()
         if val_log is not None:

@@ -20,6 +20,7 @@ from boneage_tpu import config as config_lib
 from boneage_tpu import model_dir as model_dir_lib
 from boneage_tpu.errors import ConfigError
 from boneage_tpu.model import build_model
+from boneage_tpu.train import lease as train_lease
 from boneage_tpu.train import loop
 from boneage_tpu.train import state as train_state
 
@@ -160,6 +161,7 @@ class Session:
     trainer: loop.TrainLoop
     train_iterator: Any
     val_dataset: Any  # distributed dataset, or None without a validation split
+    lease: train_lease.Lease  # held until the run ends: one trainer per model directory
 
 
 def _build_objects(
@@ -226,6 +228,29 @@ def prepare(
     if worker:
         # Non-chief multi-worker replicas save in step with the chief, into a private folder.
         config.model_dir = model_dir_lib.worker_dir(config.model_dir, worker)
+    # Before anything in the model directory is read or written: one trainer per directory.
+    lease = train_lease.Lease(config.model_dir)
+    lease.acquire(log)
+    try:
+        return _prepare_locked(
+            config, strategy, datasets, manifest, settings, batch, eval_batch, lease
+        )
+    except BaseException:
+        lease.release()
+        raise
+
+
+def _prepare_locked(
+    config: config_lib.TrainConfig,
+    strategy: tf.distribute.Strategy,
+    datasets: Mapping[str, DatasetFn] | None,
+    manifest: dict[str, Any] | None,
+    settings: dict[str, Any],
+    batch: int,
+    eval_batch: int,
+    lease: train_lease.Lease,
+) -> Session:
+    """The part of `prepare` that reads and writes the (locked) model directory."""
     train_state.check_resume(config)
     resuming = model_dir_lib.latest_checkpoint(config.model_dir) is not None
     keras.utils.set_random_seed(config.seed)
@@ -286,4 +311,5 @@ def prepare(
         trainer=trainer,
         train_iterator=iter(train_data),
         val_dataset=val_data,
+        lease=lease,
     )

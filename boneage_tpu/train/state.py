@@ -32,6 +32,10 @@ class ResumeError(Error, ValueError):
     """The model directory holds a run that this config cannot continue."""
 
 
+class NonFiniteWeightsError(Error, RuntimeError):
+    """The weights became NaN or inf; no checkpoint of them is written."""
+
+
 def check_resume(config: config_lib.TrainConfig) -> None:
     """Raises ResumeError when model_dir has checkpoints of a different network."""
     if model_dir_lib.latest_checkpoint(config.model_dir) is None:
@@ -39,6 +43,17 @@ def check_resume(config: config_lib.TrainConfig) -> None:
     if not model_dir_lib.has_config(config.model_dir):
         return
     previous = model_dir_lib.load_config(config.model_dir)
+    for name, what in (("data_image_size", "px"), ("data_encoding", "encoding")):
+        old, new = getattr(previous, name), getattr(config, name)
+        if old and new and old != new:
+            # The model learned from images stored this way; predict and evaluate prepare
+            # new images from config.json, which a resume must not silently rewrite.
+            flag = "--image_size" if name == "data_image_size" else "--encoding"
+            raise ResumeError(
+                f"{config.model_dir} holds checkpoints trained on data stored at {old} "
+                f"{what}, but --data {config.data} is stored at {new} {what}: resume with data "
+                f"converted with tools.make_tfrecords {flag} {old}, or use a new --model_dir"
+            )
     for name in ARCHITECTURE_FIELDS:
         old, new = getattr(previous, name), getattr(config, name)
         if isinstance(old, list | tuple):
@@ -68,6 +83,7 @@ class Checkpointing:
         if "step" not in objects or "model" not in objects:
             raise ValueError("the checkpoint needs `step` and `model`")
         self.step = objects["step"]
+        self.model = objects["model"]
         self.checkpoint = tf.train.Checkpoint(**objects)
         self.manager = tf.train.CheckpointManager(
             self.checkpoint,
@@ -88,11 +104,33 @@ class Checkpointing:
         return self.saved_step
 
     def save(self) -> str:
-        """Saves a checkpoint named after the current step (once per step)."""
+        """Saves a checkpoint named after the current step (once per step).
+
+        Raises:
+          NonFiniteWeightsError: a weight is NaN or inf (an update overflowed after a finite
+            loss); nothing is written, the previous checkpoint stays the latest.
+        """
         step = int(self.step.numpy())
+        bad = [v.path for v in self.model.weights if not _all_finite(v)]
+        if bad:
+            kept = (
+                f"the checkpoint of step {self.saved_step} stays the latest"
+                if self.saved_step >= 0
+                else "no checkpoint was written"
+            )
+            raise NonFiniteWeightsError(
+                f"weights are NaN or inf after step {step} ({bad[0]}"
+                f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}): not checkpointed "
+                f"({kept}); lower --learning_rate or --weight_decay, or check the data"
+            )
         path = self.manager.save(checkpoint_number=step)
         self.saved_step = step
         return path
+
+
+def _all_finite(variable: Any) -> bool:
+    value = tf.convert_to_tensor(variable)
+    return not value.dtype.is_floating or bool(tf.reduce_all(tf.math.is_finite(value)))
 
 
 def last_logged_step(logdir: str) -> int:

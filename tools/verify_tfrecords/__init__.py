@@ -1,0 +1,1 @@
+"""`python -m tools.verify_tfrecords DATA`: runs `boneage_tpu.verify`."""
