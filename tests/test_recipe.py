@@ -380,7 +380,8 @@ def test_fold_training_uses_the_other_folds_and_their_stats(tmp_path) -> None:
     folder.mkdir()
     lines = ["id,boneage,male"]
     for i in range(30):
-        Image.fromarray(np.full((40, 32), 20 + 7 * i, np.uint8)).save(folder / f"{i}.png")
+        image = (np.add.outer(np.arange(40), np.arange(32)) * 2 + 5 * i) % 200 + 20
+        Image.fromarray(image.astype(np.uint8)).save(folder / f"{i}.png")
         lines.append(f"{i},{(i * 37) % 229 + 3},{i % 2 == 0}")
     (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n")
     data_dir = str(tmp_path / "folds")
