@@ -181,6 +181,15 @@ def worker_name(strategy: tf.distribute.Strategy) -> str:
     return f"{task_type}-{task_id}"
 
 
+def gpu_compute_capability() -> tuple[int, int] | None:
+    """Returns the smallest compute capability of this machine's GPUs, None without GPUs."""
+    capabilities = []
+    for gpu in tf.config.list_physical_devices("GPU"):
+        details = tf.config.experimental.get_device_details(gpu)
+        capabilities.append(tuple(details.get("compute_capability", (0, 0))))
+    return min(capabilities) if capabilities else None
+
+
 def platform(strategy: tf.distribute.Strategy) -> str:
     """Returns "tpu", "gpu" or "cpu": the kind of device the strategy's replicas run on."""
     if isinstance(strategy, tf.distribute.TPUStrategy):

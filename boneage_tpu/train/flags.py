@@ -63,8 +63,8 @@ HELP: dict[str, str] = {
     "plateau_patience": "Validations without a better val MAE before a plateau cut.",
     "plateau_factor": "Learning-rate multiplier of a plateau cut.",
     "loss": "Loss on the z-scored bone age: l1 | mse | huber (delta = 1 std).",
-    "precision": "auto (bf16 on TPU, fp16 with loss scaling on GPU, fp32 on CPU) | bf16 | fp16 "
-    "| fp32.",
+    "precision": "auto (bf16 on TPU and on GPUs of compute capability >= 8.0, fp16 with loss "
+    "scaling on older GPUs, fp32 on CPU) | bf16 | fp16 (not on TPU) | fp32.",
     "jit_compile": "XLA for the replica step (augment+model+loss+grads): auto (on for GPU; TPU "
     "always compiles; off on CPU, where XLA is slower) | yes | no.",
     "augment": "On-device random affine + intensity augmentation (--noaugment disables).",

@@ -75,6 +75,28 @@ def pad_to_replica_multiple(dataset: tf.data.Dataset, replicas: int) -> tf.data.
     return dataset.batch(replicas).map(pad_group).unbatch()
 
 
+def skip_together(grads: list[tf.Tensor]) -> list[tf.Tensor]:
+    """Makes every replica see a non-finite gradient when any replica has one (fp16).
+
+    Keras 3's LossScaleOptimizer decides "finite -> apply, else skip and halve the scale" from
+    the gradients it is given, which under tf.distribute are each replica's own, not yet
+    all-reduced ones: MirroredStrategy takes replica 0's verdict for all (`_tf_apply`), other
+    strategies let each replica decide alone. A replica that overflowed alone would then have
+    its inf summed into the update of every replica. One all-reduced "any replica non-finite"
+    flag, folded into the first gradient as NaN, gives every replica the same verdict: the
+    step is skipped everywhere and the scale is halved once. Call in replica context.
+    """
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1 or not grads:
+        return grads
+    finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
+    bad_replicas = context.all_reduce(
+        tf.distribute.ReduceOp.SUM, tf.cast(tf.logical_not(finite), tf.float32)
+    )
+    poison = tf.where(bad_replicas > 0, float("nan"), 0.0)
+    return [grads[0] + tf.cast(poison, grads[0].dtype), *grads[1:]]
+
+
 class TrainLoop:
     """Compiled training and validation loops for one model, optimizer and strategy."""
 
@@ -157,6 +179,8 @@ class TrainLoop:
         replica_id = tf.distribute.get_replica_context().replica_id_in_sync_group
         seed = augment.replica_seed(self.seed, step, replica_id)
         grads, stats = self.gradients(batch, seed)
+        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+            grads = skip_together(grads)
         self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables, strict=True))
         return stats
 

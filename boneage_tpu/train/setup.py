@@ -23,6 +23,7 @@ from boneage_tpu.train import state as train_state
 
 DatasetFn = Callable[[tf.distribute.InputContext], tf.data.Dataset]
 DEFAULT_STEPS_PER_LOOP = {"tpu": 100, "gpu": 10, "cpu": 10}
+# GPUs of compute capability >= 8.0 get bf16 instead of fp16 (`resolve_settings`).
 DEFAULT_PRECISION = {"tpu": "bf16", "gpu": "fp16", "cpu": "fp32"}
 
 
@@ -44,6 +45,17 @@ def resolve_settings(config: config_lib.TrainConfig, platform: str) -> dict[str,
       runs under XLA, for the log), "steps_per_loop"}.
     """
     precision = DEFAULT_PRECISION[platform] if config.precision == "auto" else config.precision
+    if config.precision == "auto" and platform == "gpu":
+        # Ampere (8.0) and newer run bf16 at fp16 speed with fp32's range: no loss scaling,
+        # hence no overflow-skipped steps.
+        capability = distribute.gpu_compute_capability()
+        if capability is not None and capability >= (8, 0):
+            precision = "bf16"
+    if platform == "tpu" and precision == "fp16":
+        raise ValueError(
+            "--precision fp16 is not supported on TPU (no fp16 matrix units): use bf16 (auto) "
+            "or fp32"
+        )
     if platform == "tpu":
         # A TPU compiles the whole replica step with XLA anyway; no extra jit wrapper.
         jit, xla = False, "whole step (TPU)"
