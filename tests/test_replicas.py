@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from boneage_tpu import augment, distribute, optim
 from boneage_tpu import config as config_lib
-from boneage_tpu import distribute, optim
 from boneage_tpu import model as model_lib
 from boneage_tpu.train import loop, setup
 
@@ -137,3 +137,38 @@ def test_fp16_on_tpu_is_refused_in_one_line():
     assert setup.resolve_settings(config_lib.TrainConfig(precision="fp16"), "gpu")["precision"] == (
         "fp16"
     )
+
+
+def test_tpu_uses_the_matmul_warp_and_others_the_gather_warp():
+    config = config_lib.TrainConfig()
+    assert setup.resolve_settings(config, "tpu")["warp"] == "matmul"
+    assert setup.resolve_settings(config, "gpu")["warp"] == "gather"
+    assert setup.resolve_settings(config, "cpu")["warp"] == "gather"
+
+
+@pytest.mark.slow
+def test_replica_step_with_the_matmul_warp_compiles_with_xla():
+    strategy = tf.distribute.get_strategy()
+    with strategy.scope():
+        model = model_lib.build_model(
+            backbone="tiny", image_size=SIZE, dense_units=(8,), label_mean=100.0, label_std=50.0
+        )
+        optimizer = optim.make_optimizer(
+            name="adam", learning_rate=1e-3, warmup_steps=0, total_steps=4, schedule="cosine"
+        )
+        optimizer.build(model.trainable_variables)
+    trainer = loop.TrainLoop(
+        strategy,
+        model,
+        optimizer,
+        tf.Variable(0, dtype=tf.int64),
+        global_batch=2,
+        label_std=50.0,
+        augment_config=augment.AugmentConfig(),
+        jit_compile=True,
+        warp="matmul",
+    )
+    batch = {k: tf.constant(v) for k, v in _batch(0, 120.0).items()}
+    grads, stats = trainer.gradients(batch, tf.constant([1, 2], tf.int64))
+    assert all(np.all(np.isfinite(g.numpy())) for g in grads)
+    assert stats.numpy()[2] == 2.0

@@ -154,7 +154,7 @@ def run(
     log(
         f"train: {distribute.describe(session.strategy)}, batch {config.batch_size} "
         f"({session.per_replica_batch}/replica), {settings['precision']}, "
-        f"XLA: {settings['xla']}, {settings['steps_per_loop']} steps/loop, "
+        f"XLA: {settings['xla']}, warp: {settings['warp']}, {settings['steps_per_loop']} steps/loop, "
         + (f"resuming at step {session.start_step}" if session.start_step else "from step 0")
         + f" of {config.train_steps}"
     )

@@ -113,6 +113,7 @@ class TrainLoop:
         augment_config: augment.AugmentConfig | None = None,
         seed: int = 0,
         jit_compile: bool = False,
+        warp: str = "gather",
     ) -> None:
         """Builds the loops; `optimizer` must already be built (variables created).
 
@@ -127,6 +128,7 @@ class TrainLoop:
           augment_config: on-device augmentation; None disables it.
           seed: global seed for the stateless augmentation RNG.
           jit_compile: XLA-compile the replica step (augment + forward + loss + gradients).
+          warp: the augmentation's `augment.warp_affine` method ("matmul" on TPU).
         """
         self.strategy = strategy
         self.model = model
@@ -138,6 +140,7 @@ class TrainLoop:
         self.augment_config = augment_config
         self.seed = seed
         self.jit_compile = jit_compile
+        self.warp = warp
         # Without XLA a nested tf.function only adds graph-inlining work (it is traced once per
         # replica), so the plain method is used; with XLA it is the compiled unit.
         self.gradients = (
@@ -151,7 +154,7 @@ class TrainLoop:
     ) -> tuple[list[tf.Tensor], tf.Tensor]:
         """Augment + forward + loss + gradients for one replica's batch (XLA-compilable)."""
         if self.augment_config is not None:
-            images = augment.augment_batch(batch["image"], seed, self.augment_config)
+            images = augment.augment_batch(batch["image"], seed, self.augment_config, self.warp)
         else:
             images = augment.to_float(batch["image"])
         target = tf.cast(batch["boneage"], tf.float32)

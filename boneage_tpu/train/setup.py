@@ -38,11 +38,11 @@ def per_replica_batch(global_batch: int, replicas: int, flag: str = "--batch_siz
 
 
 def resolve_settings(config: config_lib.TrainConfig, platform: str) -> dict[str, Any]:
-    """Resolves the "auto"/0 settings for the platform: precision, XLA, steps per loop.
+    """Resolves the "auto"/0 settings for the platform: precision, XLA, steps per loop, warp.
 
     Returns:
       {"precision", "jit_compile" (wrap the replica step in jit_compile=True), "xla" (what
-      runs under XLA, for the log), "steps_per_loop"}.
+      runs under XLA, for the log), "steps_per_loop", "warp" (augmentation warp method)}.
     """
     precision = DEFAULT_PRECISION[platform] if config.precision == "auto" else config.precision
     if config.precision == "auto" and platform == "gpu":
@@ -65,7 +65,16 @@ def resolve_settings(config: config_lib.TrainConfig, platform: str) -> dict[str,
         jit = platform == "gpu" if config.jit_compile == "auto" else config.jit_compile == "yes"
         xla = "replica step" if jit else "off"
     steps = config.steps_per_loop or DEFAULT_STEPS_PER_LOOP[platform]
-    return {"precision": precision, "jit_compile": jit, "xla": xla, "steps_per_loop": steps}
+    # TPUs run per-element gathers one element at a time; CPUs and GPUs gather cheaply and
+    # would pay for the matmul warp's extra arithmetic (augment.warp_affine).
+    warp = "matmul" if platform == "tpu" else "gather"
+    return {
+        "precision": precision,
+        "jit_compile": jit,
+        "xla": xla,
+        "steps_per_loop": steps,
+        "warp": warp,
+    }
 
 
 def fill_from_manifest(config: config_lib.TrainConfig) -> dict[str, Any]:
@@ -247,6 +256,7 @@ def prepare(
         augment_config=augment.AugmentConfig() if config.augment else None,
         seed=config.seed,
         jit_compile=settings["jit_compile"],
+        warp=settings["warp"],
     )
     train_data = loop.distribute(
         strategy, datasets["train"], per_replica_batch=batch, training=True
