@@ -4,7 +4,8 @@
                        otherwise the TPU-VM runtime ("local").
   --tpu=local          this machine is a TPU VM (needs TensorFlow's TPU build: tensorflow-tpu +
                        libtpu).
-  --tpu=NAME|grpc://.. a remote TPU node; its workers read only gs:// paths.
+  --tpu=NAME|grpc://.. a remote TPU node (the old TPU-node architecture): its TPU host reads
+                       data and writes checkpoints itself, so paths must be gs://.
   no --tpu             TF_CONFIG set -> MultiWorkerMirroredStrategy; >1 GPU -> MirroredStrategy;
                        --virtual_cpus=N -> the CPU split into N logical devices under
                        MirroredStrategy (multi-replica code on a laptop and in CI); else the
@@ -22,7 +23,13 @@ from collections.abc import Mapping
 
 import tensorflow as tf
 
-TPU_INSTALL_HINT = "pip install 'tensorflow-tpu==2.21.*' -f https://storage.googleapis.com/libtpu-tf-releases/index.html"
+# The pins of setup.cfg's `tpu` extra (tests check they agree).
+TPU_INSTALL_HINT = (
+    "pip install tensorflow-tpu==2.20.0 libtpu==0.0.14 "
+    "-f https://storage.googleapis.com/libtpu-tf-releases/index.html"
+)
+# Distributions of TensorFlow's TPU build; JAX's libtpu alone does not make TensorFlow use a TPU.
+TPU_TENSORFLOW_DISTRIBUTIONS = ("tensorflow-tpu", "tf-nightly-tpu")
 
 
 class DistributeError(RuntimeError):
@@ -57,15 +64,15 @@ def check_paths(tpu: str, paths: Mapping[str, str]) -> list[str]:
       Warnings to print (a local --model_dir on a TPU VM vanishes with the VM).
 
     Raises:
-      DistributeError: a remote TPU with a local path (its workers read only gs://).
+      DistributeError: a remote TPU node with a local path (its host reads only gs://).
     """
     kind = tpu_kind(tpu)
     local = {flag: p for flag, p in paths.items() if p and not p.startswith("gs://")}
     if kind == "remote" and local:
         flag, path = next(iter(local.items()))
         raise DistributeError(
-            f"{flag} {path} is a local path, but the TPU at {tpu_address(tpu)} is remote and its "
-            "workers read only gs:// (copy it to a bucket: gcloud storage cp -r)"
+            f"{flag} {path} is a local path, but the TPU at {tpu_address(tpu)} is a remote TPU "
+            "node whose workers read only gs:// (copy it to a bucket: gcloud storage cp -r)"
         )
     if kind == "vm" and "--model_dir" in local:
         return [
@@ -76,10 +83,22 @@ def check_paths(tpu: str, paths: Mapping[str, str]) -> list[str]:
 
 
 def has_tpu_build() -> bool:
-    """Returns True when TensorFlow's TPU runtime (libtpu) can be found."""
+    """Returns True when TensorFlow's TPU build is installed: tensorflow-tpu plus a libtpu.
+
+    libtpu alone is not enough: `jax[tpu]` installs it too, next to a CPU-only TensorFlow.
+    TPU_LIBRARY_PATH (an explicit libtpu.so) still needs the TPU build of TensorFlow.
+    """
+    installed = []
+    for dist in TPU_TENSORFLOW_DISTRIBUTIONS:
+        try:
+            installed.append(importlib.metadata.version(dist))
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    if not installed:
+        return False
     library = os.environ.get("TPU_LIBRARY_PATH", "")
-    if library and os.path.exists(library):
-        return True
+    if library:
+        return os.path.exists(library)
     return importlib.util.find_spec("libtpu") is not None
 
 
