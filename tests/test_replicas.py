@@ -3,6 +3,7 @@ and dropout across replicas."""
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -10,7 +11,7 @@ import tensorflow as tf
 from boneage_tpu import augment, distribute, optim
 from boneage_tpu import config as config_lib
 from boneage_tpu import model as model_lib
-from boneage_tpu.train import loop, setup
+from boneage_tpu.train import job, loop, setup
 
 # Logical CPUs must be split before TensorFlow runs its first op, i.e. at collection time.
 try:
@@ -172,3 +173,86 @@ def test_replica_step_with_the_matmul_warp_compiles_with_xla():
     grads, stats = trainer.gradients(batch, tf.constant([1, 2], tf.int64))
     assert all(np.all(np.isfinite(g.numpy())) for g in grads)
     assert stats.numpy()[2] == 2.0
+
+
+def _varied_input(batches: list[dict[str, np.ndarray]]):
+    def fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
+        stacked = {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+        return tf.data.Dataset.from_tensor_slices(stacked).repeat()
+
+    return fn
+
+
+@pytest.mark.slow
+def test_checkpointed_and_exported_batch_norm_statistics_are_the_replica_mean(
+    tmp_path, monkeypatch
+):
+    _two_replicas()
+    recorded: list[dict[str, list[np.ndarray]]] = []
+    original = loop.TrainLoop.sync_batch_norm
+
+    def recording_sync(self) -> None:
+        strategy = self.strategy
+        recorded.append({v.path: _local(strategy, v) for v in self.moving_statistics})
+        original(self)
+        for variable in self.moving_statistics:
+            copies = _local(strategy, variable)
+            np.testing.assert_allclose(copies[1], copies[0], rtol=0, atol=0)
+
+    monkeypatch.setattr(loop.TrainLoop, "sync_batch_norm", recording_sync)
+    config = config_lib.TrainConfig(
+        model_dir=str(tmp_path / "run"),
+        backbone="tiny",
+        image_size=SIZE,
+        dense_units=(8,),
+        dropout=0.3,
+        norm="batch",
+        batch_size=4,
+        train_steps=2,
+        steps_per_loop=1,
+        checkpoint_every=2,
+        label_mean=100.0,
+        label_std=50.0,
+        virtual_cpus=2,
+        augment=False,
+    )
+    # Two differently bright batches: the replicas' batch statistics differ.
+    batches = [_batch(0, 120.0), _batch(1, 60.0)]
+    batches[1]["image"] = (batches[1]["image"] // 4).astype(np.uint8)
+    job.run(config, datasets={"train": _varied_input(batches)})
+    name = "norm0/moving_mean"
+    diverged = [r[name] for r in recorded if np.abs(r[name][0] - r[name][1]).max() > 1e-3]
+    # The sync before the step-2 checkpoint found the replicas diverged; the later ones (final
+    # checkpoint and export, no training in between) found them equal.
+    assert len(diverged) == 1 and len(recorded) >= 2
+    replica_0, replica_1 = diverged[0]
+    expected = (replica_0 + replica_1) / 2
+
+    exported = keras.models.load_model(tmp_path / "run" / "export" / "model.keras")
+    bn = exported.get_layer("tiny").get_layer("norm0")
+    np.testing.assert_allclose(np.asarray(bn.moving_mean), expected, rtol=1e-6)
+    reader = tf.train.load_checkpoint(str(tmp_path / "run" / "checkpoints" / "ckpt-2"))
+    saved = [
+        reader.get_tensor(key)
+        for key, shape in tf.train.list_variables(str(tmp_path / "run" / "checkpoints" / "ckpt-2"))
+        if key.startswith("model/") and shape == list(expected.shape)
+    ]
+    assert any(np.allclose(value, expected, rtol=1e-6) for value in saved)
+    assert not any(np.allclose(value, replica_0, rtol=1e-6) for value in saved)
+
+
+def test_dropout_masks_differ_between_replicas():
+    strategy = _two_replicas()
+    with strategy.scope():
+        layer = model_lib.ReplicaDropout(0.5, seed=3)
+        layer.build((4, 64))
+
+    @tf.function
+    def masks():
+        return strategy.run(lambda: layer(tf.ones([4, 64]), training=True))
+
+    first, second = (np.asarray(v) for v in strategy.experimental_local_results(masks()))
+    assert set(np.unique(first)) == {0.0, 2.0} and set(np.unique(second)) == {0.0, 2.0}
+    assert not np.array_equal(first == 0, second == 0)
+    again = [np.asarray(v) for v in strategy.experimental_local_results(masks())]
+    assert not np.array_equal(again[0] == 0, first == 0)  # the seed state advances per call

@@ -44,6 +44,7 @@ def _format_eta(seconds: float) -> str:
 
 
 def _validate(session: Session, step: int, logs: train_state.ScalarLog) -> dict[str, float]:
+    session.trainer.sync_batch_norm()
     metrics = session.trainer.evaluate(session.val_dataset)
     logs.write(step, {"mae_months": metrics.mae_months, "loss": metrics.loss})
     log(
@@ -115,6 +116,7 @@ def _train(
             if config.lr_schedule == "plateau" and session.plateau.update(result["val_mae_months"]):
                 log(f"plateau: learning rate x{config.plateau_factor} from step {current}")
         if current % config.checkpoint_every == 0:
+            trainer.sync_batch_norm()
             ckpt.save()
         if after_loop is not None:
             after_loop(current)
@@ -166,6 +168,7 @@ def run(
     try:
         result = _train(session, train_log, val_log, after_loop)
         current = int(session.step.numpy())
+        session.trainer.sync_batch_norm()
         if session.checkpoints.saved_step != current:
             session.checkpoints.save()
         if val_log is not None and "val_mae_months" not in result:

@@ -148,6 +148,31 @@ class TrainLoop:
         )
         self._train_fn = tf.function(self._train_loop)
         self._eval_fn = tf.function(self._eval_loop)
+        # Batch-norm moving statistics: each replica updates its own copy from its own batch.
+        self.moving_statistics = [
+            v for v in model.variables if v.path.endswith(("/moving_mean", "/moving_variance"))
+        ]
+        self._sync_fn = tf.function(self._sync_statistics)
+
+    def _sync_statistics(self) -> None:
+        def replica_means() -> list[tf.Tensor]:
+            context = tf.distribute.get_replica_context()
+            values = [tf.identity(v.value) for v in self.moving_statistics]
+            return context.all_reduce(tf.distribute.ReduceOp.MEAN, values)
+
+        means = self.strategy.run(replica_means)
+        for variable, mean in zip(self.moving_statistics, means, strict=True):
+            # A cross-replica assign writes every local copy; the mean is the same on all hosts.
+            variable.value.assign(self.strategy.experimental_local_results(mean)[0])
+
+    def sync_batch_norm(self) -> None:
+        """Sets every replica's batch-norm moving statistics to their mean over all replicas.
+
+        Call before each checkpoint, validation and export: checkpoints and exports save one
+        copy (replica 0's), and validation runs on every replica's own copy.
+        """
+        if self.strategy.num_replicas_in_sync > 1 and self.moving_statistics:
+            self._sync_fn()
 
     def _gradients(
         self, batch: dict[str, tf.Tensor], seed: tf.Tensor
