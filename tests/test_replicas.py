@@ -3,6 +3,8 @@ and dropout across replicas."""
 
 from __future__ import annotations
 
+import functools
+
 import keras
 import numpy as np
 import pytest
@@ -23,7 +25,11 @@ except distribute.DistributeError as err:
 SIZE = 16
 
 
+@functools.cache
 def _two_replicas() -> tf.distribute.Strategy:
+    # One strategy for the whole module: a second MirroredStrategy over the same devices starts
+    # its collective keys afresh, and its first all-reduce then meets the first one's in the
+    # collective executor (a shape mismatch). A real run has one strategy per process.
     if VIRTUAL_CPU_ERROR:
         pytest.fail(f"virtual CPUs unavailable: {VIRTUAL_CPU_ERROR}")
     return distribute.make_strategy(virtual_cpus=2)
@@ -187,7 +193,7 @@ def _varied_input(batches: list[dict[str, np.ndarray]]):
 def test_checkpointed_and_exported_batch_norm_statistics_are_the_replica_mean(
     tmp_path, monkeypatch
 ):
-    _two_replicas()
+    strategy = _two_replicas()
     recorded: list[dict[str, list[np.ndarray]]] = []
     original = loop.TrainLoop.sync_batch_norm
 
@@ -219,7 +225,7 @@ def test_checkpointed_and_exported_batch_norm_statistics_are_the_replica_mean(
     # Two differently bright batches: the replicas' batch statistics differ.
     batches = [_batch(0, 120.0), _batch(1, 60.0)]
     batches[1]["image"] = (batches[1]["image"] // 4).astype(np.uint8)
-    job.run(config, datasets={"train": _varied_input(batches)})
+    job.run(config, strategy, datasets={"train": _varied_input(batches)})
     name = "norm0/moving_mean"
     diverged = [r[name] for r in recorded if np.abs(r[name][0] - r[name][1]).max() > 1e-3]
     # The sync before the step-2 checkpoint found the replicas diverged; the later ones (final
