@@ -175,7 +175,13 @@ def make_strategy(tpu: str = "", virtual_cpus: int = 0) -> tf.distribute.Strateg
             raise DistributeError(f"TF_CONFIG is not valid JSON: {err}") from err
         return tf.distribute.MultiWorkerMirroredStrategy()
     if virtual_cpus > 1:
-        return tf.distribute.MirroredStrategy(configure_virtual_cpus(virtual_cpus))
+        # Reductions through one device instead of collective ops: collective keys restart
+        # with every MirroredStrategy, so a second virtual-CPU strategy in one process (tests)
+        # would meet the first's collectives; the replica maths are the same either way.
+        return tf.distribute.MirroredStrategy(
+            configure_virtual_cpus(virtual_cpus),
+            cross_device_ops=tf.distribute.ReductionToOneDevice(),
+        )
     if virtual_cpus == 1:
         return tf.distribute.get_strategy()
     if len(tf.config.list_logical_devices("GPU")) > 1:
