@@ -157,7 +157,8 @@ class TrainConfig:
     )
     precision: str = option(
         "auto",
-        "auto (bf16 on TPU, fp16 with loss scaling on GPU, fp32 on CPU) | bf16 | fp16 | fp32.",
+        "auto (bf16 on TPU and on GPUs of compute capability >= 8.0, fp16 with loss scaling on "
+        "older GPUs, fp32 on CPU) | bf16 | fp16 (not on TPU) | fp32.",
         choices=PRECISION_CHOICES,
     )
     jit_compile: str = option(

@@ -4,7 +4,8 @@
                        otherwise the TPU-VM runtime ("local").
   --tpu=local          this machine is a TPU VM (needs TensorFlow's TPU build: tensorflow-tpu +
                        libtpu).
-  --tpu=NAME|grpc://.. a remote TPU node; its workers read only gs:// paths.
+  --tpu=NAME|grpc://.. a remote TPU node (the old TPU-node architecture): its TPU host reads
+                       data and writes checkpoints itself, so paths must be gs://.
   no --tpu             TF_CONFIG set -> MultiWorkerMirroredStrategy; >1 GPU -> MirroredStrategy;
                        --virtual_cpus=N -> the CPU split into N logical devices under
                        MirroredStrategy (multi-replica code on a laptop and in CI); else the
@@ -24,7 +25,13 @@ import tensorflow as tf
 
 from boneage_tpu.errors import Error
 
-TPU_INSTALL_HINT = "pip install 'tensorflow-tpu==2.21.*' -f https://storage.googleapis.com/libtpu-tf-releases/index.html"
+# The pins of setup.cfg's `tpu` extra (tests check they agree).
+TPU_INSTALL_HINT = (
+    "pip install tensorflow-tpu==2.20.0 libtpu==0.0.14 "
+    "-f https://storage.googleapis.com/libtpu-tf-releases/index.html"
+)
+# Distributions of TensorFlow's TPU build; JAX's libtpu alone does not make TensorFlow use a TPU.
+TPU_TENSORFLOW_DISTRIBUTIONS = ("tensorflow-tpu", "tf-nightly-tpu")
 
 
 class DistributeError(Error, RuntimeError):
@@ -59,15 +66,15 @@ def check_paths(tpu: str, paths: Mapping[str, str]) -> list[str]:
       Warnings to print (a local --model_dir on a TPU VM vanishes with the VM).
 
     Raises:
-      DistributeError: a remote TPU with a local path (its workers read only gs://).
+      DistributeError: a remote TPU node with a local path (its host reads only gs://).
     """
     kind = tpu_kind(tpu)
     local = {flag: p for flag, p in paths.items() if p and not p.startswith("gs://")}
     if kind == "remote" and local:
         flag, path = next(iter(local.items()))
         raise DistributeError(
-            f"{flag} {path} is a local path, but the TPU at {tpu_address(tpu)} is remote and its "
-            "workers read only gs:// (copy it to a bucket: gcloud storage cp -r)"
+            f"{flag} {path} is a local path, but the TPU at {tpu_address(tpu)} is a remote TPU "
+            "node whose workers read only gs:// (copy it to a bucket: gcloud storage cp -r)"
         )
     if kind == "vm" and "--model_dir" in local:
         return [
@@ -78,10 +85,22 @@ def check_paths(tpu: str, paths: Mapping[str, str]) -> list[str]:
 
 
 def has_tpu_build() -> bool:
-    """Returns True when TensorFlow's TPU runtime (libtpu) can be found."""
+    """Returns True when TensorFlow's TPU build is installed: tensorflow-tpu plus a libtpu.
+
+    libtpu alone is not enough: `jax[tpu]` installs it too, next to a CPU-only TensorFlow.
+    TPU_LIBRARY_PATH (an explicit libtpu.so) still needs the TPU build of TensorFlow.
+    """
+    installed = []
+    for dist in TPU_TENSORFLOW_DISTRIBUTIONS:
+        try:
+            installed.append(importlib.metadata.version(dist))
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    if not installed:
+        return False
     library = os.environ.get("TPU_LIBRARY_PATH", "")
-    if library and os.path.exists(library):
-        return True
+    if library:
+        return os.path.exists(library)
     return importlib.util.find_spec("libtpu") is not None
 
 
@@ -158,7 +177,13 @@ def make_strategy(tpu: str = "", virtual_cpus: int = 0) -> tf.distribute.Strateg
             raise DistributeError(f"TF_CONFIG is not valid JSON: {err}") from err
         return tf.distribute.MultiWorkerMirroredStrategy()
     if virtual_cpus > 1:
-        return tf.distribute.MirroredStrategy(configure_virtual_cpus(virtual_cpus))
+        # Reductions through one device instead of collective ops: collective keys restart
+        # with every MirroredStrategy, so a second virtual-CPU strategy in one process (tests)
+        # would meet the first's collectives; the replica maths are the same either way.
+        return tf.distribute.MirroredStrategy(
+            configure_virtual_cpus(virtual_cpus),
+            cross_device_ops=tf.distribute.ReductionToOneDevice(),
+        )
     if virtual_cpus == 1:
         return tf.distribute.get_strategy()
     if len(tf.config.list_logical_devices("GPU")) > 1:
@@ -181,6 +206,15 @@ def worker_name(strategy: tf.distribute.Strategy) -> str:
     if task_type == "worker" and task_id == 0 and "chief" not in resolver.cluster_spec().as_dict():
         return ""
     return f"{task_type}-{task_id}"
+
+
+def gpu_compute_capability() -> tuple[int, int] | None:
+    """Returns the smallest compute capability of this machine's GPUs, None without GPUs."""
+    capabilities = []
+    for gpu in tf.config.list_physical_devices("GPU"):
+        details = tf.config.experimental.get_device_details(gpu)
+        capabilities.append(tuple(details.get("compute_capability", (0, 0))))
+    return min(capabilities) if capabilities else None
 
 
 def platform(strategy: tf.distribute.Strategy) -> str:

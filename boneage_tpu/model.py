@@ -118,6 +118,29 @@ class ZScoreToMonths(keras.layers.Layer):
         }
 
 
+@keras.saving.register_keras_serializable(package="boneage_tpu")
+class ReplicaDropout(keras.layers.Dropout):
+    """Dropout whose mask also depends on the replica: Keras' own Dropout draws the same mask
+    on every replica (its seed state is one mirrored variable).
+
+    The layer's seed state advances as in Keras (and is checkpointed like it); the replica id
+    is folded into the drawn seed, so replicas differ and a resumed run continues the stream.
+    """
+
+    def call(self, inputs: Any, training: bool = False) -> Any:
+        if not training or self.rate == 0:
+            return inputs
+        seed = tf.cast(self.seed_generator.next(), tf.int64)
+        context = tf.distribute.get_replica_context()
+        if context is not None and context.num_replicas_in_sync > 1:
+            replica = tf.cast(context.replica_id_in_sync_group, tf.int64)
+            seed = tf.random.experimental.stateless_fold_in(seed, replica)
+        shape = tf.shape(inputs) if self.noise_shape is None else self.noise_shape
+        keep = tf.random.stateless_uniform(shape, seed=seed) >= self.rate
+        scale = tf.cast(1.0 / (1.0 - self.rate), inputs.dtype)
+        return tf.where(keep, inputs * scale, tf.zeros_like(inputs))
+
+
 @contextlib.contextmanager
 def precision_policy(precision: str) -> Iterator[None]:
     """Sets Keras' global dtype policy for `precision` (fp32|bf16|fp16) and restores it after."""
@@ -304,7 +327,7 @@ def build_model(
         for i, units in enumerate(tuple(config.dense_units)):
             x = keras.layers.Dense(units, activation="relu", name=f"dense{i}")(x)
             if config.dropout > 0:
-                x = keras.layers.Dropout(config.dropout, name=f"dropout{i}")(x)
+                x = ReplicaDropout(config.dropout, name=f"dropout{i}")(x)
         # float32 at the top: z-scores and months need more precision than bf16's 8 bits.
         if config.head == "bins":
             logits = keras.layers.Dense(config.num_bins, dtype="float32", name=heads.LOGITS_LAYER)(

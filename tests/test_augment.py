@@ -184,3 +184,72 @@ def test_batch_images_get_different_transforms():
 def test_invalid_config_is_rejected(kwargs):
     with pytest.raises(ValueError, match="AugmentConfig"):
         augment.AugmentConfig(**kwargs)
+
+
+STRONG = augment.AugmentConfig(rotation_deg=40.0, shift=0.3, zoom=(0.6, 1.5), shear=0.4)
+
+
+@pytest.mark.parametrize("config", [augment.AugmentConfig(), STRONG], ids=["default", "strong"])
+@pytest.mark.parametrize(("height", "width", "channels"), [(32, 32, 1), (40, 27, 1), (17, 50, 3)])
+def test_matmul_warp_equals_the_gather_warp(config, height, width, channels):
+    rng = np.random.default_rng(height * width)
+    images = tf.constant(rng.integers(0, 256, (5, height, width, channels)).astype(np.uint8))
+    params = augment.sample_params(tf.constant([height, width], tf.int64), 5, config)
+    matrices = augment.affine_matrices(params, height, width)
+    stretch = augment.max_stretch(config)
+
+    def both(images, matrices):
+        gather = augment.warp_affine(images, matrices)
+        matmul = augment.warp_affine(images, matrices, "matmul", stretch)
+        return gather, matmul
+
+    gather, matmul = both(images, matrices)
+    assert float(tf.reduce_mean(tf.abs(gather - augment.to_float(images)))) > 10.0  # really warped
+    np.testing.assert_allclose(matmul.numpy(), gather.numpy(), atol=1e-4, rtol=0)
+    # XLA computes the matrices' sin/cos slightly differently from eager mode, so each mode
+    # compares with itself.
+    compiled = tf.function(both, jit_compile=True)
+    gather_xla, matmul_xla = compiled(images, matrices)
+    np.testing.assert_allclose(matmul_xla.numpy(), gather_xla.numpy(), atol=1e-4, rtol=0)
+
+
+def test_matmul_warp_gathers_only_whole_rows_under_xla():
+    images = tf.zeros([2, 48, 40, 1], tf.uint8)
+    matrices = augment.affine_matrices(_params(batch=2, angle=0.3), 48, 40)
+    stretch = augment.max_stretch(augment.AugmentConfig())
+
+    def slice_sizes(method: str) -> list[list[int]]:
+        fn = tf.function(
+            lambda i, m: augment.warp_affine(i, m, method, stretch if method == "matmul" else None),
+            jit_compile=True,
+        )
+        text = fn.experimental_get_compiler_ir(images, matrices)(stage="hlo")
+        return [
+            [int(v) for v in line.split("slice_sizes={")[1].split("}")[0].split(",")]
+            for line in text.splitlines()
+            if " gather(" in line
+        ]
+
+    assert slice_sizes("gather") and all(max(s) == 1 for s in slice_sizes("gather"))
+    # One gather of whole padded rows (width + 2 x window), no single-element gathers.
+    matmul = slice_sizes("matmul")
+    assert matmul and all(max(s) > 40 for s in matmul)
+
+
+def test_matmul_identity_is_exact_and_bad_arguments_are_refused():
+    images = np.random.default_rng(3).integers(0, 256, (2, 20, 18, 1)).astype(np.uint8)
+    identity = tf.constant([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]] * 2)
+    out = augment.warp_affine(tf.constant(images), identity, "matmul", 1.0)
+    np.testing.assert_array_equal(out.numpy(), images.astype(np.float32))
+    with pytest.raises(ValueError, match="needs stretch > 0"):
+        augment.warp_affine(tf.constant(images), identity, "matmul")
+    with pytest.raises(ValueError, match="'gather' or 'matmul'"):
+        augment.warp_affine(tf.constant(images), identity, "nearest")
+
+
+def test_max_stretch_bounds_the_drawn_matrices():
+    for config in (augment.AugmentConfig(), STRONG):
+        params = augment.sample_params(tf.constant([7, 7], tf.int64), 2000, config)
+        linear = np.abs(augment.affine_matrices(params, 64, 64).numpy()[:, :, :2]).sum(axis=2)
+        assert linear.max() <= augment.max_stretch(config) + 1e-6
+        assert linear.max() > 0.7 * augment.max_stretch(config)  # and is not far too loose

@@ -165,3 +165,40 @@ def test_replica_gradients_sum_to_the_single_device_gradient() -> None:
         stats_1.numpy(), strategy.reduce("SUM", stats_4, axis=None).numpy(), rtol=1e-5
     )
     assert strategy.reduce("SUM", stats_4, axis=None).numpy()[2] == 8.0
+
+
+def test_tpu_build_needs_tensorflow_tpu_not_only_jaxs_libtpu(monkeypatch, tmp_path) -> None:
+    import importlib.metadata
+    import importlib.util
+
+    installed: dict[str, str] = {}
+    have_libtpu = {"value": True}
+
+    def version(name: str) -> str:
+        if name not in installed:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return installed[name]
+
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name: str, *args):
+        if name == "libtpu":
+            return object() if have_libtpu["value"] else None
+        return real_find_spec(name, *args)
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    monkeypatch.delenv("TPU_LIBRARY_PATH", raising=False)
+    assert not distribute.has_tpu_build()  # jax[tpu]'s libtpu beside a CPU TensorFlow
+    library = tmp_path / "libtpu.so"
+    library.write_bytes(b"")
+    monkeypatch.setenv("TPU_LIBRARY_PATH", str(library))
+    assert not distribute.has_tpu_build()
+    installed["tensorflow-tpu"] = "2.20.0"
+    assert distribute.has_tpu_build()
+    monkeypatch.setenv("TPU_LIBRARY_PATH", str(tmp_path / "missing.so"))
+    assert not distribute.has_tpu_build()
+    monkeypatch.delenv("TPU_LIBRARY_PATH")
+    assert distribute.has_tpu_build()
+    have_libtpu["value"] = False
+    assert not distribute.has_tpu_build()

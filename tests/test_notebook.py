@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import configparser
 import re
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import sys
 import nbformat
 import pytest
 
+from boneage_tpu import distribute
 from tests.conftest import REPO_ROOT
 
 NOTEBOOK = REPO_ROOT / "notebooks" / "colab_tpu.ipynb"
@@ -65,3 +67,49 @@ def test_notebook_runs_the_whole_tpu_workflow() -> None:
 def test_notebook_flags_exist(module: str) -> None:
     unknown = notebook_commands()[module] - helpfull_flags(module)
     assert not unknown, f"{module} has no flags {sorted(unknown)}"
+
+
+def _pins(text: str) -> dict[str, str]:
+    return dict(re.findall(r"\b([A-Za-z][\w.-]*)==([\w.]+)", text))
+
+
+def tpu_extra_pins() -> dict[str, str]:
+    """Returns name -> version of setup.cfg's `tpu` extra (each must be an exact pin)."""
+    parser = configparser.ConfigParser()
+    parser.read(REPO_ROOT / "setup.cfg")
+    lines = [v.strip() for v in parser["options.extras_require"]["tpu"].splitlines() if v.strip()]
+    pins = _pins("\n".join(lines))
+    assert len(pins) == len(lines), f"every tpu requirement must be an exact pin: {lines}"
+    return pins
+
+
+def test_install_cell_pins_the_tpu_extra_from_tensorflows_libtpu_index() -> None:
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    install = next(c.source for c in notebook.cells if "pip install" in c.source)
+    pins = tpu_extra_pins()
+    assert set(pins) == {"tensorflow-tpu", "libtpu"} and pins["tensorflow-tpu"].startswith("2.20.")
+    assert _pins(install) == pins
+    for line in install.splitlines():
+        if "pip install" in line:
+            assert "-f https://storage.googleapis.com/libtpu-tf-releases/index.html" in line
+    assert "libtpu-releases" not in install  # JAX's index
+    assert _pins(distribute.TPU_INSTALL_HINT) == pins
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    for name, version in pins.items():
+        assert f"{name}=={version}" in readme
+
+
+def test_notebook_kernel_never_imports_tensorflow() -> None:
+    """The TPU build claims the TPU at import: a kernel holding it would block the next
+    `!python -m boneage_tpu.train`."""
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    for cell in notebook.cells:
+        if cell.cell_type == "code":
+            python = "\n".join(
+                line
+                for line in cell.source.splitlines()
+                if not line.lstrip().startswith(("!", "%"))
+            )
+            assert not re.search(
+                r"^\s*(import|from)\s+(tensorflow|keras|boneage_tpu)", python, re.M
+            )

@@ -47,6 +47,7 @@ def _format_eta(seconds: float) -> str:
 
 
 def _validate(session: Session, step: int, logs: train_state.ScalarLog) -> dict[str, float]:
+    session.trainer.sync_batch_norm()
     metrics = session.trainer.evaluate(session.val_dataset)
     logs.write(step, {"mae_months": metrics.mae_months, "loss": metrics.loss})
     log(
@@ -158,6 +159,7 @@ def _train(
             if config.lr_schedule == "plateau" and session.plateau.update(result["val_mae_months"]):
                 log(f"plateau: learning rate x{config.plateau_factor} from step {current}")
         if current % config.checkpoint_every == 0:
+            trainer.sync_batch_norm()
             session.lease.check_held()  # Never write after another trainer took over.
             ckpt.save()
         if after_loop is not None:
@@ -245,7 +247,7 @@ def _run_locked(session: Session, after_loop: Callable[[int], None] | None) -> d
     log(
         f"train: {distribute.describe(session.strategy)}, batch {config.batch_size} "
         f"({session.per_replica_batch}/replica), {settings['precision']}, "
-        f"XLA: {settings['xla']}, {settings['steps_per_loop']} steps/loop, "
+        f"XLA: {settings['xla']}, warp: {settings['warp']}, {settings['steps_per_loop']} steps/loop, "
         + (f"resuming at step {session.start_step}" if session.start_step else "from step 0")
         + f" of {config.train_steps}"
     )
@@ -260,6 +262,8 @@ def _run_locked(session: Session, after_loop: Callable[[int], None] | None) -> d
             session.trainer.recalibrate_batch_norm(
                 session.train_iterator, config.bn_recalibration_batches
             )
+        session.trainer.sync_batch_norm()
+        if session.checkpoints.saved_step != current:
             session.lease.check_held()
             session.checkpoints.save()
         if val_log is not None and "val_mae_months" not in result:

@@ -68,6 +68,28 @@ def _all_layers(model: keras.Model) -> list[keras.layers.Layer]:
     return layers
 
 
+def skip_together(grads: list[tf.Tensor]) -> list[tf.Tensor]:
+    """Makes every replica see a non-finite gradient when any replica has one (fp16).
+
+    Keras 3's LossScaleOptimizer decides "finite -> apply, else skip and halve the scale" from
+    the gradients it is given, which under tf.distribute are each replica's own, not yet
+    all-reduced ones: MirroredStrategy takes replica 0's verdict for all (`_tf_apply`), other
+    strategies let each replica decide alone. A replica that overflowed alone would then have
+    its inf summed into the update of every replica. One all-reduced "any replica non-finite"
+    flag, folded into the first gradient as NaN, gives every replica the same verdict: the
+    step is skipped everywhere and the scale is halved once. Call in replica context.
+    """
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1 or not grads:
+        return grads
+    finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
+    bad_replicas = context.all_reduce(
+        tf.distribute.ReduceOp.SUM, tf.cast(tf.logical_not(finite), tf.float32)
+    )
+    poison = tf.where(bad_replicas > 0, float("nan"), 0.0)
+    return [grads[0] + tf.cast(poison, grads[0].dtype), *grads[1:]]
+
+
 class TrainLoop:
     """Compiled training and validation loops for one model, optimizer and strategy."""
 
@@ -85,6 +107,7 @@ class TrainLoop:
         augment_config: augment.AugmentConfig | None = None,
         seed: int = 0,
         jit_compile: bool = False,
+        warp: str = "gather",
     ) -> None:
         """Builds the loops; `optimizer` must already be built (variables created).
 
@@ -100,6 +123,7 @@ class TrainLoop:
           augment_config: on-device augmentation; None disables it.
           seed: global seed for the stateless augmentation RNG.
           jit_compile: XLA-compile the replica step (augment + forward + loss + gradients).
+          warp: the augmentation's `augment.warp_affine` method ("matmul" on TPU).
         """
         self.strategy = strategy
         self.model = model
@@ -114,6 +138,7 @@ class TrainLoop:
         self.jit_compile = jit_compile
         # The bins head trains on its logits too (cross-entropy to a Gaussian target).
         self.logits_model = heads.with_logits(model)
+        self.warp = warp
         # Without XLA a nested tf.function only adds graph-inlining work (it is traced once per
         # replica), so the plain method is used; with XLA it is the compiled unit.
         self.gradients = (
@@ -125,6 +150,11 @@ class TrainLoop:
         self.has_batch_norm = any(
             isinstance(layer, keras.layers.BatchNormalization) for layer in _all_layers(model)
         )
+        # Batch-norm moving statistics: each replica updates its own copy from its own batch.
+        self.moving_statistics = [
+            v for v in model.variables if v.path.endswith(("/moving_mean", "/moving_variance"))
+        ]
+        self._sync_fn = tf.function(self._sync_statistics)
 
     def batch_stats(
         self, months: tf.Tensor, batch: dict[str, tf.Tensor]
@@ -146,12 +176,32 @@ class TrainLoop:
         )
         return per_example, stats
 
+    def _sync_statistics(self) -> None:
+        def replica_means() -> list[tf.Tensor]:
+            context = tf.distribute.get_replica_context()
+            values = [tf.identity(v.value) for v in self.moving_statistics]
+            return context.all_reduce(tf.distribute.ReduceOp.MEAN, values)
+
+        means = self.strategy.run(replica_means)
+        for variable, mean in zip(self.moving_statistics, means, strict=True):
+            # A cross-replica assign writes every local copy; the mean is the same on all hosts.
+            variable.value.assign(self.strategy.experimental_local_results(mean)[0])
+
+    def sync_batch_norm(self) -> None:
+        """Sets every replica's batch-norm moving statistics to their mean over all replicas.
+
+        Call before each checkpoint, validation and export: checkpoints and exports save one
+        copy (replica 0's), and validation runs on every replica's own copy.
+        """
+        if self.strategy.num_replicas_in_sync > 1 and self.moving_statistics:
+            self._sync_fn()
+
     def _gradients(
         self, batch: dict[str, tf.Tensor], seed: tf.Tensor
     ) -> tuple[list[tf.Tensor], tf.Tensor]:
         """Augment + forward + loss + gradients for one replica's batch (XLA-compilable)."""
         if self.augment_config is not None:
-            images = augment.augment_batch(batch["image"], seed, self.augment_config)
+            images = augment.augment_batch(batch["image"], seed, self.augment_config, self.warp)
         else:
             images = augment.to_float(batch["image"])
         inputs = {"image": images, "male": batch["male"]}
@@ -175,6 +225,8 @@ class TrainLoop:
         replica_id = tf.distribute.get_replica_context().replica_id_in_sync_group
         seed = augment.replica_seed(self.seed, step, replica_id)
         grads, stats = self.gradients(batch, seed)
+        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+            grads = skip_together(grads)
         self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables, strict=True))
         return stats
 
@@ -200,7 +252,7 @@ class TrainLoop:
         # Another seed stream than the training steps': these batches teach nothing.
         seed = augment.replica_seed(self.seed + BN_SEED_OFFSET, index, replica_id)
         if self.augment_config is not None:
-            images = augment.augment_batch(batch["image"], seed, self.augment_config)
+            images = augment.augment_batch(batch["image"], seed, self.augment_config, self.warp)
         else:
             images = augment.to_float(batch["image"])
         self.model({"image": images, "male": batch["male"]}, training=True)

@@ -26,6 +26,7 @@ from boneage_tpu.train import state as train_state
 
 DatasetFn = Callable[[tf.distribute.InputContext], tf.data.Dataset]
 DEFAULT_STEPS_PER_LOOP = {"tpu": 100, "gpu": 10, "cpu": 10}
+# GPUs of compute capability >= 8.0 get bf16 instead of fp16 (`resolve_settings`).
 DEFAULT_PRECISION = {"tpu": "bf16", "gpu": "fp16", "cpu": "fp32"}
 
 
@@ -40,13 +41,24 @@ def per_replica_batch(global_batch: int, replicas: int, flag: str = "--batch_siz
 
 
 def resolve_settings(config: config_lib.TrainConfig, platform: str) -> dict[str, Any]:
-    """Resolves the "auto"/0 settings for the platform: precision, XLA, steps per loop.
+    """Resolves the "auto"/0 settings for the platform: precision, XLA, steps per loop, warp.
 
     Returns:
       {"precision", "jit_compile" (wrap the replica step in jit_compile=True), "xla" (what
-      runs under XLA, for the log), "steps_per_loop"}.
+      runs under XLA, for the log), "steps_per_loop", "warp" (augmentation warp method)}.
     """
     precision = DEFAULT_PRECISION[platform] if config.precision == "auto" else config.precision
+    if config.precision == "auto" and platform == "gpu":
+        # Ampere (8.0) and newer run bf16 at fp16 speed with fp32's range: no loss scaling,
+        # hence no overflow-skipped steps.
+        capability = distribute.gpu_compute_capability()
+        if capability is not None and capability >= (8, 0):
+            precision = "bf16"
+    if platform == "tpu" and precision == "fp16":
+        raise ValueError(
+            "--precision fp16 is not supported on TPU (no fp16 matrix units): use bf16 (auto) "
+            "or fp32"
+        )
     if platform == "tpu":
         # A TPU compiles the whole replica step with XLA anyway; no extra jit wrapper.
         jit, xla = False, "whole step (TPU)"
@@ -56,7 +68,16 @@ def resolve_settings(config: config_lib.TrainConfig, platform: str) -> dict[str,
         jit = platform == "gpu" if config.jit_compile == "auto" else config.jit_compile == "yes"
         xla = "replica step" if jit else "off"
     steps = config.steps_per_loop or DEFAULT_STEPS_PER_LOOP[platform]
-    return {"precision": precision, "jit_compile": jit, "xla": xla, "steps_per_loop": steps}
+    # TPUs run per-element gathers one element at a time; CPUs and GPUs gather cheaply and
+    # would pay for the matmul warp's extra arithmetic (augment.warp_affine).
+    warp = "matmul" if platform == "tpu" else "gather"
+    return {
+        "precision": precision,
+        "jit_compile": jit,
+        "xla": xla,
+        "steps_per_loop": steps,
+        "warp": warp,
+    }
 
 
 def resolve_splits(config: config_lib.TrainConfig, manifest: Mapping[str, Any]) -> None:
@@ -287,6 +308,7 @@ def _prepare_locked(
         augment_config=augment_config(config) if config.augment else None,
         seed=config.seed,
         jit_compile=settings["jit_compile"],
+        warp=settings["warp"],
     )
     train_data = loop.distribute(
         strategy, datasets["train"], per_replica_batch=batch, training=True

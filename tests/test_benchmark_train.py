@@ -1,0 +1,47 @@
+"""Tests of tools.benchmark_train: flag errors and one tiny end-to-end run with --json."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.records import write_toy_dataset
+from tools import benchmark_train
+
+
+def test_bad_settings_are_one_line_errors(tmp_path):
+    with pytest.raises(SystemExit, match=r"^error: --data is required"):
+        benchmark_train.main(["benchmark_train"])
+    with pytest.raises(SystemExit, match=r"^error: --backbones nope: choose from"):
+        benchmark_train.main(["benchmark_train", f"--data={tmp_path}", "--backbones=tiny,nope"])
+    with pytest.raises(SystemExit, match=r"^error: --xla maybe: choose from no, yes"):
+        benchmark_train.main(["benchmark_train", f"--data={tmp_path}", "--xla=maybe"])
+
+
+@pytest.mark.slow
+def test_tiny_run_reports_real_ceiling_and_input_ratio(tmp_path, capsys):
+    write_toy_dataset(tmp_path / "records", splits={"train": 16}, height=40, width=32)
+    out = tmp_path / "bench.json"
+    benchmark_train.main(
+        [
+            "benchmark_train",
+            f"--data={tmp_path / 'records'}",
+            "--image_size=32",
+            "--batch_size=4",
+            "--steps=2",
+            "--loops=2",
+            f"--json={out}",
+        ]
+    )
+    summary = json.loads(out.read_text())
+    (result,) = summary["results"]
+    assert (result["backbone"], result["precision"], result["xla"]) == ("tiny", "fp32", "no")
+    assert len(result["real_loops"]) == len(result["ceiling_loops"]) == 2
+    assert result["real_images_per_second"] > 0 and result["ceiling_images_per_second"] > 0
+    assert result["input_ratio"] == pytest.approx(
+        result["real_images_per_second"] / result["ceiling_images_per_second"]
+    )
+    assert summary["load_average_1min_before"] >= 0
+    printed = capsys.readouterr().out
+    assert "tiny" in printed and "load average" in printed
