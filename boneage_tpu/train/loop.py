@@ -58,16 +58,6 @@ def device_features(batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
 BN_SEED_OFFSET = 7919  # seed stream of the batch-norm recalibration batches
 
 
-def _all_layers(model: keras.Model) -> list[keras.layers.Layer]:
-    """Returns every layer of a model, nested models' layers included."""
-    layers = []
-    for layer in model.layers:
-        layers.append(layer)
-        if isinstance(layer, keras.Model):
-            layers.extend(_all_layers(layer))
-    return layers
-
-
 def skip_together(grads: list[tf.Tensor]) -> list[tf.Tensor]:
     """Makes every replica see a non-finite gradient when any replica has one (fp16).
 
@@ -147,9 +137,6 @@ class TrainLoop:
         self._train_fn = tf.function(self._train_loop)
         self._eval_fn = tf.function(self._eval_loop)
         self._recalibrate_fn = tf.function(self._recalibrate_loop)
-        self.has_batch_norm = any(
-            isinstance(layer, keras.layers.BatchNormalization) for layer in _all_layers(model)
-        )
         # Batch-norm moving statistics: each replica updates its own copy from its own batch.
         self.moving_statistics = [
             v for v in model.variables if v.path.endswith(("/moving_mean", "/moving_variance"))
@@ -271,7 +258,7 @@ class TrainLoop:
         this). Runs `num_batches` augmented training batches forward in training mode, no
         gradients: with momentum 0.9, 50 batches leave under 1 % of the old statistics.
         """
-        if num_batches > 0 and self.has_batch_norm:
+        if num_batches > 0 and self.moving_statistics:
             self._recalibrate_fn(iterator, tf.constant(num_batches, tf.int64))
 
     def train(self, iterator: Any, num_steps: int) -> LoopMetrics:
