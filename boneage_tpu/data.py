@@ -186,7 +186,7 @@ def pad_rows(batch: dict[str, tf.Tensor], size: int) -> dict[str, tf.Tensor]:
     """Pads every feature along axis 0 to `size` rows of `PAD_VALUES` (mask 0).
 
     The one place evaluation padding is made: the final partial batch of a split and the
-    masked batches that fill the last replica group (`pad_to_replica_multiple`) both use it.
+    all-masked batches that follow a host's evaluation data (`then_empty_batches`) both use it.
     """
     missing = size - tf.shape(batch["mask"])[0]
     out = {}
@@ -197,15 +197,21 @@ def pad_rows(batch: dict[str, tf.Tensor], size: int) -> dict[str, tf.Tensor]:
     return out
 
 
-def pad_to_replica_multiple(dataset: tf.data.Dataset, replicas: int) -> tf.data.Dataset:
-    """Appends all-masked batches so the batch count is a multiple of `replicas`.
+def then_empty_batches(dataset: tf.data.Dataset, batch_size: int) -> tf.data.Dataset:
+    """Follows a finite batched dataset with endless all-masked batches of `batch_size` rows.
 
-    Every replica then gets a full, static-shape batch on every evaluation step (TPUs need
-    static shapes; a replica without data would stall the all-reduce). The mask is 0 on padding.
+    Hosts (and the replicas of one host) hold different numbers of evaluation batches; a
+    replica without data would stall the all-reduce, and TPUs need static shapes. With this
+    stream every replica gets a full batch on every step, and the evaluation loop ends at the
+    first step whose batches are all padding on every replica (`train.loop.TrainLoop`).
     """
-    if replicas == 1:
-        return dataset
-    return dataset.batch(replicas).map(lambda group: pad_rows(group, replicas)).unbatch()
+    empty = (
+        dataset.take(1)
+        .map(lambda batch: pad_rows({k: v[:0] for k, v in batch.items()}, batch_size))
+        .cache()  # One read of the first batch per pass, not one per padding step.
+        .repeat()
+    )
+    return dataset.concatenate(empty)
 
 
 def _shard_files(

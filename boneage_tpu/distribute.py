@@ -194,8 +194,9 @@ def make_strategy(tpu: str = "", virtual_cpus: int = 0) -> tf.distribute.Strateg
 def worker_name(strategy: tf.distribute.Strategy) -> str:
     """Returns "" for the chief (or a single-worker strategy), else e.g. "worker-1".
 
-    Under MultiWorkerMirroredStrategy every worker must take part in each checkpoint save, but
-    only the chief may write the shared model directory; the others write a private copy.
+    Under MultiWorkerMirroredStrategy every worker must take part in each checkpoint save and
+    export, but only the chief may write the shared model directory; the others write their
+    copies into a private folder (`model_dir.worker_dir`) and delete them.
     """
     if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         return ""

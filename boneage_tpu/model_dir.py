@@ -11,7 +11,9 @@ A model directory (local or gs://) holds:
                                 -> {"boneage_months": float32[None]}
   DONE                        JSON {"step": N, "metrics": {...}}; written last: the run finished
   eval/<split>-<step>/        evaluation outputs (metrics.json, predictions.csv, report.*)
-  workers/<task>/             the private model directory of a non-chief multi-worker replica
+  workers/<task>/             a non-chief multi-worker process's private folder while it runs:
+                                its LOCK and the checkpoint and export copies that collectives
+                                make it write (deleted after each); the chief writes the rest
   LOCK                        JSON {owner, host, pid, started, heartbeat}: the lease of the one
                                 trainer running here (`boneage_tpu.train.lease`); absent when idle
 """
@@ -142,8 +144,17 @@ def saved_model_path(model_dir: str) -> str:
 
 
 def worker_dir(model_dir: str, worker: str) -> str:
-    """Returns the private model directory of the non-chief worker `worker`."""
+    """Returns the private folder of the non-chief worker `worker` (e.g. "worker-1")."""
     return join(model_dir, WORKERS_SUBDIR, worker)
+
+
+def remove_worker_dir(path: str) -> None:
+    """Deletes a worker's private folder, and `workers/` once no worker has one left."""
+    if tf.io.gfile.exists(path):
+        tf.io.gfile.rmtree(path)
+    parent = path.rstrip("/").rsplit("/", 1)[0]
+    if tf.io.gfile.isdir(parent) and not tf.io.gfile.listdir(parent):
+        tf.io.gfile.rmtree(parent)
 
 
 def done_path(model_dir: str) -> str:

@@ -95,15 +95,14 @@ def test_conflicting_flags_and_bad_tf_config(monkeypatch) -> None:
         distribute.make_strategy()
 
 
-def test_pad_to_replica_multiple_adds_masked_batches_only() -> None:
+def test_then_empty_batches_follows_the_data_with_endless_masked_batches() -> None:
     batches = tf.data.Dataset.from_tensor_slices(
         {"mask": np.ones((5, 2), np.float32), "image": np.ones((5, 2, 3, 3, 1), np.uint8)}
     )
-    padded = list(data.pad_to_replica_multiple(batches, 4).as_numpy_iterator())
-    assert len(padded) == 8
+    padded = list(data.then_empty_batches(batches, 2).take(8).as_numpy_iterator())
     assert [float(b["mask"].sum()) for b in padded] == [2.0] * 5 + [0.0] * 3
     assert all(b["image"].shape == (2, 3, 3, 1) for b in padded)
-    assert len(list(data.pad_to_replica_multiple(batches, 1))) == 5
+    assert all(not b["image"].any() for b in padded[5:])
 
 
 def _toy_batch(n: int, size: int = 16) -> dict[str, np.ndarray]:

@@ -123,13 +123,27 @@ def predict_dataset(
     replicas = strategy.num_replicas_in_sync
     predict = tta_predict_fn(model, tta)
 
+    def predict_rows(images: tf.Tensor, male: tf.Tensor) -> tf.Tensor:
+        """[replicas, 2, rows]: months and spread of every replica's rows, on every replica.
+
+        Each replica predicts its own slice into its row of a zero tensor (static shapes for
+        XLA); one all-reduce (a sum) then gives every replica, and so every host, the whole
+        batch: under multi-worker strategies a host holds only its own replicas' outputs,
+        while every host reads (and masks) the whole batch.
+        """
+        context = tf.distribute.get_replica_context()
+        own = tf.stack(predict(images, male))
+        slot = tf.one_hot(context.replica_id_in_sync_group, replicas, dtype=own.dtype)
+        return context.all_reduce(tf.distribute.ReduceOp.SUM, slot[:, None, None] * own[None])
+
     @tf.function
     def step(inputs: Mapping[str, Any]) -> Any:
-        return strategy.run(predict, args=(inputs["image"], inputs["male"]))
+        return strategy.run(predict_rows, args=(inputs["image"], inputs["male"]))
 
     has_spread = hasattr(model, "get_layer") and heads.logits_of(model) is not None
     ids: list[str] = []
     male, boneage, predicted, spread = [], [], [], []
+    # Every host iterates the same global batches, so all run the same number of steps.
     for batch in dataset:
         size = int(batch["image"].shape[0])
         if size % replicas:
@@ -147,13 +161,8 @@ def predict_dataset(
             return {k: batch[k][start : start + per_replica] for k in ("image", "male")}
 
         inputs = strategy.experimental_distribute_values_from_function(replica_slice)
-        months_out, spread_out = step(inputs)
-        months = np.concatenate(
-            [np.asarray(o, np.float32) for o in strategy.experimental_local_results(months_out)]
-        ).astype(np.float64)
-        stds = np.concatenate(
-            [np.asarray(o, np.float32) for o in strategy.experimental_local_results(spread_out)]
-        ).astype(np.float64)
+        slots = np.asarray(strategy.experimental_local_results(step(inputs))[0], np.float32)
+        months, stds = np.concatenate(slots, axis=1).astype(np.float64)
         keep = np.asarray(batch["mask"]) > 0
         ids.extend(v.decode("utf-8") for v in np.asarray(batch["id"])[keep])
         male.append(np.asarray(batch["male"], np.float64)[keep])

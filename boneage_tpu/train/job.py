@@ -195,7 +195,8 @@ def _fit_bias_correction(session: Session) -> dict[str, float]:
     )
     slope, intercept = heads.fit_linear_correction(predictions.boneage, predictions.predicted)
     config.bias_slope, config.bias_intercept = slope, intercept
-    model_dir_lib.save_config(config)
+    if session.chief:
+        model_dir_lib.save_config(config)
     labeled = predictions.boneage >= 0
     corrected = slope * predictions.predicted + intercept
     mae = float(np.mean(np.abs(corrected - predictions.boneage)[labeled]))
@@ -239,6 +240,8 @@ def run(
         return _run_locked(session, after_loop)
     finally:
         session.lease.release()
+        if not session.chief:
+            model_dir_lib.remove_worker_dir(session.write_dir)
 
 
 def _run_locked(session: Session, after_loop: Callable[[int], None] | None) -> dict[str, Any]:
@@ -251,10 +254,12 @@ def _run_locked(session: Session, after_loop: Callable[[int], None] | None) -> d
         + (f"resuming at step {session.start_step}" if session.start_step else "from step 0")
         + f" of {config.train_steps}"
     )
-    train_log = train_state.ScalarLog(model_dir_lib.logs_dir(config.model_dir, "train"))
+    # Only the chief writes TensorBoard logs; the other workers' logs are None-logs.
+    logs = model_dir_lib.logs_dir if session.chief else lambda *_: None
+    train_log = train_state.ScalarLog(logs(config.model_dir, "train"))
     val_log = None
     if session.val_dataset is not None:
-        val_log = train_state.ScalarLog(model_dir_lib.logs_dir(config.model_dir, "val"))
+        val_log = train_state.ScalarLog(logs(config.model_dir, "val"))
     try:
         result = _train(session, train_log, val_log, after_loop)
         current = int(session.step.numpy())
@@ -276,7 +281,13 @@ def _run_locked(session: Session, after_loop: Callable[[int], None] | None) -> d
     result["step"] = current
     if config.fit_bias_correction:
         result.update(_fit_bias_correction(session))
-    result["exports"] = export.export_all(session.model, config)
+    # Every worker exports (saving reads distributed variables); a non-chief into its private
+    # folder, deleted when the run ends. Only the chief writes DONE.
+    exported = dataclasses.replace(config, model_dir=session.write_dir)
+    result["exports"] = export.export_all(session.model, exported)
+    if not session.chief:
+        log(f"done: step {current} (worker {session.write_dir}: the chief writes the results)")
+        return result
     metrics = {k: v for k, v in result.items() if k != "exports"}
     model_dir_lib.write_done(config.model_dir, current, metrics)
     log(f"done: step {current}, exports in {model_dir_lib.export_dir(config.model_dir)}")

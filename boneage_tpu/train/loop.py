@@ -276,20 +276,31 @@ class TrainLoop:
         )
         return self.batch_stats(months, batch)[1]
 
-    def _eval_loop(self, dataset: Any) -> tf.Tensor:
+    def _eval_loop(self, iterator: Any) -> tf.Tensor:
         totals = tf.zeros([3], tf.float32)
-        for batch in dataset:
-            per_replica = self.strategy.run(self._eval_replica, args=(batch,))
-            totals += self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+        more = tf.constant(True)
+        # `next(iterator)` until a step whose batches are all padding on every replica: the
+        # reduced count is the same on every host, so all hosts run the same number of steps
+        # (`for batch in dataset` over a distributed dataset inside a tf.function is not
+        # supported for multi-worker strategies, and hosts' batch counts differ).
+        while more:
+            per_replica = self.strategy.run(self._eval_replica, args=(next(iterator),))
+            stats = self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+            totals += stats
+            more = stats[2] > 0
         return totals
 
     def evaluate(self, dataset: Any) -> LoopMetrics:
-        """One pass over a distributed evaluation dataset (padding rows carry mask 0)."""
+        """One pass over an evaluation dataset of `distribute(..., training=False)`.
+
+        Its stream per replica is the data, then endless all-masked batches: the pass ends at
+        the first step that is all padding everywhere (padding rows carry mask 0).
+        """
         with warnings.catch_warnings():
             # tf.data warns about options when a distributed dataset is iterated in a graph;
             # the options are ours and known, so the warning only adds noise.
             warnings.filterwarnings("ignore", message="To make it possible to preserve tf.data")
-            totals = self._eval_fn(dataset)
+            totals = self._eval_fn(iter(dataset))
         loss_sum, abs_sum, count = (float(v) for v in totals.numpy())
         return LoopMetrics(loss_sum, abs_sum, count)
 
@@ -304,7 +315,7 @@ def distribute(
     """Distributes per-replica-batch datasets with one pipeline per host.
 
     Checks the batch dimension the function produces, keeps only the device features and, for
-    evaluation, pads the batch count to a multiple of the host's replicas.
+    evaluation, follows the data with endless all-masked batches (`TrainLoop.evaluate`).
     """
 
     def fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
@@ -317,8 +328,7 @@ def distribute(
             )
         dataset = dataset.map(device_features)
         if not training:
-            local_replicas = context.num_replicas_in_sync // context.num_input_pipelines
-            dataset = data.pad_to_replica_multiple(dataset, local_replicas)
+            dataset = data.then_empty_batches(dataset, per_replica_batch)
         return dataset.prefetch(tf.data.AUTOTUNE)
 
     return strategy.distribute_datasets_from_function(fn)

@@ -183,6 +183,14 @@ class Session:
     train_iterator: Any
     val_dataset: Any  # distributed dataset, or None without a validation split
     lease: train_lease.Lease  # held until the run ends: one trainer per model directory
+    # What this process writes: the model directory (the chief) or a non-chief worker's
+    # private folder there (`model_dir.worker_dir`), emptied when the run ends.
+    write_dir: str
+
+    @property
+    def chief(self) -> bool:
+        """Whether this process writes the model directory (always, but for multi-worker)."""
+        return self.write_dir == self.config.model_dir
 
 
 def _build_objects(
@@ -246,15 +254,16 @@ def prepare(
         log(f"hint: per-core batch {batch}: a multiple of 8 (ideally 128) keeps the MXUs full")
     settings = resolve_settings(config, platform)
     worker = distribute.worker_name(strategy)
-    if worker:
-        # Non-chief multi-worker replicas save in step with the chief, into a private folder.
-        config.model_dir = model_dir_lib.worker_dir(config.model_dir, worker)
+    # Every worker reads the shared model directory (config, the chief's checkpoints); a
+    # non-chief writes only what collectives make it write (checkpoints, exports), into its
+    # private folder, and deletes them again.
+    write_dir = model_dir_lib.worker_dir(config.model_dir, worker) if worker else config.model_dir
     # Before anything in the model directory is read or written: one trainer per directory.
-    lease = train_lease.Lease(config.model_dir)
+    lease = train_lease.Lease(write_dir)
     lease.acquire(log)
     try:
         return _prepare_locked(
-            config, strategy, datasets, manifest, settings, batch, eval_batch, lease
+            config, strategy, datasets, manifest, settings, batch, eval_batch, lease, write_dir
         )
     except BaseException:
         lease.release()
@@ -270,6 +279,7 @@ def _prepare_locked(
     batch: int,
     eval_batch: int,
     lease: train_lease.Lease,
+    write_dir: str,
 ) -> Session:
     """The part of `prepare` that reads and writes the (locked) model directory."""
     train_state.check_resume(config)
@@ -282,6 +292,7 @@ def _prepare_locked(
     checkpoints = train_state.Checkpointing(
         config.model_dir,
         config.keep_checkpoints,
+        write_dir,
         step=step,
         model=model,
         optimizer=optimizer,
@@ -290,9 +301,12 @@ def _prepare_locked(
         rng=train_state.rng_state(model),
     )
     start = checkpoints.restore_latest() or 0
-    # Written once the model exists: a run that fails to start leaves no config behind.
-    model_dir_lib.save_config(config)
-    model_dir_lib.clear_done(config.model_dir)
+    train_state.check_same_start(strategy, start, config.model_dir)
+    chief = write_dir == config.model_dir
+    if chief:
+        # Written once the model exists: a run that fails to start leaves no config behind.
+        model_dir_lib.save_config(config)
+        model_dir_lib.clear_done(config.model_dir)
     if datasets is None:
         # A resumed run reshuffles with a new seed rather than replaying the first batches.
         datasets = input_fns(config, manifest, config.seed + start)
@@ -334,4 +348,5 @@ def _prepare_locked(
         train_iterator=iter(train_data),
         val_dataset=val_data,
         lease=lease,
+        write_dir=write_dir,
     )

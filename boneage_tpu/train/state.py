@@ -77,17 +77,27 @@ def rng_state(model: Any) -> tf.Module:
 
 
 class Checkpointing:
-    """The CheckpointManager of a run (`checkpoints/ckpt-<step>`, keys `step` and `model`)."""
+    """The CheckpointManager of a run (`checkpoints/ckpt-<step>`, keys `step` and `model`).
 
-    def __init__(self, model_dir: str, keep: int, **objects: Any) -> None:
+    Multi-worker: every worker restores the chief's checkpoints in `model_dir`, and every
+    worker must take part in each save (the save runs collectives), but only the chief may
+    write `model_dir`: a non-chief saves into `write_dir` (its private folder) and deletes the
+    copy at once.
+    """
+
+    def __init__(
+        self, model_dir: str, keep: int, write_dir: str | None = None, **objects: Any
+    ) -> None:
         if "step" not in objects or "model" not in objects:
             raise ValueError("the checkpoint needs `step` and `model`")
+        self.model_dir = model_dir
+        self.write_dir = write_dir or model_dir
         self.step = objects["step"]
         self.model = objects["model"]
         self.checkpoint = tf.train.Checkpoint(**objects)
         self.manager = tf.train.CheckpointManager(
             self.checkpoint,
-            model_dir_lib.checkpoint_dir(model_dir),
+            model_dir_lib.checkpoint_dir(self.write_dir),
             max_to_keep=keep,
             checkpoint_name="ckpt",
             step_counter=self.step,
@@ -95,8 +105,8 @@ class Checkpointing:
         self.saved_step = -1
 
     def restore_latest(self) -> int | None:
-        """Restores the latest checkpoint; returns its step, or None when there is none."""
-        path = self.manager.latest_checkpoint
+        """Restores `model_dir`'s latest checkpoint; returns its step, or None when there is none."""
+        path = model_dir_lib.latest_checkpoint(self.model_dir)
         if path is None:
             return None
         self.checkpoint.restore(path).assert_existing_objects_matched()
@@ -125,7 +135,38 @@ class Checkpointing:
             )
         path = self.manager.save(checkpoint_number=step)
         self.saved_step = step
+        if self.write_dir != self.model_dir:
+            tf.io.gfile.rmtree(model_dir_lib.checkpoint_dir(self.write_dir))
         return path
+
+
+def check_same_start(strategy: tf.distribute.Strategy, step: int, model_dir: str) -> None:
+    """Raises ResumeError unless every worker of a multi-worker run restored step `step`.
+
+    A worker that cannot see the chief's checkpoints (a --model_dir on each machine's own
+    disk) would start from scratch beside a resumed chief: weights out of step, or collectives
+    that never meet. One all-reduce of (step, step², 1) tells every worker at once.
+    """
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return
+    value = tf.constant([float(step), float(step) ** 2, 1.0], tf.float64)
+
+    @tf.function
+    def total() -> Any:
+        def replica() -> tf.Tensor:
+            context = tf.distribute.get_replica_context()
+            return context.all_reduce(tf.distribute.ReduceOp.SUM, value)
+
+        return strategy.run(replica)
+
+    steps, squares, count = strategy.experimental_local_results(total())[0].numpy()
+    mean = steps / count
+    if squares / count - mean**2 > 0.25 or abs(mean - step) > 0.5:
+        raise ResumeError(
+            f"the workers restored different steps (this one {step}, mean over all {mean:.1f}): "
+            f"every worker must read the chief's checkpoints in --model_dir {model_dir}; use "
+            "storage all workers share (gs://...)"
+        )
 
 
 def _all_finite(variable: Any) -> bool:
@@ -149,16 +190,19 @@ def last_logged_step(logdir: str) -> int:
 
 
 class ScalarLog:
-    """TensorBoard scalars in `logdir` that never repeat a step already on disk."""
+    """TensorBoard scalars in `logdir` that never repeat a step already on disk.
 
-    def __init__(self, logdir: str) -> None:
+    `logdir` None writes nothing (a non-chief worker: only the chief writes the logs).
+    """
+
+    def __init__(self, logdir: str | None) -> None:
         self.logdir = logdir
-        self.skip_through = last_logged_step(logdir)
-        self.writer = tf.summary.create_file_writer(logdir)
+        self.skip_through = last_logged_step(logdir) if logdir else -1
+        self.writer = tf.summary.create_file_writer(logdir) if logdir else None
 
     def write(self, step: int, scalars: dict[str, float]) -> bool:
         """Writes the scalars at `step` unless the step was logged before; returns if written."""
-        if step <= self.skip_through:
+        if self.writer is None or step <= self.skip_through:
             return False
         with self.writer.as_default(step=step):
             for name, value in scalars.items():
@@ -169,4 +213,5 @@ class ScalarLog:
 
     def close(self) -> None:
         """Flushes and closes the event file."""
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
