@@ -163,8 +163,9 @@ class TrainConfig:
     )
     jit_compile: str = option(
         "auto",
-        "XLA for the replica step (augment+model+loss+grads): auto (on for GPU; TPU always "
-        "compiles; off on CPU, where XLA is slower) | yes | no.",
+        "XLA for the replica step (one device: augment to optimizer update; several: augment "
+        "to gradients): auto (on for GPU; TPU always compiles; off on CPU, where XLA is "
+        "slower) | yes | no.",
         choices=AUTO_YES_NO,
     )
     augment: bool = option(

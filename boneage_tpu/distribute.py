@@ -7,6 +7,7 @@
   --tpu=NAME|grpc://.. a remote TPU node (the old TPU-node architecture): its TPU host reads
                        data and writes checkpoints itself, so paths must be gs://.
   no --tpu             TF_CONFIG set -> MultiWorkerMirroredStrategy; >1 GPU -> MirroredStrategy;
+                       1 GPU -> OneDeviceStrategy (input prefetched to the GPU);
                        --virtual_cpus=N -> the CPU split into N logical devices under
                        MirroredStrategy (multi-replica code on a laptop and in CI); else the
                        default strategy (one device).
@@ -186,8 +187,13 @@ def make_strategy(tpu: str = "", virtual_cpus: int = 0) -> tf.distribute.Strateg
         )
     if virtual_cpus == 1:
         return tf.distribute.get_strategy()
-    if len(tf.config.list_logical_devices("GPU")) > 1:
+    gpus = tf.config.list_logical_devices("GPU")
+    if len(gpus) > 1:
         return tf.distribute.MirroredStrategy()
+    if len(gpus) == 1:
+        # Not the default strategy: OneDeviceStrategy's distributed datasets prefetch the next
+        # batches into GPU memory while the current step runs.
+        return tf.distribute.OneDeviceStrategy(gpus[0].name)
     return tf.distribute.get_strategy()
 
 

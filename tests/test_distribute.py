@@ -133,10 +133,7 @@ def _trainer(strategy: tf.distribute.Strategy, global_batch: int) -> loop.TrainL
             name="adam", learning_rate=1e-3, warmup_steps=0, total_steps=10, schedule="constant"
         )
         optimizer.build(model.trainable_variables)
-        step = tf.Variable(0, dtype=tf.int64)
-    return loop.TrainLoop(
-        strategy, model, optimizer, step, global_batch=global_batch, label_std=50.0
-    )
+    return loop.TrainLoop(strategy, model, optimizer, global_batch=global_batch, label_std=50.0)
 
 
 @pytest.mark.slow

@@ -84,10 +84,7 @@ def _trainer(strategy, *, precision="fp32", norm="none", dropout=0.0, loss="l1")
             loss_scale=precision == "fp16",
         )
         optimizer.build(model.trainable_variables)
-        step = tf.Variable(0, dtype=tf.int64, aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
-    trainer = loop.TrainLoop(
-        strategy, model, optimizer, step, global_batch=4, label_std=50.0, loss=loss
-    )
+    trainer = loop.TrainLoop(strategy, model, optimizer, global_batch=4, label_std=50.0, loss=loss)
     return trainer, model, optimizer
 
 
@@ -123,6 +120,25 @@ def test_fp16_overflow_on_one_replica_skips_the_step_on_both():
         changed |= not np.array_equal(replica_0, old[0])
     assert changed
     assert [float(s) for s in _local(strategy, optimizer.dynamic_scale)] == [scale / 2] * 2
+
+
+@pytest.mark.slow
+def test_loop_statistics_sum_every_replica_and_name_the_first_non_finite_step():
+    """The replicas' sync-on-read sums are read once per loop: totals cover both replicas'
+    rows, and a NaN label on replica 1 at step 2 is reported as step 2 (replica 0 only meets
+    the NaN weights one step later)."""
+    strategy = _two_replicas()
+    trainer, _, optimizer = _trainer(strategy)
+    batches = [_batch(0, 120.0), _batch(1, 60.0), _batch(2, 120.0), _batch(3, float("nan"))]
+    batches += [_batch(4, 90.0), _batch(5, 90.0)]
+    iterator = _iterator(strategy, batches)
+    first = trainer.train(iterator, 1)
+    # Step 1: predictions p on 2 + 2 rows; |p - 120| and |p - 60| both count.
+    assert first.count == 4.0 and first.bad_step == -1 and np.isfinite(first.abs_error_sum)
+    second = trainer.train(iterator, 2)
+    assert second.count == 8.0  # reset per loop: steps 2 and 3 only
+    assert second.bad_step == 2
+    assert [int(i) for i in _local(strategy, optimizer.iterations)] == [3, 3]
 
 
 @pytest.mark.parametrize(
@@ -172,7 +188,6 @@ def test_replica_step_with_the_matmul_warp_compiles_with_xla():
         strategy,
         model,
         optimizer,
-        tf.Variable(0, dtype=tf.int64),
         global_batch=2,
         label_std=50.0,
         augment_config=augment.AugmentConfig(),

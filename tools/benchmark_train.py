@@ -100,7 +100,6 @@ def bench_one(config: BenchConfig, backbone: str, precision: str, xla: str) -> d
         strategy,
         model,
         optimizer,
-        tf.Variable(0, dtype=tf.int64),
         global_batch=config.batch_size,
         label_std=float(stats["std_months"]),
         augment_config=augment.AugmentConfig(),

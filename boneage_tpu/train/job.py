@@ -254,12 +254,15 @@ def _run_locked(session: Session, after_loop: Callable[[int], None] | None) -> d
         + (f"resuming at step {session.start_step}" if session.start_step else "from step 0")
         + f" of {config.train_steps}"
     )
-    # Only the chief writes TensorBoard logs; the other workers' logs are None-logs.
-    logs = model_dir_lib.logs_dir if session.chief else lambda *_: None
-    train_log = train_state.ScalarLog(logs(config.model_dir, "train"))
+
+    def logs_dir(name: str) -> str | None:
+        # Only the chief writes TensorBoard logs (a ScalarLog of None writes nothing).
+        return model_dir_lib.logs_dir(config.model_dir, name) if session.chief else None
+
+    train_log = train_state.ScalarLog(logs_dir("train"))
     val_log = None
     if session.val_dataset is not None:
-        val_log = train_state.ScalarLog(logs(config.model_dir, "val"))
+        val_log = train_state.ScalarLog(logs_dir("val"))
     try:
         result = _train(session, train_log, val_log, after_loop)
         current = int(session.step.numpy())

@@ -5,9 +5,13 @@ device side (the standard way to keep a TPU busy: the Python host is not involve
 Keras' `model.fit` cannot do this with several replicas on TF 2.21 (keras#19246).
 
 Replica step: on-device augmentation (uint8 -> float32) -> model -> loss on the z-scored target
--> gradients, optionally XLA-compiled as one function; then the optimizer, whose gradient
-all-reduce (a sum) runs outside XLA. The loss is divided by the GLOBAL batch, so the summed
-gradients equal those of one device seeing the whole batch.
+-> gradients -> optimizer update. With XLA on one replica (one GPU) all of it is one compiled
+function; with several replicas the gradient all-reduce (a sum, inside the optimizer) cannot
+be part of an XLA function, so only augmentation to gradients is compiled. The loss is divided
+by the GLOBAL batch, so the summed gradients equal those of one device seeing the whole batch.
+
+Per step nothing goes to the host: the step is the optimizer's own `iterations`, and each
+replica adds its statistics to replica-local (sync-on-read) sums that are read once per loop.
 """
 
 from __future__ import annotations
@@ -88,7 +92,6 @@ class TrainLoop:
         strategy: tf.distribute.Strategy,
         model: keras.Model,
         optimizer: keras.optimizers.Optimizer,
-        step: tf.Variable,
         *,
         global_batch: int,
         label_std: float,
@@ -104,21 +107,21 @@ class TrainLoop:
         Args:
           strategy: the distribution strategy the model and optimizer were created under.
           model: the Keras model (outputs months).
-          optimizer: a built Keras optimizer (LossScaleOptimizer for fp16).
-          step: int64 variable counting optimizer steps; incremented by the loop.
+          optimizer: a built Keras optimizer (LossScaleOptimizer for fp16); its `iterations`
+            (applied updates) is the training step.
           global_batch: batch size over all replicas (the loss divisor).
           label_std: training label std in months (z-scores the error).
           label_mean: training label mean in months (z-scores the bins head's target).
           loss: "l1", "mse" or "huber".
           augment_config: on-device augmentation; None disables it.
           seed: global seed for the stateless augmentation RNG.
-          jit_compile: XLA-compile the replica step (augment + forward + loss + gradients).
+          jit_compile: XLA-compile the replica step: all of it on one replica, augment +
+            forward + loss + gradients with several.
           warp: the augmentation's `augment.warp_affine` method ("matmul" on TPU).
         """
         self.strategy = strategy
         self.model = model
         self.optimizer = optimizer
-        self.step = step
         self.global_batch = global_batch
         self.label_std = float(label_std)
         self.label_mean = float(label_mean)
@@ -130,10 +133,35 @@ class TrainLoop:
         self.logits_model = heads.with_logits(model)
         self.warp = warp
         # Without XLA a nested tf.function only adds graph-inlining work (it is traced once per
-        # replica), so the plain method is used; with XLA it is the compiled unit.
+        # replica), so the plain methods are used; with XLA they are the compiled units.
+        whole_step = jit_compile and strategy.num_replicas_in_sync == 1
         self.gradients = (
-            tf.function(self._gradients, jit_compile=True) if jit_compile else self._gradients
+            tf.function(self._gradients, jit_compile=True)
+            if jit_compile and not whole_step
+            else self._gradients
         )
+        self.replica_step = (
+            tf.function(self._replica_step, jit_compile=True) if whole_step else self._replica_step
+        )
+        self.replicas = replicas = strategy.num_replicas_in_sync
+        with strategy.scope():
+            # Each replica adds to its own copy (no communication per step); a read in
+            # cross-replica context sums the copies, once per loop.
+            self._totals = tf.Variable(
+                tf.zeros([3]),
+                trainable=False,
+                synchronization=tf.VariableSynchronization.ON_READ,
+                aggregation=tf.VariableAggregation.SUM,
+                name="loop_totals",
+            )
+            # The first step whose loss was not finite, per replica in its own slot (0: none).
+            self._first_bad = tf.Variable(
+                tf.zeros([replicas]),
+                trainable=False,
+                synchronization=tf.VariableSynchronization.ON_READ,
+                aggregation=tf.VariableAggregation.SUM,
+                name="loop_first_bad",
+            )
         self._train_fn = tf.function(self._train_loop)
         self._eval_fn = tf.function(self._eval_loop)
         self._recalibrate_fn = tf.function(self._recalibrate_loop)
@@ -208,31 +236,31 @@ class TrainLoop:
         grads = tape.gradient(scaled, self.model.trainable_variables)
         return grads, stats
 
-    def _replica_step(self, batch: dict[str, tf.Tensor], step: tf.Tensor) -> tf.Tensor:
-        replica_id = tf.distribute.get_replica_context().replica_id_in_sync_group
+    def _replica_step(self, batch: dict[str, tf.Tensor]) -> None:
+        context = tf.distribute.get_replica_context()
+        replica_id = context.replica_id_in_sync_group
+        # The optimizer's own step count, read on this replica: no cross-replica read.
+        step = tf.cast(self.optimizer.iterations, tf.int64)
         seed = augment.replica_seed(self.seed, step, replica_id)
         grads, stats = self.gradients(batch, seed)
         if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
             grads = skip_together(grads)
         self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables, strict=True))
-        return stats
+        self._totals.assign_add(stats)
+        # Steps count from 1 here (the step that this update completes), as the loop reports.
+        slot = tf.one_hot(replica_id, self.replicas)
+        first = (slot > 0) & (self._first_bad == 0) & tf.logical_not(tf.math.is_finite(stats[0]))
+        self._first_bad.assign(tf.where(first, tf.cast(step + 1, tf.float32), self._first_bad))
 
     def _train_loop(self, iterator: Any, num_steps: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        totals = tf.zeros([3], tf.float32)
-        bad_step = tf.constant(-1, tf.int64)
+        self._totals.assign(tf.zeros([3]))
+        self._first_bad.assign(tf.zeros([self.replicas]))
+        # No `break` on a non-finite loss: a loop condition on device results would make the
+        # host wait for every step before queueing the next one, which idles a TPU. The caller
+        # stops after the loop.
         for _ in tf.range(num_steps):
-            per_replica = self.strategy.run(
-                self._replica_step, args=(next(iterator), self.step.read_value())
-            )
-            stats = self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
-            self.step.assign_add(1)
-            totals += stats
-            # Remember the first non-finite loss (the caller stops after the loop). No `break`:
-            # a loop condition on device results would make the host wait for every step
-            # before queueing the next one, which idles a TPU.
-            first_bad = (bad_step < 0) & tf.logical_not(tf.math.is_finite(stats[0]))
-            bad_step = tf.where(first_bad, self.step.read_value(), bad_step)
-        return totals, bad_step
+            self.strategy.run(self.replica_step, args=(next(iterator),))
+        return self._totals.read_value(), self._first_bad.read_value()
 
     def _recalibrate_replica(self, batch: dict[str, tf.Tensor], index: tf.Tensor) -> tf.Tensor:
         replica_id = tf.distribute.get_replica_context().replica_id_in_sync_group
@@ -263,9 +291,10 @@ class TrainLoop:
 
     def train(self, iterator: Any, num_steps: int) -> LoopMetrics:
         """Runs `num_steps` training steps; returns the summed loss/error over them."""
-        totals, bad_step = self._train_fn(iterator, tf.constant(num_steps, tf.int64))
+        totals, first_bad = self._train_fn(iterator, tf.constant(num_steps, tf.int64))
         loss_sum, abs_sum, count = (float(v) for v in totals.numpy())
-        return LoopMetrics(loss_sum, abs_sum, count, int(bad_step))
+        bad = [int(v) for v in first_bad.numpy() if v > 0]
+        return LoopMetrics(loss_sum, abs_sum, count, min(bad) if bad else -1)
 
     def _eval_replica(self, batch: dict[str, tf.Tensor]) -> tf.Tensor:
         months = tf.cast(

@@ -40,8 +40,15 @@ def per_replica_batch(global_batch: int, replicas: int, flag: str = "--batch_siz
     return global_batch // replicas
 
 
-def resolve_settings(config: config_lib.TrainConfig, platform: str) -> dict[str, Any]:
+def resolve_settings(
+    config: config_lib.TrainConfig, platform: str, replicas: int = 1
+) -> dict[str, Any]:
     """Resolves the "auto"/0 settings for the platform: precision, XLA, steps per loop, warp.
+
+    Args:
+      config: the run's settings.
+      platform: "tpu", "gpu" or "cpu" (`distribute.platform`).
+      replicas: replicas in sync (one replica compiles its whole step).
 
     Returns:
       {"precision", "jit_compile" (wrap the replica step in jit_compile=True), "xla" (what
@@ -66,7 +73,9 @@ def resolve_settings(config: config_lib.TrainConfig, platform: str) -> dict[str,
         # auto: on for GPUs; off on CPU, where XLA is slower than TF's oneDNN kernels (tiny at
         # 128 px: 238 vs 375 img/s) and compiles every virtual device separately.
         jit = platform == "gpu" if config.jit_compile == "auto" else config.jit_compile == "yes"
-        xla = "replica step" if jit else "off"
+        # One replica compiles its optimizer update too; several all-reduce the gradients in
+        # the optimizer, outside XLA (`train.loop`).
+        xla = ("whole step" if replicas == 1 else "augment to gradients") if jit else "off"
     steps = config.steps_per_loop or DEFAULT_STEPS_PER_LOOP[platform]
     # TPUs run per-element gathers one element at a time; CPUs and GPUs gather cheaply and
     # would pay for the matmul warp's extra arithmetic (augment.warp_affine).
@@ -215,14 +224,9 @@ def _build_objects(
     )
     # Built before the first trace: slot variables must not be created inside tf.function.
     optimizer.build(model.trainable_variables)
-    step = tf.Variable(
-        0,
-        dtype=tf.int64,
-        trainable=False,
-        name="step",
-        aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
-    )
-    return model, optimizer, step, plateau, end
+    # The step is the optimizer's count of applied updates: the loop keeps no counter of its
+    # own (an fp16 step skipped on overflow is not counted).
+    return model, optimizer, optimizer.iterations, plateau, end
 
 
 def prepare(
@@ -252,7 +256,7 @@ def prepare(
     eval_batch = per_replica_batch(eval_global, replicas, "--eval_batch_size")
     if platform == "tpu" and batch % 8:
         log(f"hint: per-core batch {batch}: a multiple of 8 (ideally 128) keeps the MXUs full")
-    settings = resolve_settings(config, platform)
+    settings = resolve_settings(config, platform, replicas)
     worker = distribute.worker_name(strategy)
     # Every worker reads the shared model directory (config, the chief's checkpoints); a
     # non-chief writes only what collectives make it write (checkpoints, exports), into its
@@ -301,6 +305,10 @@ def _prepare_locked(
         rng=train_state.rng_state(model),
     )
     start = checkpoints.restore_latest() or 0
+    if config.max_train_minutes <= 0:
+        # Without a time budget the cosine ends at --train_steps, also when a resumed run asks
+        # for more steps than the checkpointed one (its restored end would hold the rate at 0).
+        end.steps.assign(config.train_steps)
     train_state.check_same_start(strategy, start, config.model_dir)
     chief = write_dir == config.model_dir
     if chief:
@@ -314,7 +322,6 @@ def _prepare_locked(
         strategy,
         model,
         optimizer,
-        step,
         global_batch=config.batch_size,
         label_std=config.label_std,
         label_mean=config.label_mean,
