@@ -323,7 +323,9 @@ def test_whole_replica_step_compiles_with_xla_and_trains_like_the_graph_step(str
     hlo = trainers[0].replica_step.experimental_get_compiler_ir(batch)(stage="hlo")
     assert "HloModule" in hlo
     for compiled, graph in zip(*weights, strict=True):
-        np.testing.assert_allclose(compiled, graph, rtol=1e-3, atol=1e-5)
+        # XLA and oneDNN order float sums differently; after 3 steps a few weights differ by
+        # ~6e-5 (seen on a clean clone), far below the ~1e-2 that one SGD step moves them.
+        np.testing.assert_allclose(compiled, graph, rtol=1e-3, atol=2e-4)
     assert any(not np.array_equal(w, s) for w, s in zip(weights[0], initial, strict=True))
 
 
