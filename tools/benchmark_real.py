@@ -711,12 +711,17 @@ def check_config(config: BenchConfig) -> BenchConfig:
         value = getattr(config, name)
         if value and not os.path.isdir(value):
             raise UsageError(f"--{name} {value} is not a folder")
-    flagfile = pathlib.Path(config.flagfile)
+    return dataclasses.replace(config, flagfile=resolve_flagfile(config.flagfile))
+
+
+def resolve_flagfile(path: str) -> str:
+    """The flagfile's absolute path (a relative one also under the repository); UsageError."""
+    flagfile = pathlib.Path(path)
     if not flagfile.is_file() and not flagfile.is_absolute() and (REPO_ROOT / flagfile).is_file():
         flagfile = REPO_ROOT / flagfile  # The default recipe, when run from another folder.
     if not flagfile.is_file():
-        raise UsageError(f"--flagfile {config.flagfile} not found")
-    return dataclasses.replace(config, flagfile=str(flagfile.resolve()))
+        raise UsageError(f"--flagfile {path} not found")
+    return str(flagfile.resolve())
 
 
 def _job(config: BenchConfig) -> None:
