@@ -77,6 +77,14 @@ def parse_list(text: str, name: str) -> list[str]:
     return items
 
 
+def parse_seeds(text: str) -> list[int]:
+    """The --seeds list as integers >= 0; UsageError for anything else."""
+    items = parse_list(text, "seeds")
+    if not all(item.isdigit() for item in items):
+        raise UsageError(f"--seeds must be comma-separated integers >= 0, got {text!r}")
+    return [int(item) for item in items]
+
+
 def check_rows(names: Sequence[str]) -> list[str]:
     """Returns the row names in order; UsageError naming any unknown one."""
     unknown = [n for n in names if n not in ROWS]
@@ -301,12 +309,13 @@ class _Runner:
 def run(config: AblationConfig) -> dict[str, Any]:
     """Runs every row and seed; returns the JSON object (rows in the order given)."""
     names = check_rows(parse_list(config.rows, "rows"))
-    seeds = [int(s) for s in parse_list(config.seeds, "seeds")]
+    seeds = parse_seeds(config.seeds)
     runner = _Runner(config)
     result: dict[str, Any] = {
         "flagfile": config.flagfile,
         "minutes_per_row": config.minutes,
         "seeds": seeds,
+        "row_order": names,  # "rows" is written with sorted keys
         "rows": {},
         "commands": runner.commands,
     }
