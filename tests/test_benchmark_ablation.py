@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import pathlib
 import subprocess
-import sys
 
 import pytest
 from absl import flags
@@ -14,7 +13,7 @@ from absl import flags
 from boneage_tpu import cli
 from boneage_tpu.config import TrainConfig
 from boneage_tpu.errors import UsageError
-from tests.test_benchmark_real import TINY_FLAGS
+from tests.test_benchmark_real import phantom_command
 from tools import benchmark_ablation as ablation
 from tools import benchmark_real
 
@@ -114,18 +113,8 @@ def test_parse_seeds():
 
 @pytest.mark.slow
 def test_end_to_end_on_phantom_resumes_finished_rows(tmp_path):
-    phantom = tmp_path / "phantom"
-    subprocess.run(
-        [sys.executable, "-m", "tools.make_phantom", "--output", str(phantom)]
-        + ["--num_images", "60", "--width", "96", "--height", "120"],
-        cwd=REPO, check=True, capture_output=True,
-    )  # fmt: skip
-    flagfile = tmp_path / "tiny.flags"
-    flagfile.write_text(TINY_FLAGS)
-    cmd = [sys.executable, "-m", "tools.benchmark_ablation"]
-    cmd += ["--labels", str(phantom / "boneage-training-dataset.csv")]
-    cmd += ["--images", str(phantom / "boneage-training-dataset"), "--output", str(tmp_path / "a")]
-    cmd += ["--flagfile", str(flagfile), "--minutes", "0.1", "--rows", "recipe,no_sex"]
+    cmd = phantom_command("tools.benchmark_ablation", tmp_path, tmp_path / "a")
+    cmd += ["--minutes", "0.1", "--rows", "recipe,no_sex"]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1500)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     result = json.loads((tmp_path / "a" / "ablation.json").read_text())

@@ -45,6 +45,21 @@ TINY_FLAGS = """# a tiny recipe for tests
 """
 
 
+def phantom_command(tool: str, tmp_path: pathlib.Path, output: pathlib.Path) -> list[str]:
+    """`python -m tool` on a 60-image phantom in tmp_path with TINY_FLAGS as its flagfile."""
+    phantom = tmp_path / "phantom"
+    subprocess.run(
+        [sys.executable, "-m", "tools.make_phantom", "--output", str(phantom)]
+        + ["--num_images", "60", "--width", "96", "--height", "120"],
+        cwd=REPO, check=True, capture_output=True,
+    )  # fmt: skip
+    flagfile = tmp_path / "tiny.flags"
+    flagfile.write_text(TINY_FLAGS)
+    cmd = [sys.executable, "-m", tool, "--labels", str(phantom / "boneage-training-dataset.csv")]
+    cmd += ["--images", str(phantom / "boneage-training-dataset"), "--output", str(output)]
+    return cmd + ["--flagfile", str(flagfile)]
+
+
 def _one_line_error(capsys, argv: list[str], status: int) -> str:
     assert benchmark_real.main(["benchmark_real", *argv]) == status
     err = capsys.readouterr().err.strip()
@@ -276,19 +291,9 @@ def test_json_has_the_keys_and_the_ratios(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.slow
 def test_end_to_end_on_phantom_with_the_seed_comparison(tmp_path):
-    phantom = tmp_path / "phantom"
-    subprocess.run(
-        [sys.executable, "-m", "tools.make_phantom", "--output", str(phantom)]
-        + ["--num_images", "60", "--width", "96", "--height", "120"],
-        cwd=REPO, check=True, capture_output=True,
-    )  # fmt: skip
-    flagfile = tmp_path / "tiny.flags"
-    flagfile.write_text(TINY_FLAGS)
     json_path = tmp_path / "result.json"
-    cmd = [sys.executable, "-m", "tools.benchmark_real"]
-    cmd += ["--labels", str(phantom / "boneage-training-dataset.csv")]
-    cmd += ["--images", str(phantom / "boneage-training-dataset"), "--output", str(tmp_path / "b")]
-    cmd += ["--flagfile", str(flagfile), "--minutes", "0.3", "--json", str(json_path)]
+    cmd = phantom_command("tools.benchmark_real", tmp_path, tmp_path / "b")
+    cmd += ["--minutes", "0.3", "--json", str(json_path)]
     cmd += ["--compare_seed", "--eval_every", "50"]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1500)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]

@@ -31,7 +31,6 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from boneage_tpu import cli
 from boneage_tpu.cli import option
 from boneage_tpu.errors import UsageError
 from tools import benchmark_real as real
@@ -251,16 +250,6 @@ class _Runner:
             info = real.parse_trainer_log(real.run_command(args, log, self.commands))
         return {"steps": info["final_step"], "train_img_s": info["images_per_second"]}
 
-    def evaluate(
-        self, model_dirs: list[pathlib.Path], data: pathlib.Path, tta: str, out: pathlib.Path
-    ):
-        args = ["-m", "boneage_tpu.evaluate", "--data", str(data), "--split", "val"]
-        for model_dir in model_dirs:
-            args += ["--model_dir", str(model_dir)]
-        args += ["--tta", tta, "--output", str(out)]
-        real.run_command(args, out.parent / f"{out.name}.log", self.commands)
-        return json.loads((out / "metrics.json").read_text())
-
     def run(self, name: str, seed: int) -> dict[str, Any]:
         """Trains and evaluates one row for one seed; returns its figures."""
         _, overrides = ROWS[name]
@@ -270,7 +259,7 @@ class _Runner:
         common = [*overrides, "--seed", str(seed)]
         if name == "kfold3":
             data = self.folds()
-            model_dirs, steps, rates = [], [], []
+            model_dirs, steps = [], []
             for fold in range(NUM_FOLDS):
                 model_dir = folder / f"seed{seed}-fold{fold}"
                 info = self.train(
@@ -280,7 +269,6 @@ class _Runner:
                 )
                 model_dirs.append(model_dir)
                 steps.append(info["steps"])
-                rates.append(info["train_img_s"])
             info = {"steps": sum(steps), "train_img_s": None, "fold_steps": steps}
             val_data = self.base_data
         else:
@@ -289,17 +277,21 @@ class _Runner:
             model_dirs = [model_dir]
             info = self.train(model_dir, [*common, "--data", str(val_data)], self.config.minutes)
         evals = folder / f"eval-seed{seed}"
-        plain = self.evaluate(model_dirs, val_data, "none", evals / "val")
+        plain = real.evaluate(model_dirs, val_data, "val", "none", evals / "val", self.commands)
         figures: dict[str, Any] = {"seed": seed, **info}
         figures["val_mae_months"] = real.plain_mae(plain)
         figures["val_mae_corrected_months"] = plain.get("mae_corrected_months")
         if name == "recipe":
-            tta = self.evaluate(model_dirs, val_data, real.TTA, evals / f"val-{real.TTA}")
+            tta = real.evaluate(
+                model_dirs, val_data, "val", real.TTA, evals / f"val-{real.TTA}", self.commands
+            )
             figures["val_mae_tta_months"] = real.plain_mae(tta)
             figures["val_mae_tta_corrected_months"] = tta.get("mae_corrected_months")
         shifts = {}
         for shift in real.TRANSFORMS:
-            values = self.evaluate(model_dirs, self.shifted(shift, size), "none", evals / shift)
+            values = real.evaluate(
+                model_dirs, self.shifted(shift, size), "val", "none", evals / shift, self.commands
+            )
             shifts[shift] = real._ratio(real.plain_mae(values), figures["val_mae_months"])
         figures["shift_ratios"] = shifts
         figures["worst_shift_ratio"] = max((v for v in shifts.values() if v), default=None)
@@ -355,13 +347,7 @@ def _job(config: AblationConfig) -> None:
 
 def main(argv: Sequence[str]) -> int:
     """Runs the ablation on `argv` (argv[0] is the program); returns the exit status."""
-    try:
-        argv, flagfile = real.split_flagfile(argv)
-    except UsageError as e:
-        print(f"benchmark_ablation: error: {e}", file=sys.stderr)
-        return 2
-    job = lambda config: _job(dataclasses.replace(config, flagfile=flagfile))  # noqa: E731
-    return cli.main("benchmark_ablation", AblationConfig, job, argv, __doc__)
+    return real.main_with_flagfile("benchmark_ablation", AblationConfig, _job, argv, __doc__)
 
 
 if __name__ == "__main__":

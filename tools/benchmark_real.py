@@ -393,15 +393,22 @@ def write_transformed(
 
 
 def evaluate(
-    model_dir: pathlib.Path,
+    model_dir: pathlib.Path | Sequence[pathlib.Path],
     data_dir: pathlib.Path,
     split: str,
     tta: str,
     output: pathlib.Path,
     commands: list[str],
 ) -> dict[str, Any]:
-    """Runs boneage_tpu.evaluate into `output` (its log beside it); returns its metrics.json."""
-    args = ["-m", "boneage_tpu.evaluate", "--model_dir", str(model_dir), "--data", str(data_dir)]
+    """Runs boneage_tpu.evaluate into `output` (its log beside it); returns its metrics.json.
+
+    Several model directories are evaluated as their ensemble.
+    """
+    model_dirs = [model_dir] if isinstance(model_dir, pathlib.Path) else list(model_dir)
+    args = ["-m", "boneage_tpu.evaluate"]
+    for path in model_dirs:
+        args += ["--model_dir", str(path)]
+    args += ["--data", str(data_dir)]
     args += ["--split", split, "--tta", tta, "--output", str(output)]
     run_command(args, output.parent / f"{output.name}.log", commands)
     return json.loads((output / "metrics.json").read_text())
@@ -735,18 +742,25 @@ def _job(config: BenchConfig) -> None:
     print(f"wrote {path}", file=sys.stderr)
 
 
-def main(argv: Sequence[str]) -> int:
-    """Runs the benchmark on `argv` (argv[0] is the program); returns the exit status.
+def main_with_flagfile(
+    prog: str, config_cls: type, job: Callable[[Any], None], argv: Sequence[str], doc: str | None
+) -> int:
+    """`cli.main` for a benchmark whose --flagfile is the trainer's: taken out, set on the config.
 
-    0 done; 2 a bad command line; 1 a step failed (one `benchmark_real: error: ...` line).
+    Returns 0 done; 2 a bad command line; 1 a step failed (one `prog: error: ...` line).
     """
     try:
         argv, flagfile = split_flagfile(argv)
     except UsageError as e:
-        print(f"benchmark_real: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
-    job = lambda config: _job(dataclasses.replace(config, flagfile=flagfile))  # noqa: E731
-    return cli.main("benchmark_real", BenchConfig, job, argv, __doc__)
+    with_flagfile = lambda config: job(dataclasses.replace(config, flagfile=flagfile))  # noqa: E731
+    return cli.main(prog, config_cls, with_flagfile, argv, doc)
+
+
+def main(argv: Sequence[str]) -> int:
+    """Runs the benchmark on `argv` (argv[0] is the program); returns the exit status."""
+    return main_with_flagfile("benchmark_real", BenchConfig, _job, argv, __doc__)
 
 
 if __name__ == "__main__":
