@@ -1,6 +1,6 @@
 """boneage-tpu: a high-throughput TensorFlow trainer for pediatric bone age."""
 
-from boneage_tpu.errors import ConfigError, Error, UsageError
+from boneage_tpu.core.errors import ConfigError, Error, UsageError
 
 __all__ = ["ConfigError", "Error", "UsageError", "__version__"]
 

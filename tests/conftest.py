@@ -24,7 +24,7 @@ def pytest_configure(config: pytest.Config) -> None:
     unaffected, and doing it here makes the session independent of test-module import order.
     """
     del config
-    from boneage_tpu import distribute
+    from boneage_tpu.core import distribute
 
     distribute.configure_virtual_cpus(8)
 

@@ -8,9 +8,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from boneage_tpu import config as config_lib
-from boneage_tpu import model as model_lib
-from boneage_tpu import model_dir as model_dir_lib
+from boneage_tpu.core import config as config_lib
+from boneage_tpu.core import model_dir as model_dir_lib
+from boneage_tpu.modeling import model as model_lib
 
 BATCH = 4
 

@@ -16,7 +16,8 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
-from boneage_tpu import __version__, schema
+from boneage_tpu import __version__
+from boneage_tpu.core import schema
 
 
 def toy_image(age_months: float, male: bool, height: int, width: int) -> np.ndarray:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from boneage_tpu import augment
+from boneage_tpu.data import augment
 
 NEUTRAL = {
     "angle": 0.0,

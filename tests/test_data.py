@@ -11,7 +11,9 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from boneage_tpu import data, sampling, schema
+from boneage_tpu.core import schema
+from boneage_tpu.data import pipeline as data
+from boneage_tpu.data import sampling
 from tests.records import write_toy_dataset
 
 

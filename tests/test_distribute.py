@@ -1,4 +1,4 @@
-"""Tests of boneage_tpu.distribute and the replica reductions of boneage_tpu.loop."""
+"""Tests of boneage_tpu.core.distribute and the replica reductions of boneage_tpu.loop."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from boneage_tpu import config as config_lib
-from boneage_tpu import data, distribute, optim
-from boneage_tpu import model as model_lib
+from boneage_tpu.core import config as config_lib
+from boneage_tpu.core import distribute
+from boneage_tpu.data import pipeline as data
+from boneage_tpu.modeling import model as model_lib
+from boneage_tpu.modeling import optim
 from boneage_tpu.train import loop
 
 # Logical CPUs must be split before TensorFlow runs its first op, i.e. at collection time.

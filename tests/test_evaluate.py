@@ -16,7 +16,8 @@ import pandas as pd
 import pytest
 import tensorflow as tf
 
-from boneage_tpu import data, schema
+from boneage_tpu.core import schema
+from boneage_tpu.data import pipeline as data
 from boneage_tpu.evaluate import continuous as continuous_eval
 from boneage_tpu.evaluate import job as evaluate
 from boneage_tpu.evaluate import once, report
@@ -327,7 +328,7 @@ def test_evaluate_and_predict_on_gcs(toy, gcs_emulator, gcs_dir, gcs_prefix, tmp
     record = next(iter(tf.data.TFRecordDataset(f"{toy['data']}/val-00000-of-00002.tfrecord")))
     features = schema.parse_examples(record)
     tf.io.gfile.GFile(f"{gcs_dir}/x.png", "wb").write(features["image"].numpy())
-    from boneage_tpu import predict
+    from boneage_tpu.predict import job as predict
 
     months = predict.predict_images(
         f"{gcs_dir}/run", [f"{gcs_dir}/x.png"], features["male"].numpy()

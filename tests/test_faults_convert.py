@@ -12,10 +12,11 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from boneage_tpu import layouts, schema, verify
 from boneage_tpu.convert import job as make_tfrecords
 from boneage_tpu.convert import manifest as convert_manifest
 from boneage_tpu.convert import shards as convert_shards
+from boneage_tpu.core import schema
+from boneage_tpu.data import layouts, verify
 from tests.test_make_tfrecords import _convert, _dataset, _records, _shard_bytes
 
 
@@ -162,8 +163,8 @@ def test_verify_names_corrupt_truncated_and_missing_shards(tmp_path, capsys):
     ],
 )
 def test_other_commands_check_flag_ranges_first(tmp_path, capsys, command, flag, message):
-    from boneage_tpu import predict
     from boneage_tpu.evaluate import job as evaluate
+    from boneage_tpu.predict import job as predict
 
     mains = {
         "make_tfrecords": make_tfrecords.main,

@@ -10,8 +10,8 @@ import time
 import pytest
 
 import boneage_tpu
-from boneage_tpu import model_dir as model_dir_lib
-from boneage_tpu import schema
+from boneage_tpu.core import model_dir as model_dir_lib
+from boneage_tpu.core import schema
 from boneage_tpu.train import job as train
 from boneage_tpu.train import lease as train_lease
 from boneage_tpu.train import state as train_state

@@ -29,13 +29,13 @@ import psutil
 import pytest
 import tensorflow as tf
 
-from boneage_tpu import config as config_lib
-from boneage_tpu import model_dir as model_dir_lib
-from boneage_tpu import schema, storage
 from boneage_tpu.convert import job as make_tfrecords
+from boneage_tpu.core import config as config_lib
+from boneage_tpu.core import model_dir as model_dir_lib
+from boneage_tpu.core import schema, storage
+from boneage_tpu.data.layouts import ConvertError
 from boneage_tpu.evaluate import continuous as continuous_eval
 from boneage_tpu.evaluate import job as evaluate
-from boneage_tpu.layouts import ConvertError
 from boneage_tpu.phantom import job as make_phantom
 
 pytestmark = pytest.mark.gcs

@@ -22,7 +22,7 @@ import psutil
 import pytest
 import tensorflow as tf
 
-from boneage_tpu import storage
+from boneage_tpu.core import storage
 from tools import gcs_emulator as harness
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]

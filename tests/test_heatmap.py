@@ -1,4 +1,4 @@
-"""Tests for boneage_tpu.heatmap: maps, the hand mask and the shortcut check."""
+"""Tests for boneage_tpu.inference.heatmap: maps, the hand mask and the shortcut check."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from boneage_tpu import heads, heatmap
-from boneage_tpu import model as model_lib
-from boneage_tpu.config import BACKBONES, TrainConfig
+from boneage_tpu.core.config import BACKBONES, TrainConfig
+from boneage_tpu.inference import heatmap
+from boneage_tpu.modeling import heads
+from boneage_tpu.modeling import model as model_lib
 
 SIZE = 32
 POOL = 4  # analytic backbone: 32 px -> 8 x 8 cells

@@ -1,4 +1,4 @@
-"""Tests for boneage_tpu.images: every input kind to 8-bit grayscale, resize, encode/decode."""
+"""Tests for boneage_tpu.data.images: every input kind to 8-bit grayscale, resize, encode/decode."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
-from boneage_tpu import images, schema
+from boneage_tpu.core import schema
+from boneage_tpu.data import images
 
 
 def _gray(height: int = 52, width: int = 40, seed: int = 0) -> np.ndarray:

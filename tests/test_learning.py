@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from boneage_tpu import quickstart
+from boneage_tpu.quickstart import job as quickstart
 
 
 @pytest.mark.slow

@@ -14,10 +14,11 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from boneage_tpu import images, layouts, schema
 from boneage_tpu.convert import job as make_tfrecords
 from boneage_tpu.convert import plan
-from boneage_tpu.layouts import ConvertError
+from boneage_tpu.core import schema
+from boneage_tpu.data import images, layouts
+from boneage_tpu.data.layouts import ConvertError
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 

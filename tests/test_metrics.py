@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from boneage_tpu import schema
+from boneage_tpu.core import schema
 from boneage_tpu.evaluate import metrics
 
 

@@ -1,4 +1,4 @@
-"""Tests of boneage_tpu.model: backbones, preprocessing, heads, label scaling, export, weights."""
+"""Tests of boneage_tpu.modeling.model: backbones, preprocessing, heads, label scaling, export, weights."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from keras.src.utils import file_utils
 
-from boneage_tpu import config as config_lib
-from boneage_tpu import model as model_lib
+from boneage_tpu.core import config as config_lib
+from boneage_tpu.modeling import model as model_lib
 
 
 def _inputs(batch: int, size: int, seed: int = 0) -> dict[str, np.ndarray]:

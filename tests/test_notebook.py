@@ -10,7 +10,7 @@ import sys
 import nbformat
 import pytest
 
-from boneage_tpu import distribute
+from boneage_tpu.core import distribute
 from tests.conftest import REPO_ROOT
 
 NOTEBOOK = REPO_ROOT / "notebooks" / "colab_tpu.ipynb"

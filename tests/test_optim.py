@@ -1,4 +1,4 @@
-"""Tests of boneage_tpu.optim: warmup + cosine/constant/plateau schedules and the losses."""
+"""Tests of boneage_tpu.modeling.optim: warmup + cosine/constant/plateau schedules and the losses."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from boneage_tpu import optim
+from boneage_tpu.modeling import optim
 
 
 def test_warmup_then_cosine_to_zero() -> None:

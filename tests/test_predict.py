@@ -12,12 +12,13 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from boneage_tpu import predict, schema
 from boneage_tpu.convert import job as make_tfrecords
+from boneage_tpu.core import schema
 from boneage_tpu.evaluate import job as evaluate
 from boneage_tpu.evaluate import report
 from boneage_tpu.phantom import job as make_phantom
 from boneage_tpu.phantom import render as phantom_render
+from boneage_tpu.predict import job as predict
 from tests.model_dirs import flip_sensitive_model, make_run
 
 

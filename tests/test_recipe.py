@@ -12,11 +12,14 @@ import pytest
 import tensorflow as tf
 from absl import flags
 
-from boneage_tpu import backbones, cli, heads, model_dir
-from boneage_tpu import config as config_lib
-from boneage_tpu import model as model_lib
-from boneage_tpu.evaluate import inference, once
+from boneage_tpu import cli
+from boneage_tpu.core import config as config_lib
+from boneage_tpu.core import model_dir
 from boneage_tpu.evaluate import job as evaluate
+from boneage_tpu.evaluate import once
+from boneage_tpu.inference import runner as inference
+from boneage_tpu.modeling import backbones, heads
+from boneage_tpu.modeling import model as model_lib
 from boneage_tpu.train import job as train
 from tests.records import write_toy_dataset
 from tests.test_train import _config as train_test_config
@@ -248,7 +251,7 @@ def test_time_budget_stops_the_run_at_a_loop_end_then_validates_and_exports(
 
 
 def test_schedule_end_follows_the_measured_rate() -> None:
-    from boneage_tpu import optim
+    from boneage_tpu.modeling import optim
 
     end = optim.ScheduleEnd(10_000)
     session = type("S", (), {})()
@@ -283,7 +286,7 @@ def test_recipe_flagfiles_name_only_real_flags_and_build_a_config(name: str) -> 
 @pytest.mark.slow
 def test_cpu_recipe_small_scale_learns_the_phantom(tmp_path) -> None:
     """The CPU recipe as written (flagfile), shrunk to minutes: phantom data, 96 px, 500 steps."""
-    from boneage_tpu import quickstart
+    from boneage_tpu.quickstart import job as quickstart
 
     qs = quickstart.QuickstartConfig(
         output=str(tmp_path / "qs"),
@@ -320,9 +323,10 @@ def test_cpu_recipe_small_scale_learns_the_phantom(tmp_path) -> None:
 
 
 def test_folds_are_disjoint_stratified_and_deterministic() -> None:
-    from boneage_tpu import layouts, schema
     from boneage_tpu.convert import plan
-    from boneage_tpu.layouts import ConvertError
+    from boneage_tpu.core import schema
+    from boneage_tpu.data import layouts
+    from boneage_tpu.data.layouts import ConvertError
 
     rows = [
         layouts.Row(i, f"{i:04d}", float(i * 7 % 240), bool(i % 2), f"{i}.png") for i in range(301)
@@ -346,7 +350,7 @@ def test_folds_are_disjoint_stratified_and_deterministic() -> None:
 
 
 def test_split_unions_pool_counts_shards_and_label_stats() -> None:
-    from boneage_tpu import schema
+    from boneage_tpu.core import schema
 
     a = {
         "count": 2,
@@ -410,7 +414,7 @@ def test_fold_training_uses_the_other_folds_and_their_stats(tmp_path) -> None:
 
 
 def _read_ids(data_dir: str, manifest: dict, split: str) -> list[dict]:
-    from boneage_tpu import schema
+    from boneage_tpu.core import schema
 
     files = schema.shard_paths(data_dir, manifest, split)
     return [

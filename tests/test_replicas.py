@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from boneage_tpu import augment, distribute, optim
-from boneage_tpu import config as config_lib
-from boneage_tpu import model as model_lib
+from boneage_tpu.core import config as config_lib
+from boneage_tpu.core import distribute
+from boneage_tpu.data import augment
+from boneage_tpu.modeling import model as model_lib
+from boneage_tpu.modeling import optim
 from boneage_tpu.train import job, loop, setup
 
 # Logical CPUs must be split before TensorFlow runs its first op, i.e. at collection time.

@@ -15,11 +15,13 @@ import tensorflow as tf
 from absl import flags
 from PIL import Image
 
-import boneage_tpu.model  # noqa: F401  (registers the custom layers for load_model)
-from boneage_tpu import cli, data, distribute
-from boneage_tpu import config as config_lib
-from boneage_tpu import model as model_lib
-from boneage_tpu import model_dir as model_dir_lib
+import boneage_tpu.modeling.model  # noqa: F401  (registers the custom layers for load_model)
+from boneage_tpu import cli
+from boneage_tpu.core import config as config_lib
+from boneage_tpu.core import distribute
+from boneage_tpu.core import model_dir as model_dir_lib
+from boneage_tpu.data import pipeline as data
+from boneage_tpu.modeling import model as model_lib
 from boneage_tpu.train import job as train
 from boneage_tpu.train import loop
 from boneage_tpu.train import state as train_state

@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from boneage_tpu.cli import option
-from boneage_tpu.errors import UsageError
+from boneage_tpu.core.errors import UsageError
 from tools import benchmark_real as real
 
 # name -> (what the row changes, the overrides after the flagfile).

@@ -28,9 +28,9 @@ import tensorflow as tf
 from absl import flags
 from PIL import Image
 
-from boneage_tpu import images
 from boneage_tpu.convert import job as make_tfrecords
 from boneage_tpu.convert import workers as convert_workers
+from boneage_tpu.data import images
 
 _SAMPLE = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "rsna-sample"
 

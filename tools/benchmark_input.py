@@ -85,7 +85,7 @@ def read_labels(labels: str, images: str) -> list[tuple[str, float, bool, str]]:
 def write_inputs(config: BenchConfig, rows: list, copies: int, out: pathlib.Path) -> int:
     """Writes `copies` x the images: PNG links + CSVs (seed) and, via the converter, TFRecords."""
     from boneage_tpu.convert import job as make_tfrecords
-    from boneage_tpu.layouts import ConvertError
+    from boneage_tpu.data.layouts import ConvertError
 
     (out / "png").mkdir(parents=True)
     kaggle, seed = ["id,boneage,male"], ["id,boneage,male,filename"]
@@ -158,7 +158,8 @@ def stage_pipeline(config: BenchConfig, inputs: pathlib.Path, augmented: bool) -
     """
     import tensorflow as tf
 
-    from boneage_tpu import augment, data
+    from boneage_tpu.data import augment
+    from boneage_tpu.data import pipeline as data
 
     dataset = data.build_dataset(
         str(inputs / "records"), "train", training=True, batch_size=config.batch_size,
@@ -201,7 +202,8 @@ def stage_floor(config: BenchConfig, inputs: pathlib.Path) -> dict[str, float]:
 
     tf.config.threading.set_intra_op_parallelism_threads(1)
     tf.config.threading.set_inter_op_parallelism_threads(1)
-    from boneage_tpu import data, schema
+    from boneage_tpu.core import schema
+    from boneage_tpu.data import pipeline as data
 
     files = sorted(str(p) for p in (inputs / "records").glob("*.tfrecord"))
     if not files:

@@ -15,7 +15,7 @@ import os
 import platform
 from collections.abc import Sequence
 
-from boneage_tpu import quickstart
+from boneage_tpu.quickstart import job as quickstart
 
 
 def run(output: str, seed: int = 0) -> dict[str, float]:

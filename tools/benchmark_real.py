@@ -54,7 +54,7 @@ import numpy as np  # noqa: E402
 
 from boneage_tpu import cli  # noqa: E402
 from boneage_tpu.cli import option  # noqa: E402
-from boneage_tpu.errors import Error, UsageError  # noqa: E402
+from boneage_tpu.core.errors import Error, UsageError  # noqa: E402
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_FLAGFILE = "configs/rsna_cpu.flags"
@@ -330,7 +330,7 @@ def split_records(data_dir: pathlib.Path, split: str) -> list[tuple[str, float, 
     """Returns (id, boneage, male) of every record of a split, read through `schema`."""
     import tensorflow as tf
 
-    from boneage_tpu import schema
+    from boneage_tpu.core import schema
 
     manifest = schema.read_manifest(str(data_dir))
     dataset = tf.data.TFRecordDataset(schema.shard_paths(str(data_dir), manifest, split))
@@ -351,7 +351,7 @@ def split_records(data_dir: pathlib.Path, split: str) -> list[tuple[str, float, 
 
 def image_paths(images_dir: str, ids: Sequence[str]) -> dict[str, str]:
     """Maps each id to its single source image under images_dir (one-line error otherwise)."""
-    from boneage_tpu import layouts
+    from boneage_tpu.data import layouts
 
     found = layouts.find_images(images_dir)
     missing = [i for i in ids if len(found.get(i, [])) != 1]
@@ -378,7 +378,7 @@ def write_transformed(
     """Writes the transformed val images as grey PNGs + their CSV; returns (csv, images dir)."""
     from PIL import Image
 
-    from boneage_tpu import images
+    from boneage_tpu.data import images
 
     image_dir = folder / "images"
     image_dir.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ The training settings are those of `boneage_tpu.train` (`TrainConfig`, the same 
 flagfile and overrides as the compared run); --data gives the label stats (its manifest) and
 --model_dir receives the settings as config.json. The CSVs have columns path,boneage,male (the
 converter's train and val splits, pointing at the source images). The model is
-`boneage_tpu.model.build_model(config)`, as the trainer builds it, so only the training
+`boneage_tpu.modeling.model.build_model(config)`, as the trainer builds it, so only the training
 pipeline differs. The input is the seed notebook's: tf_keras `ImageDataGenerator` (rotation
 20, width/height shift 0.2, zoom 0.2, shear 0.2, horizontal flip, no samplewise
 normalisation) `.flow_from_dataframe(color_mode="grayscale", class_mode="raw")` at the
@@ -16,7 +16,7 @@ model's size, pixels kept in 0..255 (the model's input), batches of --batch_size
 numpy arrays to Keras 3 `model.fit` on one device without XLA (the seed's tf.keras did not
 compile). Resizing uses bilinear interpolation (kinder to the seed than load_img's default
 nearest). Optimizer, schedule, loss (a bins head also trains its logits) are the run's, from
-`boneage_tpu.optim`; with the cosine, its end is re-fitted to the budget from the measured
+`boneage_tpu.modeling.optim`; with the cosine, its end is re-fitted to the budget from the measured
 step rate as the trainer does (never beyond --train_steps).
 
 Every --eval_every steps and at the end, a callback predicts the preloaded val images and
@@ -42,7 +42,7 @@ import numpy as np  # noqa: E402
 
 from boneage_tpu import cli  # noqa: E402
 from boneage_tpu.cli import option  # noqa: E402
-from boneage_tpu.errors import ConfigError, Error, UsageError  # noqa: E402
+from boneage_tpu.core.errors import ConfigError, Error, UsageError  # noqa: E402
 
 SEED_AUGMENTATION = {
     "rotation_range": 20,
@@ -99,8 +99,8 @@ def run(config: Any, seed_config: SeedConfig) -> dict[str, Any]:
     import tensorflow as tf
     from tf_keras.preprocessing.image import ImageDataGenerator
 
-    from boneage_tpu import heads, optim
-    from boneage_tpu.model import build_model
+    from boneage_tpu.modeling import heads, optim
+    from boneage_tpu.modeling.model import build_model
 
     size, batch, eval_every = config.image_size, config.batch_size, max(config.eval_every, 1)
     train_frame, val_frame = _frame(seed_config.train_csv), _frame(seed_config.val_csv)
@@ -243,7 +243,7 @@ def run(config: Any, seed_config: SeedConfig) -> dict[str, Any]:
 
 
 def _job(train_config: Any, seed_config: SeedConfig) -> None:
-    from boneage_tpu import model_dir as model_dir_lib
+    from boneage_tpu.core import model_dir as model_dir_lib
     from boneage_tpu.train import setup
 
     if train_config.max_train_minutes <= 0:
@@ -260,7 +260,7 @@ def main(argv: Sequence[str]) -> int:
     """Runs the seed pipeline on `argv` (argv[0] is the program); returns the exit status."""
     from absl import flags
 
-    from boneage_tpu.config import TrainConfig
+    from boneage_tpu.core.config import TrainConfig
 
     fv = flags.FlagValues()
     cli.define_flags(TrainConfig, fv)

@@ -68,9 +68,12 @@ def bench_one(config: BenchConfig, backbone: str, precision: str, xla: str) -> d
     import keras
     import tensorflow as tf
 
-    from boneage_tpu import augment, data, optim, schema
-    from boneage_tpu.config import TrainConfig
-    from boneage_tpu.model import build_model
+    from boneage_tpu.core import schema
+    from boneage_tpu.core.config import TrainConfig
+    from boneage_tpu.data import augment
+    from boneage_tpu.data import pipeline as data
+    from boneage_tpu.modeling import optim
+    from boneage_tpu.modeling.model import build_model
     from boneage_tpu.train import loop
 
     manifest = schema.read_manifest(config.data)
@@ -203,7 +206,7 @@ def main(argv: list[str]) -> None:
     """Parses the command line and runs the benchmark."""
     from absl import flags
 
-    from boneage_tpu.model import BACKBONES, PRECISIONS
+    from boneage_tpu.modeling.model import BACKBONES, PRECISIONS
 
     fv = _define_flags()
     try:

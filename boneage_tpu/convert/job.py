@@ -3,7 +3,7 @@
     python -m tools.make_tfrecords --labels CSV --images DIR --output PATH [--image_size 512]
 
 PATH is a local folder or gs://bucket/prefix. The result: `<split>-NNNNN-of-NNNNN.tfrecord`
-shards (records as in `boneage_tpu.schema`), TFDS `dataset_info.json`/`features.json`, and
+shards (records as in `boneage_tpu.core.schema`), TFDS `dataset_info.json`/`features.json`, and
 `manifest.json`, written last. An interrupted run resumes where it stopped when rerun with the
 same arguments, and gives the same bytes as an uninterrupted one; `--overwrite` starts again.
 """
@@ -25,15 +25,17 @@ from typing import Any
 import tensorflow as tf
 import tqdm
 
-from boneage_tpu import cli, images, layouts, schema
-from boneage_tpu import verify as convert_verify
+from boneage_tpu import cli
 from boneage_tpu.cli import option
 from boneage_tpu.convert import manifest as convert_output
 from boneage_tpu.convert import plan as plan_lib
 from boneage_tpu.convert import shards as convert_write
 from boneage_tpu.convert import workers as convert_workers
-from boneage_tpu.errors import UsageError
-from boneage_tpu.layouts import ConvertError
+from boneage_tpu.core import schema
+from boneage_tpu.core.errors import UsageError
+from boneage_tpu.data import images, layouts
+from boneage_tpu.data import verify as convert_verify
+from boneage_tpu.data.layouts import ConvertError
 
 MIN_SHARDS = 16  # Lets 8+ readers (hosts or interleave cycles) read in parallel on small sets.
 _SAMPLE_IMAGES = 16  # Images encoded to estimate the record size when it decides the shard count.

@@ -12,9 +12,9 @@ import numpy as np
 import tensorflow as tf
 
 import boneage_tpu
-from boneage_tpu import schema, storage
 from boneage_tpu.convert.shards import ShardJob, join
-from boneage_tpu.layouts import ConvertError, Row
+from boneage_tpu.core import schema, storage
+from boneage_tpu.data.layouts import ConvertError, Row
 
 TFDS_FILENAME_TEMPLATE = "{SPLIT}-{SHARD_X_OF_Y}.{FILEFORMAT}"
 _SUMMARY_SKIPS = 50  # Longer skip lists are in the manifest only.

@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from boneage_tpu import schema
-from boneage_tpu.layouts import ConvertError, Row
+from boneage_tpu.core import schema
+from boneage_tpu.data.layouts import ConvertError, Row
 
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9_]+$")
 

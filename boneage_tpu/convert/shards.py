@@ -19,10 +19,11 @@ from typing import Any
 
 import tensorflow as tf
 
-from boneage_tpu import images, schema
 from boneage_tpu.convert.workers import Prepared, is_remote
-from boneage_tpu.layouts import ConvertError, Row, skip
-from boneage_tpu.verify import sha256_file
+from boneage_tpu.core import schema
+from boneage_tpu.data import images
+from boneage_tpu.data.layouts import ConvertError, Row, skip
+from boneage_tpu.data.verify import sha256_file
 
 STATE_DIR = ".convert"
 PLAN_NAME = "plan.json"

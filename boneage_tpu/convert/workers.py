@@ -1,6 +1,6 @@
 """Worker processes that read, decode, resize and encode images for `tools.make_tfrecords`.
 
-Workers read local files themselves and decode, resize and encode them (`boneage_tpu.images`);
+Workers read local files themselves and decode, resize and encode them (`boneage_tpu.data.images`);
 object-store files (gs://) are read by many threads of the main process (latency-bound) and
 handed over. Results come back in input order. All file I/O goes through `tf.io.gfile`: workers
 are forked, so TensorFlow is already loaded there; they use it for local reads only.
@@ -20,8 +20,8 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import tensorflow as tf
 
-from boneage_tpu import images
-from boneage_tpu.layouts import ConvertError, Row
+from boneage_tpu.data import images
+from boneage_tpu.data.layouts import ConvertError, Row
 
 # Fork is cheap and re-imports nothing. Elsewhere (macOS) fork is unsafe, so spawn.
 _START_METHOD = "fork" if sys.platform.startswith("linux") else "spawn"

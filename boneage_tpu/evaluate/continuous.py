@@ -22,9 +22,9 @@ from typing import Any
 
 import tensorflow as tf
 
-from boneage_tpu import config as config_lib
-from boneage_tpu import model_dir as model_dir_lib
-from boneage_tpu import storage
+from boneage_tpu.core import config as config_lib
+from boneage_tpu.core import model_dir as model_dir_lib
+from boneage_tpu.core import storage
 from boneage_tpu.evaluate import once, report
 
 # metrics.json key -> TensorBoard tag. "mae_months" is also the trainer's tag in logs/train and

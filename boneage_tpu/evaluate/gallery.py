@@ -1,7 +1,7 @@
 """The evaluation report's case gallery and shortcut check: heatmaps over a whole split.
 
 One extra pass over the split (on the evaluation's strategy) computes every image's map
-(`boneage_tpu.heatmap`); the host turns each into its share of mass outside the hand mask and
+(`boneage_tpu.inference.heatmap`); the host turns each into its share of mass outside the hand mask and
 keeps images and maps only for the k worst and k best cases, which the gallery shows.
 """
 
@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from boneage_tpu import data, heatmap
-from boneage_tpu.evaluate import inference
+from boneage_tpu.data import pipeline as data
+from boneage_tpu.inference import heatmap
+from boneage_tpu.inference import runner as inference
 
 DEFAULT_SIZE = 8
 GALLERY_CSS = (
@@ -131,7 +132,7 @@ def shortcut_summary(
         "map": kind,
         "model_dir": model_dir,
         "hand_mask": "Otsu threshold, edge borders peeled, largest region, dilated "
-        f"{heatmap.MASK_DILATION}/{heatmap.MASK_SIZE} (boneage_tpu.heatmap)",
+        f"{heatmap.MASK_DILATION}/{heatmap.MASK_SIZE} (boneage_tpu.inference.heatmap)",
     }
 
 

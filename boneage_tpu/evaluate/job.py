@@ -22,8 +22,9 @@ from typing import Any
 
 import tensorflow as tf
 
-from boneage_tpu import cli, distribute
-from boneage_tpu import config as config_lib
+from boneage_tpu import cli
+from boneage_tpu.core import config as config_lib
+from boneage_tpu.core import distribute
 from boneage_tpu.evaluate import continuous, report
 from boneage_tpu.evaluate.once import (
     EvalConfig,

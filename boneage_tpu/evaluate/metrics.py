@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from boneage_tpu import schema
+from boneage_tpu.core import schema
 
 
 def _mean_or_none(values: np.ndarray) -> float | None:

@@ -19,13 +19,17 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from boneage_tpu import __version__, heatmap, schema, verify
-from boneage_tpu import config as config_lib
-from boneage_tpu import model_dir as model_dir_lib
+from boneage_tpu import __version__
 from boneage_tpu.cli import check, option
-from boneage_tpu.config import BIG
-from boneage_tpu.errors import Error
-from boneage_tpu.evaluate import gallery, inference, metrics, report, restore
+from boneage_tpu.core import config as config_lib
+from boneage_tpu.core import model_dir as model_dir_lib
+from boneage_tpu.core import schema
+from boneage_tpu.core.config import BIG
+from boneage_tpu.core.errors import Error
+from boneage_tpu.data import verify
+from boneage_tpu.evaluate import gallery, metrics, report
+from boneage_tpu.inference import heatmap, restore
+from boneage_tpu.inference import runner as inference
 
 
 class EvalError(Error, ValueError):

@@ -19,8 +19,8 @@ import tensorflow as tf
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from boneage_tpu import schema
-from boneage_tpu.config import join
+from boneage_tpu.core import schema
+from boneage_tpu.core.config import join
 
 METRICS_NAME = "metrics.json"
 PREDICTIONS_NAME = "predictions.csv"

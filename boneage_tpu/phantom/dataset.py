@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-from boneage_tpu.errors import Error
+from boneage_tpu.core.errors import Error
 from boneage_tpu.phantom.render import render_phantom
 
 MIN_LABEL, MAX_LABEL = 1, 228

@@ -2,7 +2,7 @@
 
 The loop is our own (`boneage_tpu.train.loop`): `strategy.run` inside a `tf.function` running
 --steps_per_loop steps per call, one progress line per call. The model directory layout is in
-`boneage_tpu.model_dir`; a rerun with the same --model_dir resumes from its latest checkpoint
+`boneage_tpu.core.model_dir`; a rerun with the same --model_dir resumes from its latest checkpoint
 (`boneage_tpu.train.state`). Every flag: `python -m boneage_tpu.train --helpfull`.
 """
 
@@ -23,11 +23,14 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from absl import logging  # noqa: E402
 
-from boneage_tpu import cli, distribute, export, heads, schema, verify  # noqa: E402
-from boneage_tpu import config as config_lib  # noqa: E402
-from boneage_tpu import model_dir as model_dir_lib  # noqa: E402
-from boneage_tpu.errors import ConfigError, Error  # noqa: E402
-from boneage_tpu.evaluate import inference  # noqa: E402
+from boneage_tpu import cli  # noqa: E402
+from boneage_tpu.core import config as config_lib  # noqa: E402
+from boneage_tpu.core import distribute, schema  # noqa: E402
+from boneage_tpu.core import model_dir as model_dir_lib  # noqa: E402
+from boneage_tpu.core.errors import ConfigError, Error  # noqa: E402
+from boneage_tpu.data import verify  # noqa: E402
+from boneage_tpu.inference import runner as inference  # noqa: E402
+from boneage_tpu.modeling import export, heads  # noqa: E402
 from boneage_tpu.train import state as train_state  # noqa: E402
 from boneage_tpu.train.setup import DatasetFn, Session, prepare  # noqa: E402
 

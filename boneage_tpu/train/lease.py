@@ -23,9 +23,9 @@ from typing import Any
 
 import tensorflow as tf
 
-from boneage_tpu import model_dir as model_dir_lib
-from boneage_tpu import storage
-from boneage_tpu.errors import Error
+from boneage_tpu.core import model_dir as model_dir_lib
+from boneage_tpu.core import storage
+from boneage_tpu.core.errors import Error
 
 LOCK_NAME = model_dir_lib.LOCK_NAME
 HEARTBEAT_SECONDS = 30.0

@@ -24,8 +24,10 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from boneage_tpu import augment, data, heads
-from boneage_tpu.optim import per_example_loss
+from boneage_tpu.data import augment
+from boneage_tpu.data import pipeline as data
+from boneage_tpu.modeling import heads
+from boneage_tpu.modeling.optim import per_example_loss
 
 # Features the replicas need; ids (strings) stay on the host because TPUs cannot hold strings.
 DEVICE_KEYS = ("image", "male", "boneage", "mask")

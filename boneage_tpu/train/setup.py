@@ -15,11 +15,14 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from boneage_tpu import augment, data, distribute, optim, schema
-from boneage_tpu import config as config_lib
-from boneage_tpu import model_dir as model_dir_lib
-from boneage_tpu.errors import ConfigError
-from boneage_tpu.model import build_model
+from boneage_tpu.core import config as config_lib
+from boneage_tpu.core import distribute, schema
+from boneage_tpu.core import model_dir as model_dir_lib
+from boneage_tpu.core.errors import ConfigError
+from boneage_tpu.data import augment
+from boneage_tpu.data import pipeline as data
+from boneage_tpu.modeling import optim
+from boneage_tpu.modeling.model import build_model
 from boneage_tpu.train import lease as train_lease
 from boneage_tpu.train import loop
 from boneage_tpu.train import state as train_state

@@ -12,9 +12,9 @@ from typing import Any
 
 import tensorflow as tf
 
-from boneage_tpu import config as config_lib
-from boneage_tpu import model_dir as model_dir_lib
-from boneage_tpu.errors import Error
+from boneage_tpu.core import config as config_lib
+from boneage_tpu.core import model_dir as model_dir_lib
+from boneage_tpu.core.errors import Error
 
 # Fields that define the network: resuming with other values cannot restore the checkpoint.
 ARCHITECTURE_FIELDS = (

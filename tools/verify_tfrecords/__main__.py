@@ -1,5 +1,5 @@
 import sys
 
-from boneage_tpu.verify import main
+from boneage_tpu.data.verify import main
 
 sys.exit(main(sys.argv))

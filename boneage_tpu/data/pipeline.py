@@ -1,8 +1,8 @@
 """tf.data input pipeline: TFRecord shards -> uint8 batches at the training size.
 
 The host only reads, decodes and resizes; augmentation runs on the accelerator
-(`boneage_tpu.augment`). Shards, counts, strata and the stored encoding come from the
-converter's manifest via `boneage_tpu.schema`. All reads go through tf.data / tf.io.gfile, so
+(`boneage_tpu.data.augment`). Shards, counts, strata and the stored encoding come from the
+converter's manifest via `boneage_tpu.core.schema`. All reads go through tf.data / tf.io.gfile, so
 local folders and gs:// behave the same.
 
 `fit_to_square` and `decode_image_bytes` are also the serving preprocessing (SavedModel
@@ -18,8 +18,9 @@ from typing import Any
 import tensorflow as tf
 from absl import logging
 
-from boneage_tpu import sampling, schema
-from boneage_tpu.errors import ConfigError
+from boneage_tpu.core import schema
+from boneage_tpu.core.errors import ConfigError
+from boneage_tpu.data import sampling
 
 BALANCE_MODES = ("none", "age_sex")
 CACHE_MODES = ("auto", "yes", "no")
@@ -105,7 +106,7 @@ def decode_stored_image(
 
     Args:
       image: scalar string, the record's `image` feature (or the same bytes made by
-        `boneage_tpu.images.prepare` at predict time).
+        `boneage_tpu.data.images.prepare` at predict time).
       encoding: jpeg | png | raw (the manifest's `encoding`).
       height: stored height (used by raw).
       width: stored width (used by raw).

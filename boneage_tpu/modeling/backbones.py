@@ -13,7 +13,7 @@ from typing import Any
 
 import keras
 
-from boneage_tpu.config import INPUT_NORMS
+from boneage_tpu.core.config import INPUT_NORMS
 
 # (filters, blocks, stride) per stage of `resnet_small`, after a stride-2 stem.
 _RESNET_SMALL_STAGES = ((32, 1, 2), (64, 1, 2), (128, 2, 2), (192, 1, 2))

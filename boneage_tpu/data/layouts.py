@@ -18,8 +18,8 @@ from typing import Any
 
 import tensorflow as tf
 
-from boneage_tpu import schema
-from boneage_tpu.errors import Error
+from boneage_tpu.core import schema
+from boneage_tpu.core.errors import Error
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".dcm")
 _TRUE = frozenset({"true", "1", "1.0", "m", "male"})

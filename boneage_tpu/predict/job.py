@@ -2,7 +2,7 @@
 
   python -m boneage_tpu.predict --model MODEL_DIR [--sex M|F] IMAGE...
   python -m boneage_tpu.predict --model MODEL_DIR --labels CSV --images DIR [--output CSV]
-  ... [--heatmaps DIR]  # also writes DIR/<id>.png: where the model looks (boneage_tpu.heatmap)
+  ... [--heatmaps DIR]  # also writes DIR/<id>.png: where the model looks (boneage_tpu.inference.heatmap)
 
 IMAGEs are PNG (8/16-bit, palette, RGB), JPEG or DICOM files, local or gs://. `--model` is a
 training run's folder (its export/model.keras when present, else its latest checkpoint; pick
@@ -24,13 +24,18 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from boneage_tpu import cli, data, heatmap, images, predict_io, schema
-from boneage_tpu import config as config_lib
-from boneage_tpu import model_dir as model_dir_lib
+from boneage_tpu import cli
 from boneage_tpu.cli import check, option
-from boneage_tpu.config import BIG
-from boneage_tpu.evaluate import inference, restore
-from boneage_tpu.predict_io import PredictError
+from boneage_tpu.core import config as config_lib
+from boneage_tpu.core import model_dir as model_dir_lib
+from boneage_tpu.core import schema
+from boneage_tpu.core.config import BIG
+from boneage_tpu.data import images
+from boneage_tpu.data import pipeline as data
+from boneage_tpu.inference import heatmap, restore
+from boneage_tpu.inference import runner as inference
+from boneage_tpu.predict import inputs as predict_io
+from boneage_tpu.predict.inputs import PredictError
 
 
 def resolve_model(model_path: str, checkpoint: str = "auto") -> tuple[str, str]:

@@ -1,6 +1,6 @@
 """The one TFRecord schema and manifest format, shared by the converter and every reader.
 
-Writer (`tools.make_tfrecords`) and readers (`boneage_tpu.data`, evaluation, TFDS) take the
+Writer (`tools.make_tfrecords`) and readers (`boneage_tpu.data.pipeline`, evaluation, TFDS) take the
 feature names, types and the stratum definition from here and nowhere else.
 """
 
@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from boneage_tpu.errors import Error
+from boneage_tpu.core.errors import Error
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"

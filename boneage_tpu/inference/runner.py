@@ -14,8 +14,10 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from boneage_tpu import augment, data, heads
-from boneage_tpu.errors import Error
+from boneage_tpu.core.errors import Error
+from boneage_tpu.data import augment
+from boneage_tpu.data import pipeline as data
+from boneage_tpu.modeling import heads
 
 TTA_MODES = ("none", "flip", "rotflip")
 # Deeplasia's test-time augmentation: these rotations, each with and without the mirror.

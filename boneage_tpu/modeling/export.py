@@ -12,10 +12,10 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from boneage_tpu import config as config_lib
-from boneage_tpu import data
-from boneage_tpu import model_dir as model_dir_lib
-from boneage_tpu.model import build_model
+from boneage_tpu.core import config as config_lib
+from boneage_tpu.core import model_dir as model_dir_lib
+from boneage_tpu.data import pipeline as data
+from boneage_tpu.modeling.model import build_model
 
 
 def serving_model(trained: keras.Model, config: config_lib.TrainConfig) -> keras.Model:

@@ -7,8 +7,8 @@ import math
 import keras
 import tensorflow as tf
 
-from boneage_tpu.config import LOSSES, OPTIMIZERS, SCHEDULES
-from boneage_tpu.errors import ConfigError
+from boneage_tpu.core.config import LOSSES, OPTIMIZERS, SCHEDULES
+from boneage_tpu.core.errors import ConfigError
 
 
 class PlateauState(tf.Module):

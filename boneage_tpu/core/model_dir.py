@@ -26,8 +26,8 @@ from typing import Any
 
 import tensorflow as tf
 
-from boneage_tpu.config import TrainConfig, join
-from boneage_tpu.errors import Error
+from boneage_tpu.core.config import TrainConfig, join
+from boneage_tpu.core.errors import Error
 
 CONFIG_NAME = "config.json"
 DONE_NAME = "DONE"

@@ -12,8 +12,8 @@ from typing import Any
 
 import tensorflow as tf
 
-from boneage_tpu import schema
-from boneage_tpu.errors import ConfigError
+from boneage_tpu.core import schema
+from boneage_tpu.core.errors import ConfigError
 
 RESAMPLE_CHUNK = 256  # records per vectorised resampling step.
 

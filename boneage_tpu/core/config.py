@@ -1,6 +1,6 @@
 """Training configuration: every setting of a run, saved as the model directory's config.json.
 
-The model directory's layout, and its readers and writers, are in `boneage_tpu.model_dir`.
+The model directory's layout, and its readers and writers, are in `boneage_tpu.core.model_dir`.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import json
 from typing import Any
 
 from boneage_tpu.cli import option
-from boneage_tpu.errors import UsageError
+from boneage_tpu.core.errors import UsageError
 
 # Choices of the string settings (model.py and optim.py build what they name).
 BACKBONES = (

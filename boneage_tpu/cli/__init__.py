@@ -21,7 +21,7 @@ from typing import Any
 
 from absl import flags
 
-from boneage_tpu.errors import Error, UsageError
+from boneage_tpu.core.errors import Error, UsageError
 
 HELP_ARGS = ("-h", "-help", "--help", "--helpfull", "--helpshort")
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from boneage_tpu import schema
+from boneage_tpu.core import schema
 
 _HASH_CHUNK = 8 << 20
 

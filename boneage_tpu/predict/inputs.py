@@ -1,6 +1,6 @@
 """Inputs and outputs of the predict command: which images (files or a labels CSV), M/F, tables.
 
-A labels CSV is read with the converter's own parser (`boneage_tpu.layouts`), so every layout
+A labels CSV is read with the converter's own parser (`boneage_tpu.data.layouts`), so every layout
 the converter accepts (Kaggle, RSNA validation, RSNA test) works here too, with the same
 itemised skip reasons.
 """
@@ -16,8 +16,8 @@ from typing import Any
 
 import tensorflow as tf
 
-from boneage_tpu import layouts
-from boneage_tpu.errors import Error
+from boneage_tpu.core.errors import Error
+from boneage_tpu.data import layouts
 
 _SEX = {"m": 1.0, "male": 1.0, "1": 1.0, "f": 0.0, "female": 0.0, "0": 0.0}
 

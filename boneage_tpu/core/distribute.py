@@ -24,7 +24,7 @@ from collections.abc import Mapping
 
 import tensorflow as tf
 
-from boneage_tpu.errors import Error
+from boneage_tpu.core.errors import Error
 
 # The pins of setup.cfg's `tpu` extra (tests check they agree).
 TPU_INSTALL_HINT = (

@@ -33,7 +33,7 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from boneage_tpu.errors import Error
+from boneage_tpu.core.errors import Error
 
 ENCODINGS = ("jpeg", "png", "raw")  # Same values as schema.ENCODINGS (kept TF-free here).
 PNG_COMPRESS_LEVEL = 6

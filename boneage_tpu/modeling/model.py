@@ -19,9 +19,9 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from boneage_tpu import backbones, heads
-from boneage_tpu.config import BACKBONES, NORMS, TrainConfig
-from boneage_tpu.errors import ConfigError, Error
+from boneage_tpu.core.config import BACKBONES, NORMS, TrainConfig
+from boneage_tpu.core.errors import ConfigError, Error
+from boneage_tpu.modeling import backbones, heads
 
 # name -> (keras.applications constructor, input scaling mode, smallest image size).
 # Scaling modes: "tf" -> [-1, 1]; "caffe" -> BGR mean subtraction; "raw" -> the model

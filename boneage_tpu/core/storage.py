@@ -16,7 +16,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from boneage_tpu.errors import Error
+from boneage_tpu.core.errors import Error
 
 _GS = "gs://"
 _INSTALL_HINT = "pip install 'boneage-tpu[gcs]'"

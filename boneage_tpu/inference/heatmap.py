@@ -37,9 +37,9 @@ from matplotlib import cm, colormaps, colors
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from boneage_tpu import heads
-from boneage_tpu.config import join
-from boneage_tpu.errors import Error
+from boneage_tpu.core.config import join
+from boneage_tpu.core.errors import Error
+from boneage_tpu.modeling import heads
 
 MASK_SIZE = 64
 BORDER_FILL = 0.8
@@ -92,7 +92,7 @@ def feature_tensor(model: keras.Model) -> Any:
 
 def attention_tensor(model: keras.Model) -> Any | None:
     """Returns the attention mask [B, h, w, 1] that the model's masked pooling uses, or None."""
-    from boneage_tpu.model import MaskedAveragePooling
+    from boneage_tpu.modeling.model import MaskedAveragePooling
 
     for layer in model.layers:
         if isinstance(layer, MaskedAveragePooling):

@@ -103,7 +103,7 @@ def make_records(config: QuickstartConfig, phantom: str) -> str:
 
 def train_model(config: QuickstartConfig, data: str) -> str:
     """Trains the tiny CNN on CPU (resuming or reusing a finished run in the same folder)."""
-    from boneage_tpu import config as config_lib
+    from boneage_tpu.core import config as config_lib
     from boneage_tpu.train import job as train
 
     model_dir = os.path.join(config.output, config.model_name)

@@ -1,7 +1,7 @@
 """Finds and restores trained models in a model directory (checkpoints or the Keras export).
 
 Shared by `boneage_tpu.evaluate` (including its continuous mode) and `boneage_tpu.predict`.
-The directory layout is `boneage_tpu.model_dir`'s.
+The directory layout is `boneage_tpu.core.model_dir`'s.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from typing import Any
 
 import tensorflow as tf
 
-from boneage_tpu import config as config_lib
-from boneage_tpu import model_dir as model_dir_lib
-from boneage_tpu.model_dir import ModelDirError, list_checkpoints
+from boneage_tpu.core import config as config_lib
+from boneage_tpu.core import model_dir as model_dir_lib
+from boneage_tpu.core.model_dir import ModelDirError, list_checkpoints
 
 
 @dataclasses.dataclass
@@ -92,7 +92,7 @@ def load_model(model_dir: str, checkpoint: str = "latest", model: Any = None) ->
       model: a model built earlier from the same config.json to restore into (the continuous
         evaluator reuses one model instead of building one per checkpoint); None builds one.
     """
-    from boneage_tpu import model as model_lib  # Heavy (Keras); only needed here.
+    from boneage_tpu.modeling import model as model_lib  # Heavy (Keras); only needed here.
 
     config = model_dir_lib.load_config(model_dir)
     path, step = resolve_checkpoint(model_dir, checkpoint)

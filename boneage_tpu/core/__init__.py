@@ -1,0 +1,1 @@
+"""The foundation: errors, the run's settings, the on-disk contracts, storage and strategies."""

@@ -1,0 +1,1 @@
+"""Input data: CSV layouts, image decoding, the tf.data pipeline, sampling, augmentation."""

@@ -1,0 +1,1 @@
+"""The model: backbones, heads, the Keras model, losses and optimizers, the export."""

@@ -1,0 +1,1 @@
+"""Prediction on new images: which images, the model's answers, the output table."""

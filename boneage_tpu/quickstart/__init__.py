@@ -1,0 +1,1 @@
+"""The quickstart: phantom -> TFRecords -> train -> evaluate in one folder."""

@@ -1,0 +1,1 @@
+"""Entry point only: `python -m boneage_tpu.verify DATA` (the library is `data.verify`)."""
