@@ -26,7 +26,8 @@ def main() -> int:
     )
     import numpy as np
 
-    from boneage_tpu.train import job, setup
+    from boneage_tpu.cli import train as job
+    from boneage_tpu.train import setup
 
     built = []
     build_model = setup.build_model

@@ -14,20 +14,49 @@ from tests.conftest import REPO_ROOT
 
 PACKAGE = REPO_ROOT / "boneage_tpu"
 
-# (program name, module with `main(argv)`, config class, a valid value of its required flags).
+# (program name, command module with `main(argv)`, its config class, valid required flags).
 COMMANDS = [
-    ("make_phantom", "boneage_tpu.phantom.job", "PhantomConfig", ["--output=OUT"]),
+    (
+        "make_phantom",
+        "boneage_tpu.cli.make_phantom",
+        "boneage_tpu.phantom.job:PhantomConfig",
+        ["--output=OUT"],
+    ),
     (
         "make_tfrecords",
-        "boneage_tpu.convert.job",
-        "ConvertConfig",
+        "boneage_tpu.cli.make_tfrecords",
+        "boneage_tpu.convert.job:ConvertConfig",
         ["--labels=x.csv", "--images=img", "--output=OUT"],
     ),
-    ("train", "boneage_tpu.train.job", None, ["--data=DATA", "--model_dir=OUT"]),
-    ("evaluate", "boneage_tpu.evaluate.job", "EvalConfig", ["--model_dir=M", "--data=DATA"]),
-    ("predict", "boneage_tpu.predict.job", "PredictConfig", ["--model=M", "a.png"]),
-    ("quickstart", "boneage_tpu.quickstart.job", "QuickstartConfig", ["--output=OUT"]),
+    (
+        "train",
+        "boneage_tpu.cli.train",
+        "boneage_tpu.core.config:TrainConfig",
+        ["--data=DATA", "--model_dir=OUT"],
+    ),
+    (
+        "evaluate",
+        "boneage_tpu.cli.evaluate",
+        "boneage_tpu.evaluate.job:EvalConfig",
+        ["--model_dir=M", "--data=DATA"],
+    ),
+    (
+        "predict",
+        "boneage_tpu.cli.predict",
+        "boneage_tpu.predict.job:PredictConfig",
+        ["--model=M", "a.png"],
+    ),
+    (
+        "quickstart",
+        "boneage_tpu.cli.quickstart",
+        "boneage_tpu.quickstart.job:QuickstartConfig",
+        ["--output=OUT"],
+    ),
 ]
+# A library module longer than this says why in its docstring (a sentence with "lines");
+# a command module (cli/<command>.py) is never longer than COMMAND_LINES.
+LIBRARY_LINES = 400
+COMMAND_LINES = 100
 
 
 def _module_name(path: pathlib.Path) -> str:
@@ -89,7 +118,9 @@ def test_cycle_finder_finds_a_cycle_and_accepts_a_tree():
 
 def test_package_has_no_import_cycle():
     graph = import_graph()
-    assert {"boneage_tpu.evaluate.once", "boneage_tpu.train.job"} <= set(graph)
+    assert {"boneage_tpu.evaluate.once", "boneage_tpu.train.job", "boneage_tpu.cli.train"} <= set(
+        graph
+    )
     assert "boneage_tpu.evaluate.once" in graph["boneage_tpu.evaluate.continuous"]
     assert find_cycle(graph) == []
 
@@ -108,8 +139,14 @@ LAYERS = [
 
 
 def _layer(module: str) -> tuple[str, int]:
+    if _is_command(module):
+        return "commands", len(LAYERS)
     package = module.split(".")[1] if module.count(".") else ""
     return package, next(i for i, layer in enumerate(LAYERS) if package in layer)
+
+
+def _is_command(module: str) -> bool:
+    return module.startswith("boneage_tpu.cli.")
 
 
 def test_every_package_has_a_layer():
@@ -131,10 +168,30 @@ def test_layers_import_only_downwards():
             assert other == package or other_rank < rank or rank == other_rank == 0, (name, edge)
 
 
-def _config_class(module: str, class_name: str | None) -> type:
-    if class_name is None:
-        return importlib.import_module("boneage_tpu.core.config").TrainConfig
-    return getattr(importlib.import_module(module), class_name)
+def test_nothing_imports_a_command():
+    """Commands (cli/<command>.py) import libraries; only `python -m` entry points import them."""
+    graph = import_graph()
+    commands = {name for name in graph if _is_command(name)}
+    assert {c.rsplit(".", 1)[1] for c in commands} >= {c[0] for c in COMMANDS}
+    for name, edges in graph.items():
+        if not name.endswith("__main__"):
+            assert not edges & commands, (name, edges & commands)
+
+
+def test_modules_are_short_or_say_why():
+    for path in PACKAGE.rglob("*.py"):
+        name, lines = _module_name(path), len(path.read_text().splitlines())
+        if _is_command(name):
+            assert lines <= COMMAND_LINES, (name, lines)
+        elif lines > LIBRARY_LINES:
+            doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+            assert " lines" in doc, f"{name}: {lines} lines and no reason in its docstring"
+
+
+def _config_class(module: str, class_path: str) -> type:
+    del module
+    module_name, class_name = class_path.split(":")
+    return getattr(importlib.import_module(module_name), class_name)
 
 
 @pytest.mark.parametrize(("prog", "module", "class_name", "required"), COMMANDS)
@@ -192,7 +249,7 @@ def test_bad_flags_and_values_are_one_line_usage_errors(
 
 
 def test_missing_required_flags_are_named_on_one_line(capsys):
-    from boneage_tpu.convert import job
+    from boneage_tpu.cli import make_tfrecords as job
 
     assert job.main(["make_tfrecords", "--labels=x.csv"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 import tensorflow as tf
 
+from boneage_tpu.cli import evaluate as evaluate_cmd
 from boneage_tpu.core import schema
 from boneage_tpu.data import pipeline as data
 from boneage_tpu.evaluate import continuous as continuous_eval
@@ -108,7 +109,7 @@ def test_no_gallery_skips_the_heatmap_pass(toy, tmp_path, capsys):
     page = (out / "report.html").read_text()
     assert "worst cases" not in page and page.count("<img") == 1
     args = ["evaluate", f"--model_dir={toy['a']}", "--data=x", "--gallery_size=-1"]
-    assert evaluate.main(args) == 2
+    assert evaluate_cmd.main(args) == 2
     assert "--gallery_size must be >= 0" in capsys.readouterr().err
 
 
@@ -260,7 +261,7 @@ def bad_inputs(toy, tmp_path):
 def test_bad_input_gives_one_line_and_nonzero_exit(toy, bad_inputs, capsys, case, message):
     args = {"model_dir": toy["a"], "data": toy["data"], "split": "val", "batch_size": str(BATCH)}
     args.update({k: bad_inputs.get(v, v) for k, v in case.items()})
-    code = evaluate.main(["evaluate", *(f"--{k}={v}" for k, v in args.items())])
+    code = evaluate_cmd.main(["evaluate", *(f"--{k}={v}" for k, v in args.items())])
     err = capsys.readouterr().err.strip().splitlines()
     message = message.format(**bad_inputs)
     assert code == (2 if "tta" in case else 1)

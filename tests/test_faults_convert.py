@@ -12,17 +12,18 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from boneage_tpu.convert import job as make_tfrecords
+from boneage_tpu.cli import make_tfrecords as make_tfrecords_cmd
+from boneage_tpu.cli import verify_tfrecords as verify_tfrecords_cmd
 from boneage_tpu.convert import manifest as convert_manifest
 from boneage_tpu.convert import shards as convert_shards
 from boneage_tpu.core import schema
-from boneage_tpu.data import layouts, verify
+from boneage_tpu.data import layouts
 from tests.test_make_tfrecords import _convert, _dataset, _records, _shard_bytes
 
 
 def _cli(csv, folder, out, *extra):
     argv = ["make_tfrecords", f"--labels={csv}", f"--images={folder}", f"--output={out}"]
-    return make_tfrecords.main([*argv, "--num_workers=0", "--quiet", *extra])
+    return make_tfrecords_cmd.main([*argv, "--num_workers=0", "--quiet", *extra])
 
 
 def _one_line(capsys) -> str:
@@ -126,7 +127,7 @@ def test_verify_names_corrupt_truncated_and_missing_shards(tmp_path, capsys):
     csv, folder, _ = _dataset(tmp_path, n=12)
     out = tmp_path / "out"
     _convert(csv, folder, out, num_shards=3, split_name="all", encoding="png")
-    assert verify.main(["verify_tfrecords", str(out)]) == 0
+    assert verify_tfrecords_cmd.main(["verify_tfrecords", str(out)]) == 0
     assert "3 of 3 shard(s) match" in capsys.readouterr().out
     names = sorted(_shard_bytes(out))
     data = bytearray((out / names[0]).read_bytes())
@@ -134,7 +135,7 @@ def test_verify_names_corrupt_truncated_and_missing_shards(tmp_path, capsys):
     (out / names[0]).write_bytes(bytes(data))
     (out / names[1]).write_bytes((out / names[1]).read_bytes()[:100])
     (out / names[2]).unlink()
-    assert make_tfrecords.main(["make_tfrecords", f"--output={out}", "--verify"]) == 1
+    assert make_tfrecords_cmd.main(["make_tfrecords", f"--output={out}", "--verify"]) == 1
     printed = capsys.readouterr()
     lines = printed.out.splitlines()
     assert lines[0] == f"BAD {out / names[0]}: sha256 differs from the manifest (corrupted)"
@@ -144,11 +145,11 @@ def test_verify_names_corrupt_truncated_and_missing_shards(tmp_path, capsys):
         f"make_tfrecords: error: 3 shard(s) in {out} do not match manifest.json: reconvert with "
         "--overwrite"
     )
-    assert verify.main(["verify_tfrecords", str(out)]) == 1
+    assert verify_tfrecords_cmd.main(["verify_tfrecords", str(out)]) == 1
     assert capsys.readouterr().err.strip() == (
         "verify_tfrecords: error: 3 shard(s) do not match the manifest"
     )
-    assert verify.main(["verify_tfrecords", str(tmp_path / "nope")]) == 1
+    assert verify_tfrecords_cmd.main(["verify_tfrecords", str(tmp_path / "nope")]) == 1
     assert "no manifest.json in" in capsys.readouterr().err
 
 
@@ -163,11 +164,10 @@ def test_verify_names_corrupt_truncated_and_missing_shards(tmp_path, capsys):
     ],
 )
 def test_other_commands_check_flag_ranges_first(tmp_path, capsys, command, flag, message):
-    from boneage_tpu.evaluate import job as evaluate
-    from boneage_tpu.predict import job as predict
+    from boneage_tpu.cli import evaluate, predict
 
     mains = {
-        "make_tfrecords": make_tfrecords.main,
+        "make_tfrecords": make_tfrecords_cmd.main,
         "evaluate": evaluate.main,
         "predict": predict.main,
     }

@@ -10,6 +10,7 @@ import time
 import pytest
 
 import boneage_tpu
+from boneage_tpu.cli import train as train_cmd
 from boneage_tpu.core import model_dir as model_dir_lib
 from boneage_tpu.core import schema
 from boneage_tpu.train import job as train
@@ -36,7 +37,7 @@ def test_second_trainer_on_a_locked_model_dir_refuses_with_one_line(toy_data, tm
     model_dir = tmp_path / "run"
     _lock(model_dir)
     argv = ["train", f"--data={toy_data}", f"--model_dir={model_dir}", "--backbone=tiny"]
-    assert train.main([*argv, "--image_size=32", "--train_steps=1", "--val_split="]) == 1
+    assert train_cmd.main([*argv, "--image_size=32", "--train_steps=1", "--val_split="]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"train: error: {model_dir} is in use by"), err
     with pytest.raises(train_lease.LockedError) as info:
@@ -162,7 +163,7 @@ def test_resume_with_data_of_another_image_size_is_refused(toy_data, tmp_path):
 )
 def test_out_of_range_flags_are_one_line_usage_errors(tmp_path, capsys, flag, message):
     argv = ["train", f"--data={tmp_path}/data", f"--model_dir={tmp_path}/run", flag]
-    assert train.main(argv) == 2
+    assert train_cmd.main(argv) == 2
     assert capsys.readouterr().err.strip().splitlines() == [f"train: error: {message}"]
     assert not (tmp_path / "run").exists()  # Checked before any work.
 

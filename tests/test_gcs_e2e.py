@@ -66,7 +66,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # the process (no clean-up at all, as a preemption) once the given step's loop is over.
 KILLING_TRAINER = """
 import os, signal, sys
-from boneage_tpu.train import job
+from boneage_tpu.cli import train as job
 
 def hook(step):
     if step == int(os.environ["KILL_AT_STEP"]):

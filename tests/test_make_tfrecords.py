@@ -14,6 +14,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+from boneage_tpu.cli import make_tfrecords as make_tfrecords_cmd
 from boneage_tpu.convert import job as make_tfrecords
 from boneage_tpu.convert import plan
 from boneage_tpu.core import schema
@@ -354,30 +355,32 @@ def test_fatal_errors_exit_nonzero_with_one_line(tmp_path, capsys, setup, messag
         f"--output={out}",
         "--num_workers=0",
     ]
-    assert make_tfrecords.main(argv + extra) == 1
+    assert make_tfrecords_cmd.main(argv + extra) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("make_tfrecords: error: ") and message in err and "\n" not in err
     assert not (out / schema.MANIFEST_NAME).exists()
 
 
 def test_cli_usage_errors(capsys):
-    assert make_tfrecords.main(["make_tfrecords", "--labels=x.csv"]) == 2
+    assert make_tfrecords_cmd.main(["make_tfrecords", "--labels=x.csv"]) == 2
     assert "missing required flag(s): --images, --output" in capsys.readouterr().err
     assert (
-        make_tfrecords.main(
+        make_tfrecords_cmd.main(
             ["make_tfrecords", "--encoding=gif", "--labels=a", "--images=b", "--output=c"]
         )
         == 2
     )
     assert (
-        make_tfrecords.main(["make_tfrecords", "stray", "--labels=a", "--images=b", "--output=c"])
+        make_tfrecords_cmd.main(
+            ["make_tfrecords", "stray", "--labels=a", "--images=b", "--output=c"]
+        )
         == 2
     )
     assert "unexpected arguments: ['stray']" in capsys.readouterr().err
     argv = ["make_tfrecords", "--jpeg_quality=0", "--labels=a", "--images=b", "--output=c"]
-    assert make_tfrecords.main(argv) == 2
+    assert make_tfrecords_cmd.main(argv) == 2
     assert "--jpeg_quality must be >= 1, got 0" in capsys.readouterr().err
-    assert make_tfrecords.main(["make_tfrecords", "--help"]) == 0
+    assert make_tfrecords_cmd.main(["make_tfrecords", "--help"]) == 0
     assert "--target_shard_mb" in capsys.readouterr().out
 
 

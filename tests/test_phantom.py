@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from boneage_tpu.cli import make_phantom as make_phantom_cmd
 from boneage_tpu.phantom import dataset as phantom_dataset
-from boneage_tpu.phantom import job as make_phantom
 from boneage_tpu.phantom import render as phantom_render
 from boneage_tpu.phantom import sheet as phantom_sheet
 from boneage_tpu.phantom.anatomy import CARPAL_ONSET, build_scene
@@ -276,7 +276,7 @@ def test_cli_writes_data_and_contact_sheet(tmp_path, capsys):
     out, sheet = tmp_path / "p", tmp_path / "sheet.png"
     argv = ["make_phantom", f"--output={out}", "--num_images=6", "--width=96", "--height=120"]
     argv += ["--num_workers=1", f"--contact_sheet={sheet}", "--contact_sheet_size=4"]
-    assert make_phantom.main(argv) == 0
+    assert make_phantom_cmd.main(argv) == 0
     assert "wrote 6 images" in capsys.readouterr().out
     assert len(_read_csv(out / "boneage-training-dataset.csv")) == 7
     with Image.open(sheet) as im:
@@ -296,7 +296,7 @@ def test_cli_writes_data_and_contact_sheet(tmp_path, capsys):
 )
 def test_cli_bad_flags_are_one_line_errors(tmp_path, capsys, args, status, message):
     argv = ["make_phantom", *(a.replace("OUT", str(tmp_path / "out")) for a in args)]
-    assert make_phantom.main(argv) == status
+    assert make_phantom_cmd.main(argv) == status
     err = capsys.readouterr().err.strip()
     assert err.startswith("make_phantom: error:") and message in err
     assert len(err.splitlines()) == 1
@@ -307,7 +307,7 @@ def test_cli_unwritable_output_is_one_line_error(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     argv = ["make_phantom", f"--output={blocker}/sub", "--num_images=2", "--num_workers=1"]
-    assert make_phantom.main(argv) == 1
+    assert make_phantom_cmd.main(argv) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("make_phantom: error: cannot create") and len(err.splitlines()) == 1
 

@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from boneage_tpu.cli import predict as predict_cmd
 from boneage_tpu.convert import job as make_tfrecords
 from boneage_tpu.core import schema
 from boneage_tpu.evaluate import job as evaluate
@@ -119,7 +120,7 @@ def test_cli_prints_months_for_png_jpeg_and_dicom(phantom, tmp_path, capsys):
     Image.fromarray(image).save(tmp_path / "b.jpg")
     write_dicom(tmp_path / "c.dcm", image)
     paths = [str(tmp_path / n) for n in ("a.png", "b.jpg", "c.dcm")]
-    assert predict.main(["predict", f"--model={phantom['model']}", "--sex=F", *paths]) == 0
+    assert predict_cmd.main(["predict", f"--model={phantom['model']}", "--sex=F", *paths]) == 0
     lines = capsys.readouterr().out.strip().splitlines()[1:]
     assert [line.split()[0] for line in lines] == ["a", "b", "c"]
     assert all(math.isfinite(float(line.split()[2])) for line in lines)
@@ -127,7 +128,7 @@ def test_cli_prints_months_for_png_jpeg_and_dicom(phantom, tmp_path, capsys):
 
 def test_cli_prints_a_table_and_writes_csv(phantom, tmp_path, capsys):
     pngs = sorted(str(p) for p in phantom["images"].glob("*.png"))[:3]
-    assert predict.main(["predict", f"--model={phantom['model']}", "--sex=M", *pngs]) == 0
+    assert predict_cmd.main(["predict", f"--model={phantom['model']}", "--sex=M", *pngs]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert out[0].split()[:4] == ["id", "sex", "months", "years"]
     assert len(out) == 4
@@ -138,7 +139,7 @@ def test_cli_prints_a_table_and_writes_csv(phantom, tmp_path, capsys):
         assert float(fields[3]) == pytest.approx(float(fields[2]) / 12, abs=0.06)
     target = tmp_path / "out.csv"
     args = ["predict", f"--model={phantom['model']}", "--sex=F", f"--output={target}", *pngs]
-    assert predict.main(args) == 0
+    assert predict_cmd.main(args) == 0
     with open(target, newline="") as f:
         table = list(csv.DictReader(f))
     assert [r["path"] for r in table] == pngs
@@ -149,7 +150,7 @@ def test_cli_writes_one_heatmap_overlay_per_image(phantom, tmp_path, capsys):
     pngs = sorted(str(p) for p in phantom["images"].glob("*.png"))[:4]
     maps = tmp_path / "maps"
     args = ["predict", f"--model={phantom['model']}", "--sex=F", f"--heatmaps={maps}", *pngs]
-    assert predict.main(args) == 0
+    assert predict_cmd.main(args) == 0
     assert f"wrote 4 heatmaps to {maps}" in capsys.readouterr().out
     assert sorted(p.stem for p in maps.glob("*.png")) == sorted(pathlib.Path(p).stem for p in pngs)
     for path in maps.glob("*.png"):
@@ -182,7 +183,7 @@ def test_tta_flip_averages_mirror(phantom, tmp_path):
 def test_real_rsna_sample_pngs(phantom, rsna_sample_dir, capsys):
     csv_path = rsna_sample_dir / "boneage-training-dataset.csv"
     images = rsna_sample_dir / "boneage-training-dataset"
-    code = predict.main(
+    code = predict_cmd.main(
         ["predict", f"--model={phantom['model']}", f"--labels={csv_path}", f"--images={images}"]
     )
     captured = capsys.readouterr()
@@ -220,15 +221,15 @@ def bad_files(phantom, tmp_path):
             "{dir}/tiny.png: does not look like a hand radiograph: image too small",
         ),
         (["--sex=F", "{dir}/white.png"], "white.png: does not look like a hand radiograph: near"),
-        (["{good}"], "uses the sex input: give --sex M or F"),
         (["--sex=X", "{good}"], "--sex must be M or F"),
         ([], "no images"),
+        (["{good}"], "uses the sex input: give --sex M or F"),
         (["--labels={dir}/none.csv", "--images={dir}"], "labels CSV not found"),
     ],
 )
 def test_bad_input_exits_nonzero_with_clear_line(phantom, bad_files, capsys, args, message):
     argv = ["predict", f"--model={phantom['model']}", *(a.format(**bad_files) for a in args)]
-    assert predict.main(argv) == 1
+    assert predict_cmd.main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()
     message = message.format(**bad_files)
     assert err[-1].startswith("predict: error:") and message in err[-1], err
@@ -238,7 +239,7 @@ def test_bad_input_exits_nonzero_with_clear_line(phantom, bad_files, capsys, arg
 
 def test_force_predicts_an_implausible_image_with_a_warning(phantom, bad_files, capsys):
     argv = ["predict", f"--model={phantom['model']}", "--sex=F", "--force"]
-    assert predict.main([*argv, f"{bad_files['dir']}/white.png"]) == 0
+    assert predict_cmd.main([*argv, f"{bad_files['dir']}/white.png"]) == 0
     captured = capsys.readouterr()
     assert captured.err.strip() == (
         f"warning: {bad_files['dir']}/white.png: near-constant image (std 0.0 grey levels): "
@@ -257,7 +258,7 @@ def test_force_predicts_an_implausible_image_with_a_warning(phantom, bad_files, 
 )
 def test_bad_model_exits_nonzero(bad_files, capsys, model, message):
     argv = ["predict", f"--model={model.format(**bad_files)}", "--sex=F", bad_files["good"]]
-    assert predict.main(argv) == 1
+    assert predict_cmd.main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
 
@@ -271,7 +272,7 @@ def test_skip_unreadable_predicts_the_rest(phantom, bad_files, capsys):
         bad_files["good"],
         f"{bad_files['dir']}/junk.png",
     ]
-    assert predict.main(argv) == 0
+    assert predict_cmd.main(argv) == 0
     captured = capsys.readouterr()
     assert "skipped" in captured.err and "junk.png" in captured.err
     assert len(captured.out.strip().splitlines()) == 2

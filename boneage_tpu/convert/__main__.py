@@ -1,7 +1,7 @@
-"""`python -m boneage_tpu.convert`: see `boneage_tpu.convert.job`."""
+"""`python -m boneage_tpu.convert`: runs `boneage_tpu.cli.make_tfrecords`."""
 
 import sys
 
-from boneage_tpu.convert.job import main
+from boneage_tpu.cli.make_tfrecords import main
 
 sys.exit(main(sys.argv))

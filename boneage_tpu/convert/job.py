@@ -6,6 +6,9 @@ PATH is a local folder or gs://bucket/prefix. The result: `<split>-NNNNN-of-NNNN
 shards (records as in `boneage_tpu.core.schema`), TFDS `dataset_info.json`/`features.json`, and
 `manifest.json`, written last. An interrupted run resumes where it stopped when rerun with the
 same arguments, and gives the same bytes as an uninterrupted one; `--overwrite` starts again.
+
+One module of some 410 lines because resuming, racing workers and the disk-full path all
+guard the one write of the manifest.
 """
 
 from __future__ import annotations
@@ -18,14 +21,12 @@ import hashlib
 import math
 import os
 import signal
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import tensorflow as tf
 import tqdm
 
-from boneage_tpu import cli
 from boneage_tpu.cli import option
 from boneage_tpu.convert import manifest as convert_output
 from boneage_tpu.convert import plan as plan_lib
@@ -409,12 +410,7 @@ def run(
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Parses the flags and runs `convert`; returns the exit status."""
+def kill_hook_from_env() -> Callable[[str], None] | None:
+    """The CLI's test hook: SIGKILL after `$BONEAGE_TPU_KILL_AFTER_SHARDS` shards, when set."""
     kill_after = int(os.environ.get(KILL_ENV, "0") or 0)
-    hook = _kill_after(kill_after) if kill_after > 0 else None
-    return cli.main("make_tfrecords", ConvertConfig, lambda c: run(c, hook), argv, __doc__)
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    return _kill_after(kill_after) if kill_after > 0 else None

@@ -19,6 +19,9 @@ small images too, so every record and every prediction input follows one scale c
 "longest side = image_size".
 
 Importing this module does not import TensorFlow (only `read_bytes` needs it).
+
+One module of some 440 lines because every input kind's decoding must stay beside the
+others: the converter and predict must prepare pixels identically.
 """
 
 from __future__ import annotations

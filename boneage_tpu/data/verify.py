@@ -101,26 +101,3 @@ def verify(data_dir: str, out: Any = None) -> int:
             )
     print(f"{count - bad} of {count} shard(s) match {schema.MANIFEST_NAME}", file=out)
     return bad
-
-
-def main(argv: Sequence[str]) -> int:
-    """`python -m tools.verify_tfrecords DATA`: exit 0 when every shard matches, else 1."""
-    if len(argv) != 2 or argv[1].startswith("-"):
-        print(
-            "verify_tfrecords: error: usage: python -m tools.verify_tfrecords DATA", file=sys.stderr
-        )
-        return 2
-    try:
-        bad = verify(argv[1].rstrip("/"))
-    except (schema.ManifestError, tf.errors.OpError) as e:
-        message = " ".join(str(getattr(e, "message", e)).split())
-        print(f"verify_tfrecords: error: {message}", file=sys.stderr)
-        return 1
-    if bad:
-        print(f"verify_tfrecords: error: {bad} shard(s) do not match the manifest", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv))

@@ -1,7 +1,7 @@
-"""`python -m boneage_tpu.evaluate`: see `boneage_tpu.evaluate.job`."""
+"""`python -m boneage_tpu.evaluate`: runs `boneage_tpu.cli.evaluate`."""
 
 import sys
 
-from boneage_tpu.evaluate.job import main
+from boneage_tpu.cli.evaluate import main
 
 sys.exit(main(sys.argv))

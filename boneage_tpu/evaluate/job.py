@@ -17,15 +17,12 @@ one extra pass over the split, the first model's maps); `--no_gallery` skips bot
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
 from typing import Any
 
 import tensorflow as tf
 
-from boneage_tpu import cli
-from boneage_tpu.core import config as config_lib
 from boneage_tpu.core import distribute
-from boneage_tpu.evaluate import continuous, report
+from boneage_tpu.evaluate import continuous
 from boneage_tpu.evaluate.once import (
     EvalConfig,
     EvalError,
@@ -35,7 +32,7 @@ from boneage_tpu.evaluate.once import (
     validate,
 )
 
-__all__ = ["EvalConfig", "EvalError", "evaluate_once", "main", "output_name", "run"]
+__all__ = ["EvalConfig", "EvalError", "evaluate_once", "output_name", "run"]
 
 
 def run(
@@ -66,27 +63,3 @@ def run(
     if config.continuous:
         return continuous.run_continuous(config, strategy)
     return evaluate_once(config, strategy)
-
-
-def _job(config: EvalConfig) -> None:
-    result = run(config)
-    if config.continuous:
-        print(f"evaluated steps {result['evaluated_steps']}; stopped: {result['stop_reason']}")
-        return
-    report_path = config_lib.join(result["output"], report.REPORT_HTML_NAME)
-    if result["mae_months"] is None:
-        print(f"n={result['n']}, no labels: predictions only; report: {report_path}")
-    else:
-        print(
-            f"mae_months {result['mae_months']:.3f} (mean predictor "
-            f"{result['mean_predictor_mae_months']:.3f}) n={result['n']}; report: {report_path}"
-        )
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Parses the flags in `argv` (argv[0] is the program) and runs the job; returns exit code."""
-    return cli.main("evaluate", EvalConfig, _job, argv, __doc__)
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv))

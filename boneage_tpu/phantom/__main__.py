@@ -1,7 +1,7 @@
-"""`python -m boneage_tpu.phantom`: see `boneage_tpu.phantom.job`."""
+"""`python -m boneage_tpu.phantom`: runs `boneage_tpu.cli.make_phantom`."""
 
 import sys
 
-from boneage_tpu.phantom.job import main
+from boneage_tpu.cli.make_phantom import main
 
 sys.exit(main(sys.argv))

@@ -29,13 +29,7 @@ PNG bytes are identical between runs. Images are 8-bit grayscale PNGs of about -
 from __future__ import annotations
 
 import dataclasses
-import sys
-import time
-from collections.abc import Sequence
 
-import numpy as np
-
-from boneage_tpu import cli
 from boneage_tpu.cli import option
 from boneage_tpu.phantom.dataset import LAYOUTS, PhantomError, PhantomRecord, generate, plan_records
 from boneage_tpu.phantom.render import render_phantom
@@ -47,7 +41,6 @@ __all__ = [
     "PhantomError",
     "PhantomRecord",
     "generate",
-    "main",
     "plan_records",
     "render_phantom",
     "run",
@@ -118,26 +111,3 @@ def _generate(config: PhantomConfig) -> list[PhantomRecord]:
         num_workers=config.num_workers,
         overwrite=config.overwrite,
     )
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Parses the flags in `argv` (argv[0] is the program) and runs; returns the exit status."""
-    return cli.main("make_phantom", PhantomConfig, _job, argv, __doc__)
-
-
-def _job(config: PhantomConfig) -> None:
-    start = time.perf_counter()
-    records = run(config)
-    if records:
-        labels = np.array([r.label_months for r in records])
-        print(
-            f"wrote {len(records)} images ({config.layout} layout) to {config.output} in "
-            f"{time.perf_counter() - start:.1f} s; labels {labels.min()}..{labels.max()} months,"
-            f" mean {labels.mean():.1f}"
-        )
-    if config.contact_sheet:
-        print(f"wrote contact sheet {config.contact_sheet}")
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv))

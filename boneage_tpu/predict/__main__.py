@@ -1,7 +1,7 @@
-"""`python -m boneage_tpu.predict`: see `boneage_tpu.predict.job`."""
+"""`python -m boneage_tpu.predict`: runs `boneage_tpu.cli.predict`."""
 
 import sys
 
-from boneage_tpu.predict.job import main
+from boneage_tpu.cli.predict import main
 
 sys.exit(main(sys.argv))

@@ -24,7 +24,6 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from boneage_tpu import cli
 from boneage_tpu.cli import check, option
 from boneage_tpu.core import config as config_lib
 from boneage_tpu.core import model_dir as model_dir_lib
@@ -273,24 +272,3 @@ def run(config: PredictConfig) -> list[dict[str, Any]]:
         for item, path in zip(items, written, strict=True):
             item["heatmap"] = path
     return items
-
-
-def _job(config: PredictConfig) -> None:
-    rows = run(config)
-    if config.output:
-        with tf.io.gfile.GFile(config.output, "w") as f:
-            f.write(predict_io.format_rows(rows, as_csv=True))
-        print(f"wrote {len(rows)} predictions to {config.output}")
-    else:
-        sys.stdout.write(predict_io.format_rows(rows, as_csv=False))
-    if config.heatmaps:
-        print(f"wrote {len(rows)} heatmaps to {config.heatmaps}")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Parses `argv` (argv[0] is the program), predicts and prints; returns the exit code."""
-    return cli.main("predict", PredictConfig, _job, argv, __doc__)
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv))

@@ -1,7 +1,7 @@
-"""`python -m boneage_tpu.quickstart`: see `boneage_tpu.quickstart.job`."""
+"""`python -m boneage_tpu.quickstart`: runs `boneage_tpu.cli.quickstart`."""
 
 import sys
 
-from boneage_tpu.quickstart.job import main
+from boneage_tpu.cli.quickstart import main
 
 sys.exit(main(sys.argv))

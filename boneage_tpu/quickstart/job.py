@@ -16,12 +16,9 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import shutil
-import sys
 import time
-from collections.abc import Sequence
 from typing import Any
 
-from boneage_tpu import cli
 from boneage_tpu.cli import option
 
 PHANTOM_STAMP = "quickstart.json"
@@ -155,12 +152,3 @@ def run(config: QuickstartConfig) -> dict[str, Any]:
     if report:
         print(f"report: {report}")
     return metrics
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Parses the flags in `argv` (argv[0] is the program) and runs; returns the exit status."""
-    return cli.main("quickstart", QuickstartConfig, run, argv, __doc__)
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv))

@@ -1,7 +1,7 @@
-"""`python -m boneage_tpu.train`: see `boneage_tpu.train.job`."""
+"""`python -m boneage_tpu.train`: runs `boneage_tpu.cli.train`."""
 
 import sys
 
-from boneage_tpu.train.job import main
+from boneage_tpu.cli.train import main
 
 sys.exit(main(sys.argv))

@@ -12,7 +12,7 @@ import contextlib
 import dataclasses
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 # Quiets TensorFlow's C++ start-up logging when run as a program (no effect once TF is loaded).
@@ -21,9 +21,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from absl import logging  # noqa: E402
 
-from boneage_tpu import cli  # noqa: E402
 from boneage_tpu.core import config as config_lib  # noqa: E402
 from boneage_tpu.core import distribute, schema  # noqa: E402
 from boneage_tpu.core import model_dir as model_dir_lib  # noqa: E402
@@ -298,22 +296,3 @@ def _run_locked(session: Session, after_loop: Callable[[int], None] | None) -> d
     model_dir_lib.write_done(config.model_dir, current, metrics)
     log(f"done: step {current}, exports in {model_dir_lib.export_dir(config.model_dir)}")
     return result
-
-
-def _job(config: config_lib.TrainConfig, after_loop: Callable[[int], None] | None) -> None:
-    # absl and TF log INFO by default; that would bury the progress lines.
-    logging.set_verbosity(logging.WARNING)
-    tf.get_logger().setLevel("WARNING")
-    run(config, after_loop=after_loop)
-
-
-def main(
-    argv: Sequence[str] | None = None, *, after_loop: Callable[[int], None] | None = None
-) -> int:
-    """Runs `python -m boneage_tpu.train` on `argv` (argv[0] is the program); returns the status.
-
-    Args:
-      argv: the command line.
-      after_loop: passed to `run` (tests use it to kill a run mid-way).
-    """
-    return cli.main("train", config_lib.TrainConfig, lambda c: _job(c, after_loop), argv, __doc__)

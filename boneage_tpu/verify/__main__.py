@@ -1,7 +1,7 @@
-"""`python -m boneage_tpu.verify`: see `boneage_tpu.data.verify`."""
+"""`python -m boneage_tpu.verify`: runs `boneage_tpu.cli.verify_tfrecords`."""
 
 import sys
 
-from boneage_tpu.data.verify import main
+from boneage_tpu.cli.verify_tfrecords import main
 
 sys.exit(main(sys.argv))

@@ -1,1 +1,1 @@
-"""`python -m tools.verify_tfrecords DATA`: runs `boneage_tpu.verify`."""
+"""`python -m tools.verify_tfrecords DATA`: runs `boneage_tpu.cli.verify_tfrecords`."""

@@ -1,5 +1,5 @@
 import sys
 
-from boneage_tpu.data.verify import main
+from boneage_tpu.cli.verify_tfrecords import main
 
 sys.exit(main(sys.argv))
