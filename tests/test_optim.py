@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from boneage_tpu import UsageError
 from boneage_tpu.modeling import optim
 
 
@@ -57,7 +58,7 @@ def test_make_optimizer_kinds_and_errors() -> None:
         loss_scale=True,
     )
     assert isinstance(scaled, keras.optimizers.LossScaleOptimizer)
-    with pytest.raises(ValueError, match="--weight_decay needs --optimizer adamw"):
+    with pytest.raises(UsageError, match="--weight_decay needs --optimizer adamw"):
         optim.make_optimizer(
             name="adam",
             learning_rate=1e-3,

@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 from absl import flags
 
-from boneage_tpu import cli
+from boneage_tpu import UsageError, cli
 from boneage_tpu.core import config as config_lib
 from boneage_tpu.core import model_dir
 from boneage_tpu.evaluate import job as evaluate
@@ -409,7 +409,7 @@ def test_fold_training_uses_the_other_folds_and_their_stats(tmp_path) -> None:
     train_ages = [a for i, a in enumerate(ages) if str(i) not in fold1]
     assert saved.label_mean == pytest.approx(np.mean(train_ages))
     assert result["val_count"] == manifest["splits"]["fold1"]["count"]
-    with pytest.raises(ValueError, match="--fold 3: the data has folds 0..2"):
+    with pytest.raises(UsageError, match="--fold 3: the data has folds 0..2"):
         train.run(_config(data_dir, tmp_path / "fold3", fold=3))
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from boneage_tpu import UsageError
 from boneage_tpu.core import config as config_lib
 from boneage_tpu.core import distribute
 from boneage_tpu.data import augment
@@ -159,7 +160,7 @@ def test_auto_precision_picks_bf16_on_ampere_and_newer(monkeypatch, platform, ca
 
 
 def test_fp16_on_tpu_is_refused_in_one_line():
-    with pytest.raises(ValueError, match=r"^--precision fp16 is not supported on TPU"):
+    with pytest.raises(UsageError, match=r"^--precision fp16 is not supported on TPU"):
         setup.resolve_settings(config_lib.TrainConfig(precision="fp16"), "tpu")
     assert setup.resolve_settings(config_lib.TrainConfig(precision="fp16"), "gpu")["precision"] == (
         "fp16"

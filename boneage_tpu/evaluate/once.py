@@ -25,7 +25,7 @@ from boneage_tpu.core import config as config_lib
 from boneage_tpu.core import model_dir as model_dir_lib
 from boneage_tpu.core import schema
 from boneage_tpu.core.config import BIG
-from boneage_tpu.core.errors import Error
+from boneage_tpu.core.errors import Error, UsageError
 from boneage_tpu.data import verify
 from boneage_tpu.evaluate import gallery, metrics, report
 from boneage_tpu.inference import heatmap, restore
@@ -46,7 +46,7 @@ class EvalConfig:
         "members' predictions).",
         flag="model_dir",
     )
-    data: str = option("", "TFRecord folder written by tools.make_tfrecords.")
+    data: str = option("", "TFRecord folder written by boneage-make-tfrecords.")
     split: str = option("val", "Split of the data to evaluate.")
     checkpoint: str = option("latest", "latest, export or a training step.")
     tta: str = option(
@@ -110,13 +110,13 @@ def validate(config: EvalConfig) -> None:
     """Raises UsageError or EvalError for settings that cannot work, before any model is loaded."""
     check(config)
     if not config.model_dirs:
-        raise EvalError("--model_dir is required (repeat it to evaluate an ensemble)")
+        raise UsageError("--model_dir is required (repeat it to evaluate an ensemble)")
     if not config.data:
-        raise EvalError("--data is required: a folder written by tools.make_tfrecords")
+        raise UsageError("--data is required: a folder written by boneage-make-tfrecords")
     if config.continuous and len(config.model_dirs) > 1:
-        raise EvalError("--continuous follows one training run: give a single --model_dir")
+        raise UsageError("--continuous follows one training run: give a single --model_dir")
     if config.continuous and config.checkpoint not in ("latest", ""):
-        raise EvalError("--continuous evaluates every new checkpoint: drop --checkpoint")
+        raise UsageError("--continuous evaluates every new checkpoint: drop --checkpoint")
 
 
 def read_data_manifest(data_dir: str, split: str) -> tuple[dict[str, Any], str]:

@@ -8,7 +8,7 @@ import keras
 import tensorflow as tf
 
 from boneage_tpu.core.config import LOSSES, OPTIMIZERS, SCHEDULES
-from boneage_tpu.core.errors import ConfigError
+from boneage_tpu.core.errors import ConfigError, UsageError
 
 
 class PlateauState(tf.Module):
@@ -149,7 +149,7 @@ def make_optimizer(
         optimizer = keras.optimizers.AdamW(learning_rate=lr, weight_decay=weight_decay)
     else:
         if weight_decay:
-            raise ConfigError("--weight_decay needs --optimizer adamw (Adam's L2 is not decoupled)")
+            raise UsageError("--weight_decay needs --optimizer adamw (Adam's L2 is not decoupled)")
         optimizer = keras.optimizers.Adam(learning_rate=lr)
     if loss_scale:
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)

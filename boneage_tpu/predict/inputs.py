@@ -16,7 +16,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from boneage_tpu.core.errors import Error
+from boneage_tpu.core.errors import Error, UsageError
 from boneage_tpu.data import layouts
 
 _SEX = {"m": 1.0, "male": 1.0, "1": 1.0, "f": 0.0, "female": 0.0, "0": 0.0}
@@ -30,7 +30,7 @@ def parse_sex(value: str) -> float:
     """Maps M/F (also male/female, 1/0; any case) to the model's `male` input."""
     key = str(value).strip().lower()
     if key not in _SEX:
-        raise PredictError(f"--sex must be M or F, got {value!r}")
+        raise UsageError(f"--sex must be M or F, got {value!r}")
     return _SEX[key]
 
 
@@ -65,12 +65,12 @@ def list_inputs(
     """
     if labels or images_dir:
         if not (labels and images_dir) or paths:
-            raise PredictError("use either IMAGE files or --labels CSV with --images DIR")
+            raise UsageError("use either IMAGE files or --labels CSV with --images DIR")
         if sex:
-            raise PredictError("--sex is for IMAGE files; with --labels each row gives the sex")
+            raise UsageError("--sex is for IMAGE files; with --labels each row gives the sex")
         return labeled_items(labels, images_dir)
     if not paths:
-        raise PredictError("no images: give IMAGE files or --labels CSV --images DIR")
+        raise UsageError("no images: give IMAGE files or --labels CSV --images DIR")
     male = parse_sex(sex) if sex else None
     for path in paths:
         if tf.io.gfile.isdir(path):

@@ -25,7 +25,7 @@ import tensorflow as tf  # noqa: E402
 from boneage_tpu.core import config as config_lib  # noqa: E402
 from boneage_tpu.core import distribute, schema  # noqa: E402
 from boneage_tpu.core import model_dir as model_dir_lib  # noqa: E402
-from boneage_tpu.core.errors import ConfigError, Error  # noqa: E402
+from boneage_tpu.core.errors import Error, UsageError  # noqa: E402
 from boneage_tpu.data import verify  # noqa: E402
 from boneage_tpu.inference import runner as inference  # noqa: E402
 from boneage_tpu.modeling import export, heads  # noqa: E402
@@ -183,8 +183,6 @@ def _train(
 def _fit_bias_correction(session: Session) -> dict[str, float]:
     """Fits the linear bias correction on the validation predictions; saves it in config.json."""
     config = session.config
-    if not (config.data and config.val_split):
-        raise ConfigError("--fit_bias_correction needs --data and a --val_split to fit on")
     predictions = inference.predict_split(
         session.model,
         config.data,
@@ -235,6 +233,8 @@ def run(
        "val_loss", "val_count", "exports"}; the train keys are those of the last loop (absent
       when the run was already finished), the val keys need a validation split.
     """
+    if config.fit_bias_correction and not (config.data and config.val_split):
+        raise UsageError("--fit_bias_correction needs --data and a --val_split to fit on")
     config = dataclasses.replace(config)
     session = prepare(config, strategy, datasets, log)
     try:

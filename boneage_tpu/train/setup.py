@@ -18,7 +18,7 @@ import tensorflow as tf
 from boneage_tpu.core import config as config_lib
 from boneage_tpu.core import distribute, schema
 from boneage_tpu.core import model_dir as model_dir_lib
-from boneage_tpu.core.errors import ConfigError
+from boneage_tpu.core.errors import ConfigError, UsageError
 from boneage_tpu.data import augment
 from boneage_tpu.data import pipeline as data
 from boneage_tpu.modeling import optim
@@ -65,7 +65,7 @@ def resolve_settings(
         if capability is not None and capability >= (8, 0):
             precision = "bf16"
     if platform == "tpu" and precision == "fp16":
-        raise ValueError(
+        raise UsageError(
             "--precision fp16 is not supported on TPU (no fp16 matrix units): use bf16 (auto) "
             "or fp32"
         )
@@ -98,11 +98,11 @@ def resolve_splits(config: config_lib.TrainConfig, manifest: Mapping[str, Any]) 
         return
     folds = schema.fold_count(manifest)
     if folds == 0:
-        raise ValueError(
+        raise UsageError(
             f"--fold {config.fold}: {config.data} has no folds (convert with --num_folds K)"
         )
     if config.fold >= folds:
-        raise ValueError(f"--fold {config.fold}: the data has folds 0..{folds - 1}")
+        raise UsageError(f"--fold {config.fold}: the data has folds 0..{folds - 1}")
     config.train_split = "+".join(schema.fold_split(k) for k in range(folds) if k != config.fold)
     config.val_split = schema.fold_split(config.fold)
 
