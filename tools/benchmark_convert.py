@@ -28,6 +28,7 @@ import tensorflow as tf
 from absl import flags
 from PIL import Image
 
+from boneage_tpu import cli
 from boneage_tpu.convert import job as make_tfrecords
 from boneage_tpu.convert import workers as convert_workers
 from boneage_tpu.data import images
@@ -179,11 +180,9 @@ def _define_flags() -> flags.FlagValues:
 def main(argv: Sequence[str]) -> int:
     """Parses the flags and runs the benchmark; returns the exit status."""
     fv = _define_flags()
-    try:
-        fv(list(argv))
-    except flags.Error as e:
-        print(f"benchmark_convert: error: {e}", file=sys.stderr)
-        return 2
+    _, status = cli.parse_flags("benchmark_convert", fv, argv, __doc__)
+    if status is not None:
+        return status
     if not tf.io.gfile.exists(fv.labels) or not tf.io.gfile.isdir(fv.images):
         print(f"benchmark_convert: error: {fv.labels} or {fv.images} not found", file=sys.stderr)
         return 1

@@ -30,6 +30,8 @@ import tempfile
 import time
 from typing import Any
 
+from boneage_tpu import cli
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 STAGES = ("seed", "host", "full", "floor")
 STEPS_PER_CALL = 8  # batches per tf.function call in (b) and (c), like --steps_per_loop
@@ -376,13 +378,11 @@ def _define_flags() -> Any:
 
 def main(argv: list[str]) -> None:
     """Parses the command line and runs the benchmark (or, internally, one stage)."""
-    from absl import flags
 
     fv = _define_flags()
-    try:
-        fv(argv)
-    except flags.Error as e:
-        raise SystemExit(f"error: {e}") from None
+    _, status = cli.parse_flags("benchmark_input", fv, argv, __doc__)
+    if status is not None:
+        raise SystemExit(status)
     try:
         if fv._stage:
             config = BenchConfig(**json.loads(fv._config))

@@ -13,8 +13,11 @@ import dataclasses
 import json
 import os
 import platform
+import sys
 from collections.abc import Sequence
 
+from boneage_tpu import cli
+from boneage_tpu.cli import option
 from boneage_tpu.quickstart import job as quickstart
 
 
@@ -54,22 +57,26 @@ def run(output: str, seed: int = 0) -> dict[str, float]:
     return result
 
 
-def main(argv: Sequence[str]) -> None:
-    """Runs the benchmark with the flags in argv."""
-    from absl import flags
+@dataclasses.dataclass
+class LearningConfig:
+    """Settings of the learning proof."""
 
-    del argv
-    values = flags.FLAGS
-    result = run(values.output, values.seed)
-    if values.json:
-        with open(values.json, "w", encoding="utf-8") as f:
+    output: str = option("runs/benchmark_learning", "Folder for both runs.")
+    seed: int = option(0, "Seed of phantom, split and training.", min=0, max=2**31 - 1)
+    json: str = option("", "Also write the figures as one JSON object here.")
+
+
+def _job(config: LearningConfig) -> None:
+    result = run(config.output, config.seed)
+    if config.json:
+        with open(config.json, "w", encoding="utf-8") as f:
             json.dump(result, f, indent=2)
 
 
-if __name__ == "__main__":
-    from absl import app, flags
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parses the flags in `argv` (argv[0] is the program) and runs; returns the exit status."""
+    return cli.main("benchmark_learning", LearningConfig, _job, argv, __doc__)
 
-    flags.DEFINE_string("output", "runs/benchmark_learning", "Folder for both runs.")
-    flags.DEFINE_integer("seed", 0, "Seed of phantom, split and training.")
-    flags.DEFINE_string("json", "", "Also write the figures as one JSON object here.")
-    app.run(main)
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

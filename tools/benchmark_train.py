@@ -28,6 +28,8 @@ import sys
 import time
 from typing import Any
 
+from boneage_tpu import cli
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
@@ -204,15 +206,13 @@ def _define_flags() -> Any:
 
 def main(argv: list[str]) -> None:
     """Parses the command line and runs the benchmark."""
-    from absl import flags
 
     from boneage_tpu.modeling.model import BACKBONES, PRECISIONS
 
     fv = _define_flags()
-    try:
-        fv(argv)
-    except flags.Error as e:
-        raise SystemExit(f"error: {e}") from None
+    _, status = cli.parse_flags("benchmark_train", fv, argv, __doc__)
+    if status is not None:
+        raise SystemExit(status)
     if not fv.data:
         raise SystemExit("error: --data is required (a folder written by tools.make_tfrecords)")
     for name, values, allowed in (
