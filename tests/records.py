@@ -1,7 +1,7 @@
 """Writes tiny TFRecord datasets in the converter's format, for fast unit tests.
 
-Independent of `tools.make_tfrecords` on purpose: reader, trainer and evaluator tests use it to
-get a valid data folder (shards + manifest.json) in milliseconds, with a simple learnable
+Independent of the converter (`boneage_tpu.convert`) on purpose: reader, trainer and evaluator
+tests use it to get a valid data folder (shards + manifest.json) in milliseconds, with a simple learnable
 signal (a bright bar whose length grows with age).
 """
 

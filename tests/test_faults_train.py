@@ -119,7 +119,7 @@ def test_corrupt_shard_is_named_when_training_reads_it(tmp_path):
         train.run(_config(str(data_dir), tmp_path / "run", train_steps=1, val_split=""))
     message = str(info.value)
     assert message.startswith(f"corrupt data shard {shard}: sha256 differs from the manifest")
-    assert "tools.verify_tfrecords" in message and "\n" not in message
+    assert "boneage-verify-tfrecords" in message and "\n" not in message
 
 
 def test_manifest_that_is_not_json_names_the_file(tmp_path):
@@ -142,7 +142,7 @@ def test_resume_with_data_of_another_image_size_is_refused(toy_data, tmp_path):
         train.run(_config(str(other), model_dir, train_steps=2, val_split=""))
     assert str(info.value) == (
         f"{model_dir} holds checkpoints trained on data stored at 40 px, but --data {other} is "
-        "stored at 64 px: resume with data converted with tools.make_tfrecords --image_size 40, "
+        "stored at 64 px: resume with data converted with boneage-make-tfrecords --image_size 40, "
         "or use a new --model_dir"
     )
     assert (model_dir / "config.json").read_bytes() == before

@@ -1,6 +1,6 @@
 """Converts RSNA bone-age images + labels CSV into sharded TFRecords, a manifest and TFDS metadata.
 
-    python -m tools.make_tfrecords --labels CSV --images DIR --output PATH [--image_size 512]
+    boneage-make-tfrecords --labels CSV --images DIR --output PATH [--image_size 512]
 
 PATH is a local folder or gs://bucket/prefix. The result: `<split>-NNNNN-of-NNNNN.tfrecord`
 shards (records as in `boneage_tpu.core.schema`), TFDS `dataset_info.json`/`features.json`, and

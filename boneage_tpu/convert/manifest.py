@@ -165,7 +165,7 @@ def _write_tfds_metadata(output: str, manifest: dict[str, Any]) -> None:
         split_infos=split_infos,
         filename_template=TFDS_FILENAME_TEMPLATE,
         check_data=False,
-        description="RSNA pediatric bone age records written by tools.make_tfrecords",
+        description="RSNA pediatric bone age records written by boneage-make-tfrecords",
     )
 
 

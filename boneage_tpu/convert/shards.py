@@ -1,4 +1,4 @@
-"""Resumable shard writing for `tools.make_tfrecords`.
+"""Resumable shard writing for `boneage-make-tfrecords`.
 
 Records are written in plan order (images come prepared from `boneage_tpu.convert.workers`), so the
 output never depends on the number of workers.

@@ -1,4 +1,4 @@
-"""Worker processes that read, decode, resize and encode images for `tools.make_tfrecords`.
+"""Worker processes that read, decode, resize and encode images for `boneage-make-tfrecords`.
 
 Workers read local files themselves and decode, resize and encode them (`boneage_tpu.data.images`);
 object-store files (gs://) are read by many threads of the main process (latency-bound) and

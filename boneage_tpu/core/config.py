@@ -51,7 +51,7 @@ class TrainConfig:
 
     data: str = option(
         "",
-        "TFRecord folder from tools.make_tfrecords (local or gs://; holds manifest.json).",
+        "TFRecord folder from boneage-make-tfrecords (local or gs://; holds manifest.json).",
         required=True,
     )
     model_dir: str = option(

@@ -1,6 +1,6 @@
 """The one TFRecord schema and manifest format, shared by the converter and every reader.
 
-Writer (`tools.make_tfrecords`) and readers (`boneage_tpu.data.pipeline`, evaluation, TFDS) take the
+Writer (`boneage-make-tfrecords`) and readers (`boneage_tpu.data.pipeline`, evaluation, TFDS) take the
 feature names, types and the stratum definition from here and nowhere else.
 """
 
@@ -132,7 +132,7 @@ def read_manifest(data_dir: str) -> dict[str, Any]:
     path = f"{data_dir.rstrip('/')}/{MANIFEST_NAME}"
     if not tf.io.gfile.exists(path):
         raise ManifestError(
-            f"no {MANIFEST_NAME} in {data_dir}: is it an output folder of tools.make_tfrecords?"
+            f"no {MANIFEST_NAME} in {data_dir}: is it an output folder of boneage-make-tfrecords?"
         )
     try:
         with tf.io.gfile.GFile(path, "r") as f:
@@ -140,7 +140,7 @@ def read_manifest(data_dir: str) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ManifestError(
             f"{path} is not valid JSON ({' '.join(str(e).split())}): the conversion was cut "
-            "short or the file was edited; rerun tools.make_tfrecords --overwrite"
+            "short or the file was edited; rerun boneage-make-tfrecords --overwrite"
         ) from None
     if not isinstance(manifest, dict):
         raise ManifestError(f"{path} is not a manifest (a JSON {type(manifest).__name__})")
@@ -148,7 +148,7 @@ def read_manifest(data_dir: str) -> dict[str, Any]:
     if version != SCHEMA_VERSION:
         raise ManifestError(
             f"{path} has schema version {version}, this boneage_tpu reads {SCHEMA_VERSION}: "
-            "re-run tools.make_tfrecords with this version"
+            "re-run boneage-make-tfrecords with this version"
         )
     return manifest
 
@@ -199,7 +199,7 @@ def pool_label_stats(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def fold_split(fold: int) -> str:
-    """Returns the split name of K-fold fold `fold` (`tools.make_tfrecords --num_folds`)."""
+    """Returns the split name of K-fold fold `fold` (`boneage-make-tfrecords --num_folds`)."""
     return f"fold{fold}"
 
 

@@ -225,7 +225,7 @@ def _shard_files(
     if len(files) < pipelines:
         raise ConfigError(
             f"split {split!r} has {len(files)} shards, fewer than the {pipelines} input "
-            "pipelines: re-run tools.make_tfrecords with at least that many shards"
+            "pipelines: re-run boneage-make-tfrecords with at least that many shards"
         )
     return files[input_context.input_pipeline_id :: pipelines]
 
@@ -248,7 +248,7 @@ def build_dataset(
     """Builds the training or evaluation dataset of one split for one input pipeline.
 
     Args:
-      data_dir: folder written by tools.make_tfrecords (local or gs://).
+      data_dir: folder written by boneage-make-tfrecords (local or gs://).
       split: split name in the manifest, e.g. "train".
       training: True: shuffled, infinite, drop_remainder. False: every record of this
         pipeline's shards exactly once, in a deterministic order, the final batch padded.

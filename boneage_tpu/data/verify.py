@@ -1,6 +1,6 @@
 """Checks a converted data folder against its manifest: every shard present, sized and hashed.
 
-    python -m tools.verify_tfrecords DATA      (or: python -m tools.make_tfrecords --verify ...)
+    boneage-verify-tfrecords DATA      (or: boneage-make-tfrecords --verify ...)
 
 The converter records each shard's byte count and sha256 in `manifest.json`; this recomputes
 them. Training and evaluation call `corrupt_shards` when a read fails, to name the bad shard
@@ -80,7 +80,7 @@ def describe_read_failure(
     more = f" and {len(bad) - 1} more shard(s)" if len(bad) > 1 else ""
     return (
         f"corrupt data shard {first}: {problem}{more} ({message}); reconvert with "
-        f"tools.make_tfrecords --overwrite, or check with python -m tools.verify_tfrecords "
+        f"boneage-make-tfrecords --overwrite, or check with boneage-verify-tfrecords "
         f"{data_dir}"
     )
 

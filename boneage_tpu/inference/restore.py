@@ -77,7 +77,7 @@ def check_data_compatible(config: config_lib.TrainConfig, manifest: Mapping[str,
         raise ModelDirError(
             f"data images are stored at {size} px but the model was trained on "
             f"{config.data_image_size} px data: reconvert with "
-            f"tools.make_tfrecords --image_size {config.data_image_size}"
+            f"boneage-make-tfrecords --image_size {config.data_image_size}"
         )
 
 

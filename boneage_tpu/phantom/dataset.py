@@ -1,6 +1,6 @@
 """Phantom data sets on disk: RSNA-like (age, sex) sampling, rater-noise labels, file layouts.
 
-See `tools.make_phantom` for the layouts and the command line; `generate()` is the Python API.
+See `boneage-make-phantom` for the layouts and the command line; `generate()` is the Python API.
 """
 
 from __future__ import annotations

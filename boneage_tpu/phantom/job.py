@@ -1,8 +1,8 @@
 """Writes a synthetic bone-age data set ("phantom") in the layouts of the RSNA 2017 release.
 
-    python -m tools.make_phantom --output /tmp/phantom --num_images 1000
-    python -m tools.make_phantom --output /tmp/val --num_images 200 --layout rsna_validation
-    python -m tools.make_phantom --age_grid 16 --contact_sheet docs/phantom_contact_sheet.png
+    boneage-make-phantom --output /tmp/phantom --num_images 1000
+    boneage-make-phantom --output /tmp/val --num_images 200 --layout rsna_validation
+    boneage-make-phantom --age_grid 16 --contact_sheet docs/phantom_contact_sheet.png
 
 Each image is a Greulich-Pyle-like left hand drawn from its *true* bone age and sex
 (`boneage_tpu.phantom.anatomy` scene model, `boneage_tpu.phantom.render` renderer); (age, sex) follow the
@@ -52,7 +52,7 @@ __all__ = [
 
 @dataclasses.dataclass
 class PhantomConfig:
-    """Command-line settings of `python -m tools.make_phantom`."""
+    """Command-line settings of `boneage-make-phantom`."""
 
     output: str = option("", "Folder to write the data set into (created if missing).")
     num_images: int = option(1000, "Number of images.", min=1, max=10**8)

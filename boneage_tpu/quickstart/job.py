@@ -1,6 +1,6 @@
 """End-to-end quickstart on phantom data: phantom PNGs -> TFRecords -> train -> evaluate.
 
-    python -m tools.quickstart [--output runs/quickstart] [--num_images 1000] [--nouse_sex]
+    boneage-quickstart [--output runs/quickstart] [--num_images 1000] [--nouse_sex]
 
 Everything lands under `--output`: `phantom/`, `data/`, `model/` (or `--model_name`) and the
 evaluation in `model/eval/val-<step>/`. Rerunning reuses what is already there (the phantom

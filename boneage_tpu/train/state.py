@@ -52,7 +52,7 @@ def check_resume(config: config_lib.TrainConfig) -> None:
             raise ResumeError(
                 f"{config.model_dir} holds checkpoints trained on data stored at {old} "
                 f"{what}, but --data {config.data} is stored at {new} {what}: resume with data "
-                f"converted with tools.make_tfrecords {flag} {old}, or use a new --model_dir"
+                f"converted with boneage-make-tfrecords {flag} {old}, or use a new --model_dir"
             )
     for name in ARCHITECTURE_FIELDS:
         old, new = getattr(previous, name), getattr(config, name)
