@@ -16,15 +16,16 @@ test); the bone age, when present, is shown next to the prediction.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
 
-from boneage_tpu import cli, data, heatmap, images, predict_io, schema
+from boneage_tpu import cli, data, guard, heatmap, images, predict_io, schema
 from boneage_tpu import config as config_lib
 from boneage_tpu import model_dir as model_dir_lib
 from boneage_tpu.cli import check, option
@@ -222,34 +223,99 @@ class PredictConfig:
     )
 
 
-def run(config: PredictConfig) -> list[dict[str, Any]]:
-    """Predicts every image of the command; returns one row dict per predicted image."""
+# Inputs prepared per chunk (a multiple of the batch size): memory stays bounded by the chunk,
+# whatever the number of inputs, and results are written as each chunk is done.
+CHUNK_BATCHES = 8
+MIN_CHUNK = 64
+
+
+def check_outputs(config: PredictConfig, items: Sequence[dict[str, Any]]) -> None:
+    """Refuses --output and --heatmaps paths that would overwrite an input (`guard`)."""
+    if not (config.output or config.heatmaps):
+        return
+    model_dir, _ = resolve_model(config.model, "export")
+    guard.check_outputs(
+        {"--output": (config.output, "file"), "--heatmaps": (config.heatmaps, "folder")},
+        {
+            "--labels": [config.labels],
+            "--images": [config.images_dir],
+            "the model folder": [model_dir],
+            "the input image": [i["path"] for i in items],
+        },
+    )
+    if config.output and config.heatmaps:
+        guard.check_outputs(
+            {"--output": (config.output, "file")}, {"--heatmaps": [config.heatmaps]}
+        )
+
+
+def run(
+    config: PredictConfig,
+    write: Callable[[list[dict[str, Any]], bool], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Predicts every image of the command, chunk by chunk; returns one row dict per image.
+
+    Args:
+      config: the command's settings.
+      write: called with each chunk's rows (and whether the inputs are labeled) as soon as
+        they are predicted, so output is written as it comes.
+    """
     check(config)
     items = predict_io.list_inputs(config.paths, config.sex, config.labels, config.images_dir)
+    check_outputs(config, items)
     model_dir, checkpoint = resolve_model(config.model, config.checkpoint)
     loaded = restore.load_model(model_dir, checkpoint)
     males = [i["male"] for i in items]
     sex = _sex_array(None if None in males else males, len(items), loaded)
-    batch, problems = _read_all(
-        [i["path"] for i in items], loaded.config, restore.model_image_size(loaded), config.force
-    )
-    if len(problems) == 1 and len(items) == 1 and not config.skip_unreadable:
-        raise PredictError(f"cannot use {problems[0][0]}: {problems[0][1]}")
-    for path, reason in problems:
-        print(
-            f"{'skipped' if config.skip_unreadable else 'unreadable'} {path}: {reason}",
-            file=sys.stderr,
-        )
-    if problems and not config.skip_unreadable:
-        raise PredictError(
-            f"cannot read {len(problems)} of {len(items)} images (listed above; "
-            "--skip_unreadable predicts the others)"
-        )
-    bad = {path for path, _ in problems}
-    keep = [i["path"] not in bad for i in items]
-    items, sex = [i for i, k in zip(items, keep, strict=True) if k], sex[np.array(keep)]
-    if not items:
+    size = restore.model_image_size(loaded)
+    labeled = any(i["boneage"] is not None for i in items)
+    names = heatmap.file_names([i["id"] for i in items], [i["path"] for i in items])
+    chunk = max(MIN_CHUNK, CHUNK_BATCHES * config.batch_size)
+    progress = predict_io.Progress(len(items))
+    done: list[dict[str, Any]] = []
+    unreadable = 0
+    for start in range(0, len(items), chunk):
+        part, part_sex = items[start : start + chunk], sex[start : start + chunk]
+        part_names = names[start : start + chunk]
+        batch, problems = _read_all([i["path"] for i in part], loaded.config, size, config.force)
+        if len(problems) == 1 and len(items) == 1 and not config.skip_unreadable:
+            raise PredictError(f"cannot use {guard.printable(problems[0][0])}: {problems[0][1]}")
+        for path, reason in problems:
+            word = "skipped" if config.skip_unreadable else "unreadable"
+            progress.clear()
+            print(f"{word} {guard.printable(path)}: {reason}", file=sys.stderr)
+        unreadable += len(problems)
+        if problems and not config.skip_unreadable:
+            raise PredictError(
+                f"cannot read {unreadable} of {len(items)} images (listed above; "
+                "--skip_unreadable predicts the others)"
+            )
+        bad = {path for path, _ in problems}
+        keep = np.array([i["path"] not in bad for i in part], bool)
+        part = [i for i, k in zip(part, keep, strict=True) if k]
+        part_names = [n for n, k in zip(part_names, keep, strict=True) if k]
+        part_sex = part_sex[keep]
+        if part:
+            _predict_chunk(config, loaded, part, batch, part_sex, part_names)
+            if write is not None:
+                write(part, labeled)
+            done.extend(part)
+        progress.update(start + len(keep))
+    progress.close()
+    if not done:
         raise PredictError("no readable images left to predict")
+    return done
+
+
+def _predict_chunk(
+    config: PredictConfig,
+    loaded: restore.LoadedModel,
+    items: list[dict[str, Any]],
+    batch: np.ndarray,
+    sex: np.ndarray,
+    names: Sequence[str],
+) -> None:
+    """Predicts one chunk of prepared inputs into its row dicts (and writes its heatmaps)."""
     months = predict_batch(loaded, batch, sex, tta=config.tta, batch_size=config.batch_size)
     for item, value, m in zip(items, months, sex, strict=True):
         item.update(male=int(m > 0.5), predicted=float(value))
@@ -264,20 +330,31 @@ def run(config: PredictConfig) -> list[dict[str, Any]]:
             months,
             config.heatmaps,
             batch_size=config.batch_size,
+            names=names,
         )
         for item, path in zip(items, written, strict=True):
             item["heatmap"] = path
-    return items
 
 
 def _job(config: PredictConfig) -> None:
-    rows = run(config)
-    if config.output:
-        with tf.io.gfile.GFile(config.output, "w") as f:
-            f.write(predict_io.format_rows(rows, as_csv=True))
-        print(f"wrote {len(rows)} predictions to {config.output}")
-    else:
-        sys.stdout.write(predict_io.format_rows(rows, as_csv=False))
+    if not config.output:
+        table = predict_io.RowWriter(sys.stdout, as_csv=False)
+        run(config, table.write)
+        if config.heatmaps:
+            print(f"wrote {table.count} heatmaps to {config.heatmaps}")
+        return
+    with contextlib.ExitStack() as stack:
+        table = None
+
+        def write(rows: list[dict[str, Any]], labeled: bool) -> None:
+            nonlocal table
+            if table is None:  # Opened at the first result: a refused run writes no file.
+                f = stack.enter_context(tf.io.gfile.GFile(config.output, "w"))
+                table = predict_io.RowWriter(f, as_csv=True)
+            table.write(rows, labeled)
+
+        rows = run(config, write)
+    print(f"wrote {len(rows)} predictions to {config.output}")
     if config.heatmaps:
         print(f"wrote {len(rows)} heatmaps to {config.heatmaps}")
 
