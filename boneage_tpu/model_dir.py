@@ -183,7 +183,8 @@ def _has_type(value: Any, hint: Any) -> bool:
 def _type_name(hint: Any) -> str:
     hint = cli.base_type(hint)
     if typing.get_origin(hint) is tuple:
-        return f"a list of {_type_name(typing.get_args(hint)[0])}s"
+        item = typing.get_args(hint)[0]
+        return f"a list of {({int: 'integers', float: 'numbers', str: 'strings'}).get(item, item)}"
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
         hint, str(hint)
     )
