@@ -161,6 +161,8 @@ def _inside(path: str, folder: str) -> bool:
 def check_outputs(
     outputs: Mapping[str, tuple[str, str]],
     inputs: Mapping[str, Iterable[str]],
+    *,
+    may_hold_inputs: bool = False,
 ) -> None:
     """Refuses outputs that would overwrite an input, or that exist as the wrong kind.
 
@@ -168,7 +170,8 @@ def check_outputs(
       outputs: flag -> (path, "file" | "folder"); empty paths are ignored.
       inputs: description -> paths read by the command (files or folders); an output may be
         neither one of them nor inside one of them, and no input file may be inside an output
-        folder.
+        folder (unless `may_hold_inputs`: a folder whose own file names cannot clash).
+      may_hold_inputs: allow inputs below an output folder.
 
     Raises:
       OutputPathError: one line naming the flag, the path and the input it would overwrite.
@@ -181,7 +184,8 @@ def check_outputs(
             continue
         target = _normal(path)
         for name, original, source in normal_inputs:
-            if _inside(target, source) or (kind == "folder" and _inside(source, target)):
+            holds = kind == "folder" and not may_hold_inputs and _inside(source, target)
+            if _inside(target, source) or holds:
                 raise OutputPathError(
                     f"{flag} {printable(path)} would overwrite {name} {printable(original)}: "
                     f"write {'it' if kind == 'file' else 'them'} somewhere else"
@@ -201,10 +205,8 @@ def _check_kind(flag: str, path: str, kind: str) -> None:
         return
     try:
         mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        return
-    except OSError as e:
-        raise OutputPathError(f"{flag} {printable(path)}: {one_line(e)}") from e
+    except OSError:
+        return  # Missing, or below a file: the command's own write reports it.
     if kind == "file" and not stat.S_ISREG(mode):
         raise OutputPathError(f"{flag} {printable(path)} is {_kind(mode)}: give a file path")
     if kind == "folder" and not stat.S_ISDIR(mode):

@@ -25,7 +25,7 @@ from typing import Any
 import tensorflow as tf
 import tqdm
 
-from boneage_tpu import cli, images, layouts, schema
+from boneage_tpu import cli, guard, images, layouts, schema
 from boneage_tpu import verify as convert_verify
 from boneage_tpu.cli import option
 from boneage_tpu.convert import manifest as convert_output
@@ -172,6 +172,12 @@ def convert(
     num_workers = _cpu_count() if num_workers is None else num_workers
     _check_options(image_size, encoding, jpeg_quality, target_shard_mb, num_shards, num_workers)
     output = output.rstrip("/")
+    # The output folder may hold the inputs (data/ with data/images/), not be one of them.
+    guard.check_outputs(
+        {"--output": (output, "folder")},
+        {"--labels": [labels_csv], "--images": [images_dir]},
+        may_hold_inputs=True,
+    )
     csv_bytes = layouts.read_csv_bytes(labels_csv)
     layout, rows, skipped_rows, rows_in, named = layouts.parse_labels(csv_bytes)
     rows, missing, orphans = layouts.match_images(rows, layouts.find_images(images_dir), named)
