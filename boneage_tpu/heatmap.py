@@ -418,6 +418,7 @@ def write_overlays(
     *,
     batch_size: int = 16,
     names: Sequence[str] | None = None,
+    fn: Callable[[tf.Tensor, tf.Tensor], dict[str, tf.Tensor]] | None = None,
 ) -> list[str]:
     """Writes one overlay PNG per image into `output_dir` (local or gs://); returns the paths.
 
@@ -430,8 +431,9 @@ def write_overlays(
       output_dir: the folder, created when missing.
       batch_size: images per map computation.
       names: the PNG file names (default `file_names(ids)`).
+      fn: `tf.function(map_fn(model))` to reuse (chunked callers trace it once).
     """
-    run = tf.function(map_fn(model))
+    run = fn or tf.function(map_fn(model))
     kind = map_kind(model)
     tf.io.gfile.makedirs(output_dir)
     paths = [join(output_dir, name) for name in (names or file_names(ids))]

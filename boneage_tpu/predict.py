@@ -127,6 +127,11 @@ def _sex_array(males: Any, count: int, loaded: restore.LoadedModel) -> np.ndarra
     return np.broadcast_to(values, (count,)).copy()
 
 
+def predict_fn(loaded: restore.LoadedModel, tta: str = "none") -> Callable[..., Any]:
+    """Returns the traced forward pass (images, male) -> (months, spread) of a restored model."""
+    return tf.function(inference.tta_predict_fn(loaded.model, tta))
+
+
 def predict_batch(
     loaded: restore.LoadedModel,
     batch: np.ndarray,
@@ -134,9 +139,13 @@ def predict_batch(
     *,
     tta: str = "none",
     batch_size: int = 16,
+    fn: Callable[..., Any] | None = None,
 ) -> np.ndarray:
-    """Runs a restored model over prepared inputs uint8 [N,S,S,1]; returns months float64 [N]."""
-    run = tf.function(inference.tta_predict_fn(loaded.model, tta))
+    """Runs a restored model over prepared inputs uint8 [N,S,S,1]; returns months float64 [N].
+
+    `fn` is a `predict_fn(loaded, tta)` to reuse (chunked callers trace it once).
+    """
+    run = fn or predict_fn(loaded, tta)
     months = [np.zeros((0,), np.float32)]
     for start in range(0, len(batch), batch_size):
         stop = start + batch_size
@@ -272,6 +281,7 @@ def run(
     names = heatmap.file_names([i["id"] for i in items], [i["path"] for i in items])
     chunk = max(MIN_CHUNK, CHUNK_BATCHES * config.batch_size)
     progress = predict_io.Progress(len(items))
+    fns = {"predict": predict_fn(loaded, config.tta)}
     done: list[dict[str, Any]] = []
     unreadable = 0
     for start in range(0, len(items), chunk):
@@ -296,7 +306,7 @@ def run(
         part_names = [n for n, k in zip(part_names, keep, strict=True) if k]
         part_sex = part_sex[keep]
         if part:
-            _predict_chunk(config, loaded, part, batch, part_sex, part_names)
+            _predict_chunk(config, loaded, part, batch, part_sex, part_names, fns)
             if write is not None:
                 write(part, labeled)
             done.extend(part)
@@ -314,14 +324,19 @@ def _predict_chunk(
     batch: np.ndarray,
     sex: np.ndarray,
     names: Sequence[str],
+    fns: dict[str, Callable[..., Any]],
 ) -> None:
     """Predicts one chunk of prepared inputs into its row dicts (and writes its heatmaps)."""
-    months = predict_batch(loaded, batch, sex, tta=config.tta, batch_size=config.batch_size)
+    months = predict_batch(
+        loaded, batch, sex, tta=config.tta, batch_size=config.batch_size, fn=fns["predict"]
+    )
     for item, value, m in zip(items, months, sex, strict=True):
         item.update(male=int(m > 0.5), predicted=float(value))
         labeled = item["boneage"] is not None
         item["error"] = float(value) - item["boneage"] if labeled else None
     if config.heatmaps:
+        if "map" not in fns:  # Traced once for all chunks.
+            fns["map"] = tf.function(heatmap.map_fn(loaded.model))
         written = heatmap.write_overlays(
             loaded.model,
             batch,
@@ -331,6 +346,7 @@ def _predict_chunk(
             config.heatmaps,
             batch_size=config.batch_size,
             names=names,
+            fn=fns["map"],
         )
         for item, path in zip(items, written, strict=True):
             item["heatmap"] = path
