@@ -230,17 +230,24 @@ def _run_errors() -> tuple[type[BaseException], ...]:
 
 
 def _operation(err: BaseException) -> str:
-    """Names where an I/O error happened: the failing call, and our function that made it."""
+    """Names where an I/O error happened: the call that failed, in our function that made it."""
     frames = traceback.extract_tb(err.__traceback__)
     if not frames:
         return ""
-    ours = [f for f in frames if "boneage_tpu" in f.filename.replace("\\", "/")]
-    inner = frames[-1]
-    where = f"{inner.name}"
-    if ours and ours[-1] is not inner:
-        module = ours[-1].filename.replace("\\", "/").rsplit("boneage_tpu/", 1)[-1]
-        where += f" in {module.removesuffix('.py').replace('/', '.')}.{ours[-1].name}"
-    return where
+    paths = [f.filename.replace("\\", "/") for f in frames]
+    ours = [
+        i
+        for i, p in enumerate(paths)
+        if "boneage_tpu/" in p and not p.endswith("boneage_tpu/cli.py")
+    ]
+    if not ours:
+        return frames[-1].name
+    last = ours[-1]
+    module = paths[last].rsplit("boneage_tpu/", 1)[-1].removesuffix(".py").replace("/", ".")
+    called = frames[last + 1].name if last + 1 < len(frames) else ""
+    return (
+        f"{called} in {module}.{frames[last].name}" if called else f"{module}.{frames[last].name}"
+    )
 
 
 def _failure_line(err: BaseException) -> str:
