@@ -244,7 +244,7 @@ def bad_inputs(toy, tmp_path):
     ("case", "message"),
     [
         ({"model_dir": "no_ckpt"}, "no checkpoints in"),
-        ({"model_dir": "nodir"}, "config.json not found"),
+        ({"model_dir": "nodir"}, "model directory not found"),
         ({"split": "test"}, "split 'test' not in the data"),
         ({"data": "big"}, "stored at 48 px but the model was trained on 40 px"),
         ({"data": "v2"}, "schema version 2"),

@@ -179,3 +179,20 @@ def test_other_commands_check_flag_ranges_first(tmp_path, capsys, command, flag,
     assert mains[command]([command, *args, flag]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [f"{command}: error: {message}"]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("where", ["images", "inside_images", "labels"])
+def test_output_that_is_an_input_is_refused(tmp_path, capsys, where):
+    csv, folder, _ = _dataset(tmp_path, n=3)
+    out = {"images": folder, "inside_images": folder / "records", "labels": csv}[where]
+    before = sorted(p.name for p in folder.iterdir())
+    assert _cli(csv, folder, out) == 2
+    assert "would overwrite" in _one_line(capsys)
+    assert sorted(p.name for p in folder.iterdir()) == before
+
+
+def test_output_may_hold_the_inputs(tmp_path):
+    csv, folder, _ = _dataset(tmp_path, n=3)
+    # tmp_path holds the CSV and the images folder; shards and manifest cannot clash with them.
+    assert _cli(csv, folder, tmp_path) == 0
+    assert (tmp_path / schema.MANIFEST_NAME).exists()

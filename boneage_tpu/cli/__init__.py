@@ -7,13 +7,17 @@ parsed flags, and `main` runs a command with both:
 
   prog: error: <one line>   exit 2: bad command line (unknown flag, bad or out-of-range value)
                             exit 1: the run failed on a `boneage_tpu.Error` or an I/O error
-Any other exception is a bug: it keeps its traceback.
+An I/O error (any `OSError`, any `tf.errors.OpError`) is one line naming its kind, the path and
+the operation; BONEAGE_TRACEBACK=1 also prints its traceback, for bug reports. Any other
+exception is a bug: it keeps its traceback.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
+import traceback
 import types
 import typing
 from collections.abc import Callable, Sequence
@@ -21,6 +25,7 @@ from typing import Any
 
 from absl import flags
 
+from boneage_tpu.core import guard
 from boneage_tpu.core.errors import Error, UsageError
 
 HELP_ARGS = ("-h", "-help", "--help", "--helpfull", "--helpshort")
@@ -74,7 +79,7 @@ def flag_name(field: dataclasses.Field) -> str:
     return field.metadata["flag"] or field.name
 
 
-def _kind(hint: Any) -> Any:
+def base_type(hint: Any) -> Any:
     """Reduces `X | None` to X."""
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         return next(a for a in typing.get_args(hint) if a is not type(None))
@@ -96,7 +101,7 @@ def define_flags(config_cls: type, flag_values: flags.FlagValues) -> None:
         meta, name = field.metadata, flag_name(field)
         if meta["positional"]:
             continue
-        default, kind = getattr(defaults, field.name), _kind(hints[field.name])
+        default, kind = getattr(defaults, field.name), base_type(hints[field.name])
         text = meta["help"] + (f" Valid: {_range_text(meta)}." if _range_text(meta) else "")
         fv = {"flag_values": flag_values}
         if meta["choices"]:
@@ -169,7 +174,7 @@ def config_from_flags(
     hints = typing.get_type_hints(config_cls)
     values = {}
     for field in flag_fields(config_cls):
-        kind = _kind(hints[field.name])
+        kind = base_type(hints[field.name])
         if field.metadata["positional"]:
             values[field.name] = tuple(positional)
         else:
@@ -212,13 +217,54 @@ def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split()) or type(err).__name__
 
 
+TRACEBACK_ENV = "BONEAGE_TRACEBACK"  # =1: a failed run also prints its traceback (bug reports).
+
+
 def _run_errors() -> tuple[type[BaseException], ...]:
-    """The exceptions that end a run with one line: ours, and I/O errors (TensorFlow's too)."""
+    """The exceptions that end a run with one line: ours, and every I/O error (TensorFlow's too)."""
     errors: list[type[BaseException]] = [Error, OSError]
     tf = sys.modules.get("tensorflow")  # Only when loaded: the phantom runs without it.
     if tf is not None:
-        errors += [tf.errors.NotFoundError, tf.errors.PermissionDeniedError]
+        errors.append(tf.errors.OpError)
     return tuple(errors)
+
+
+def _operation(err: BaseException) -> str:
+    """Names where an I/O error happened: the call that failed, in our function that made it."""
+    frames = traceback.extract_tb(err.__traceback__)
+    if not frames:
+        return ""
+    paths = [f.filename.replace("\\", "/") for f in frames]
+    ours = [
+        i
+        for i, p in enumerate(paths)
+        if "boneage_tpu/" in p and not p.endswith("boneage_tpu/cli.py")
+    ]
+    if not ours:
+        return frames[-1].name
+    last = ours[-1]
+    module = paths[last].rsplit("boneage_tpu/", 1)[-1].removesuffix(".py").replace("/", ".")
+    called = frames[last + 1].name if last + 1 < len(frames) else ""
+    return (
+        f"{called} in {module}.{frames[last].name}" if called else f"{module}.{frames[last].name}"
+    )
+
+
+def _failure_line(err: BaseException) -> str:
+    """One line for a failed run: ours as is; an I/O error with its kind, path and operation."""
+    if isinstance(err, Error):
+        return guard.printable(_one_line(err))
+    if isinstance(err, OSError):
+        paths = " -> ".join(str(p) for p in (err.filename, err.filename2) if p is not None)
+        text = err.strerror or str(err) or type(err).__name__
+        text = f"{text}: {paths}" if paths else text
+    else:  # A tf.errors.OpError: its message names the path.
+        kind = type(err).__name__.removesuffix("Error")
+        words = "".join(f" {c.lower()}" if c.isupper() else c for c in kind).strip()
+        text = f"{words}: {getattr(err, 'message', '') or err}"
+    operation = _operation(err)
+    hint = f"; {TRACEBACK_ENV}=1 shows the traceback"
+    return guard.printable(_one_line(text + (f" (during {operation}{hint})" if operation else "")))
 
 
 def main(
@@ -250,9 +296,11 @@ def main(
     try:
         job(config_from_flags(config_cls, flag_values, rest))
     except UsageError as e:
-        print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
+        print(f"{prog}: error: {_failure_line(e)}", file=sys.stderr)
         return 2
     except _run_errors() as e:
-        print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
+        if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+            traceback.print_exc()
+        print(f"{prog}: error: {_failure_line(e)}", file=sys.stderr)
         return 1
     return 0

@@ -5,8 +5,10 @@ The settings and the preparation of each image: `boneage_tpu.predict.job` (print
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import tensorflow as tf
 
@@ -15,13 +17,24 @@ from boneage_tpu.predict import inputs, job
 
 
 def _job(config: job.PredictConfig) -> None:
-    rows = job.run(config)
-    if config.output:
-        with tf.io.gfile.GFile(config.output, "w") as f:
-            f.write(inputs.format_rows(rows, as_csv=True))
-        print(f"wrote {len(rows)} predictions to {config.output}")
-    else:
-        sys.stdout.write(inputs.format_rows(rows, as_csv=False))
+    if not config.output:
+        table = inputs.RowWriter(sys.stdout, as_csv=False)
+        job.run(config, table.write)
+        if config.heatmaps:
+            print(f"wrote {table.count} heatmaps to {config.heatmaps}")
+        return
+    with contextlib.ExitStack() as stack:
+        table = None
+
+        def write(rows: list[dict[str, Any]], labeled: bool) -> None:
+            nonlocal table
+            if table is None:  # Opened at the first result: a refused run writes no file.
+                f = stack.enter_context(tf.io.gfile.GFile(config.output, "w"))
+                table = inputs.RowWriter(f, as_csv=True)
+            table.write(rows, labeled)
+
+        rows = job.run(config, write)
+    print(f"wrote {len(rows)} predictions to {config.output}")
     if config.heatmaps:
         print(f"wrote {len(rows)} heatmaps to {config.heatmaps}")
 

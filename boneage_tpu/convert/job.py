@@ -32,7 +32,7 @@ from boneage_tpu.convert import manifest as convert_output
 from boneage_tpu.convert import plan as plan_lib
 from boneage_tpu.convert import shards as convert_write
 from boneage_tpu.convert import workers as convert_workers
-from boneage_tpu.core import schema
+from boneage_tpu.core import guard, schema
 from boneage_tpu.core.errors import UsageError
 from boneage_tpu.data import images, layouts
 from boneage_tpu.data import verify as convert_verify
@@ -175,6 +175,12 @@ def convert(
     num_workers = _cpu_count() if num_workers is None else num_workers
     _check_options(image_size, encoding, jpeg_quality, target_shard_mb, num_shards, num_workers)
     output = output.rstrip("/")
+    # The output folder may hold the inputs (data/ with data/images/), not be one of them.
+    guard.check_outputs(
+        {"--output": (output, "folder")},
+        {"--labels": [labels_csv], "--images": [images_dir]},
+        may_hold_inputs=True,
+    )
     csv_bytes = layouts.read_csv_bytes(labels_csv)
     layout, rows, skipped_rows, rows_in, named = layouts.parse_labels(csv_bytes)
     rows, missing, orphans = layouts.match_images(rows, layouts.find_images(images_dir), named)

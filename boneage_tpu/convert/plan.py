@@ -17,12 +17,13 @@ import numpy as np
 from boneage_tpu.core import schema
 from boneage_tpu.data.layouts import ConvertError, Row
 
-_SPLIT_NAME = re.compile(r"^[A-Za-z0-9_]+$")
+_SPLIT_NAME = re.compile(r"[A-Za-z0-9_]+")
 
 
 def check_split_name(name: str) -> None:
     """Rejects split names that are not usable in shard file names (letters, digits, _)."""
-    if not _SPLIT_NAME.match(name):
+    # fullmatch: `re.match` with `$` accepts a trailing newline ("test\n").
+    if not _SPLIT_NAME.fullmatch(name):
         raise ConvertError(f"split name {name!r} must be letters, digits or '_'")
 
 

@@ -27,7 +27,7 @@ from boneage_tpu.data.verify import sha256_file
 
 STATE_DIR = ".convert"
 PLAN_NAME = "plan.json"
-SHARD_PATTERN = re.compile(r"^\w+-\d{5}-of-\d{5}\.tfrecord$")
+SHARD_PATTERN = re.compile(r"\w+-\d{5}-of-\d{5}\.tfrecord")
 TFDS_FILES = ("dataset_info.json", "features.json")
 
 
@@ -78,7 +78,7 @@ class OutputState:
         """Names of the shard files now in the output folder."""
         if not tf.io.gfile.isdir(self.output):
             return []
-        return sorted(n for n in tf.io.gfile.listdir(self.output) if SHARD_PATTERN.match(n))
+        return sorted(n for n in tf.io.gfile.listdir(self.output) if SHARD_PATTERN.fullmatch(n))
 
     def clear(self) -> None:
         """Deletes everything a conversion writes (for --overwrite); leaves other files alone."""

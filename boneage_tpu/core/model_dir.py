@@ -21,13 +21,17 @@ A model directory (local or gs://) holds:
 from __future__ import annotations
 
 import json
+import math
 import re
+import typing
 from typing import Any
 
 import tensorflow as tf
 
+from boneage_tpu import cli
+from boneage_tpu.core import guard, schema
 from boneage_tpu.core.config import TrainConfig, join
-from boneage_tpu.core.errors import Error
+from boneage_tpu.core.errors import Error, UsageError
 
 CONFIG_NAME = "config.json"
 DONE_NAME = "DONE"
@@ -39,6 +43,15 @@ LOGS_SUBDIR = "logs"
 EVAL_SUBDIR = "eval"
 WORKERS_SUBDIR = "workers"
 LOCK_NAME = "LOCK"
+
+MAX_CONFIG_BYTES = 2**20  # A config.json is ~3 KB.
+# Keys every config.json written by boneage_tpu has; a JSON object without them is another
+# project's file.
+_IDENTIFYING_KEYS = ("backbone", "image_size", "label_mean", "label_std", "data_image_size")
+# The fields filled from the data manifest (no flag declares their range): stored image size
+# (0: unknown, an old run; at most the side of an 8-bit image of images.MAX_DECODED_BYTES) and
+# JPEG quality.
+_MANIFEST_FIELD_RANGES = (("data_image_size", 0, 16384), ("data_jpeg_quality", 1, 100))
 
 _STEP_KEY = "step/.ATTRIBUTES/VARIABLE_VALUE"
 _CKPT_NUMBER = re.compile(r"ckpt-(\d+)$")
@@ -66,12 +79,116 @@ def has_config(model_dir: str) -> bool:
 
 
 def load_config(model_dir: str) -> TrainConfig:
-    """Reads config.json, with a one-line error when it is missing."""
+    """Reads and checks config.json, as `schema.read_manifest` checks a manifest.
+
+    The file must be a JSON object written by boneage_tpu (its identifying keys present), every
+    known key of the right type, and every field that builds the model or prepares its inputs
+    within its valid range (the flags' ranges and choices, and those of the fields filled from
+    the data manifest): a tampered image size, encoding or JPEG quality is refused here with
+    one line, before it can exhaust memory or fail deep inside Keras.
+
+    Raises:
+      ModelDirError: one line naming the file and the problem; "not a boneage_tpu model
+        directory" for a folder without config.json (e.g. another project's checkpoints) or
+        with another project's config.json.
+    """
     path = join(model_dir, CONFIG_NAME)
     if not tf.io.gfile.exists(path):
-        raise FileNotFoundError(f"{path} not found: is {model_dir} a boneage_tpu model directory?")
-    with tf.io.gfile.GFile(path, "r") as f:
-        return TrainConfig.from_dict(json.load(f))
+        if not tf.io.gfile.isdir(model_dir):
+            raise ModelDirError(f"model directory not found: {guard.printable(model_dir)}")
+        raise ModelDirError(
+            f"{guard.printable(model_dir)} is not a boneage_tpu model directory (no "
+            f"{CONFIG_NAME}): give a training run's folder"
+        )
+    try:
+        text = guard.read_file(path, MAX_CONFIG_BYTES, "a config.json")
+        values = json.loads(text.decode("utf-8"))
+    except guard.InputFileError as e:
+        raise ModelDirError(str(e)) from e
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelDirError(
+            f"{path} is not valid JSON ({' '.join(str(e).split())}): the file was cut short or "
+            "edited; restore it from the training run"
+        ) from None
+    return config_from_dict(values, path)
+
+
+def config_from_dict(values: Any, path: str = CONFIG_NAME) -> TrainConfig:
+    """Checks the parsed contents of a config.json and builds its TrainConfig.
+
+    Raises:
+      ModelDirError: see `load_config`.
+    """
+    if not isinstance(values, dict):
+        raise ModelDirError(
+            f"{path} is not a boneage_tpu config (a JSON {type(values).__name__}, not an object)"
+        )
+    missing = [k for k in _IDENTIFYING_KEYS if k not in values]
+    if missing:
+        raise ModelDirError(
+            f"{path} is not a boneage_tpu config (no {', '.join(missing)}): this is not a "
+            "boneage_tpu model directory"
+        )
+    hints = typing.get_type_hints(TrainConfig)
+    for key, value in values.items():
+        if key in hints and not _has_type(value, hints[key]):
+            raise ModelDirError(
+                f"{path}: {key} is {json.dumps(value)[:80]}, expected {_type_name(hints[key])}"
+            )
+    try:
+        config = TrainConfig.from_dict(values)
+        cli.check(config)
+    except (UsageError, ValueError, TypeError) as e:
+        text = " ".join(str(e).split()).replace("--", "")
+        raise ModelDirError(f"{path}: {text}") from None
+    for name, low, high in _MANIFEST_FIELD_RANGES:
+        value = getattr(config, name)
+        if not low <= value <= high:
+            raise ModelDirError(f"{path}: {name} must be in {low}..{high}, got {value}")
+    if config.data_encoding not in ("", *schema.ENCODINGS):
+        raise ModelDirError(
+            f"{path}: data_encoding must be one of {', '.join(schema.ENCODINGS)}, got "
+            f"{config.data_encoding!r}"
+        )
+    if config.schema_version not in (0, schema.SCHEMA_VERSION):
+        raise ModelDirError(
+            f"{path} was trained on data of schema version {config.schema_version}; this "
+            f"boneage_tpu reads version {schema.SCHEMA_VERSION}"
+        )
+    for name in ("label_mean", "label_std", "bias_slope", "bias_intercept"):
+        if not math.isfinite(getattr(config, name)):
+            raise ModelDirError(f"{path}: {name} is not a finite number")
+    if config.label_std <= 0:
+        raise ModelDirError(f"{path}: label_std must be > 0, got {config.label_std}")
+    return config
+
+
+def _has_type(value: Any, hint: Any) -> bool:
+    """Whether a JSON value fits a TrainConfig field's type (ints count as floats)."""
+    hint = cli.base_type(hint)
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        item = typing.get_args(hint)[0]
+        return isinstance(value, list | tuple) and all(_has_type(v, item) for v in value)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    return True
+
+
+def _type_name(hint: Any) -> str:
+    hint = cli.base_type(hint)
+    if typing.get_origin(hint) is tuple:
+        item = typing.get_args(hint)[0]
+        return f"a list of {({int: 'integers', float: 'numbers', str: 'strings'}).get(item, item)}"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
+        hint, str(hint)
+    )
 
 
 def checkpoint_dir(model_dir: str) -> str:

@@ -14,10 +14,12 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from boneage_tpu.core import guard
 from boneage_tpu.core.errors import Error
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+MAX_MANIFEST_BYTES = 256 * 2**20  # Its skip list grows with bad rows; RSNA's is ~10 KB.
 ENCODINGS = ("jpeg", "png", "raw")
 
 # Age bands in months (0-2, 2-6, 6-10, 10-13, 13-16, 16-20 years): used for the stratified
@@ -135,8 +137,9 @@ def read_manifest(data_dir: str) -> dict[str, Any]:
             f"no {MANIFEST_NAME} in {data_dir}: is it an output folder of boneage-make-tfrecords?"
         )
     try:
-        with tf.io.gfile.GFile(path, "r") as f:
-            manifest = json.load(f)
+        manifest = json.loads(guard.read_file(path, MAX_MANIFEST_BYTES, "a manifest").decode())
+    except guard.InputFileError as e:
+        raise ManifestError(str(e)) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ManifestError(
             f"{path} is not valid JSON ({' '.join(str(e).split())}): the conversion was cut "

@@ -12,16 +12,18 @@ import csv
 import dataclasses
 import io
 import math
+import os
 import posixpath
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import tensorflow as tf
 
-from boneage_tpu.core import schema
+from boneage_tpu.core import guard, schema
 from boneage_tpu.core.errors import Error
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".dcm")
+MAX_CSV_BYTES = 256 * 2**20  # RSNA's training CSV is 0.3 MB.
 _TRUE = frozenset({"true", "1", "1.0", "m", "male"})
 _FALSE = frozenset({"false", "0", "0.0", "f", "female"})
 
@@ -72,18 +74,22 @@ class Row:
 
 def skip(line: int | None, image_id: str, path: str, reason: str) -> dict[str, Any]:
     """Returns one manifest `skipped` entry; the reason is folded to one line (summary table)."""
-    return {"row": line, "id": image_id, "path": path, "reason": " ".join(reason.split())}
+    # Names are escaped here, once for every report (summary, manifest, predict's stderr): a
+    # terminal escape sequence or a non-UTF-8 byte in a file name is shown, never run.
+    return {
+        "row": line,
+        "id": guard.printable(image_id),
+        "path": guard.printable(path),
+        "reason": guard.printable(" ".join(reason.split())),
+    }
 
 
 def read_csv_bytes(labels_csv: str) -> bytes:
-    """Reads the labels CSV through `tf.io.gfile`, with a one-line error when it is missing."""
+    """Reads the labels CSV (local or gs://), checked first (`guard.read_file`): one-line errors."""
     try:
-        with tf.io.gfile.GFile(labels_csv, "rb") as f:
-            return f.read()
-    except tf.errors.NotFoundError as e:
-        raise ConvertError(f"labels CSV not found: {labels_csv}") from e
-    except tf.errors.OpError as e:
-        raise ConvertError(f"cannot read labels CSV {labels_csv}: {e.message}") from e
+        return guard.read_file(labels_csv, MAX_CSV_BYTES, "a labels CSV")
+    except guard.InputFileError as e:
+        raise ConvertError(str(e)) from e
 
 
 def _normalise(column: str) -> str:
@@ -234,7 +240,10 @@ def find_images(images_dir: str) -> dict[str, list[str]]:
     if not tf.io.gfile.isdir(images_dir):
         raise ConvertError(f"images folder not found: {images_dir}")
     found: dict[str, list[str]] = collections.defaultdict(list)
-    for folder, _, files in tf.io.gfile.walk(images_dir):
+    # Local folders through os.walk: tf.io.gfile.walk fails on a non-UTF-8 file name, os.walk
+    # keeps it (surrogate-escaped), so it becomes one itemised entry instead of a traceback.
+    walk = tf.io.gfile.walk if "://" in images_dir else _local_walk
+    for folder, _, files in walk(images_dir):
         for name in files:
             stem, ext = posixpath.splitext(name)
             if ext.lower() in IMAGE_EXTENSIONS:
@@ -242,6 +251,11 @@ def find_images(images_dir: str) -> dict[str, list[str]]:
     if not found:
         raise ConvertError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {images_dir}")
     return {stem: sorted(paths) for stem, paths in found.items()}
+
+
+def _local_walk(top: str) -> Iterable[tuple[str, list[str], list[str]]]:
+    """`os.walk` following symlinked folders, as `tf.io.gfile.walk` does."""
+    return os.walk(top, followlinks=True)
 
 
 def match_images(

@@ -19,7 +19,7 @@ import tensorflow as tf
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from boneage_tpu.core import schema
+from boneage_tpu.core import guard, schema
 from boneage_tpu.core.config import join
 
 METRICS_NAME = "metrics.json"
@@ -49,7 +49,9 @@ def predictions_csv(
 ) -> str:
     """Returns predictions.csv text; unlabeled records get empty boneage and error cells.
 
-    Floats are written with Python's shortest round-trip repr, so parsing the file gives back
+    An id starting like a spreadsheet formula (`=`, `+`, `-`, `@`, tab, CR) is written with a
+    leading `'` (`guard.csv_cell`); numbers are written as numbers. Floats are written with
+    Python's shortest round-trip repr, so parsing the file gives back
     exactly the values the metrics were computed from. With `spread` (the bins head's
     per-image std in months, an uncertainty) a `spread_months` column is added.
     """
@@ -60,7 +62,7 @@ def predictions_csv(
     for image_id, m, y, p, s in zip(ids, male, true, predicted, spreads, strict=True):
         labeled = y >= 0
         row = [
-            image_id,
+            guard.csv_cell(guard.printable(image_id)),  # No spreadsheet formula (guard).
             int(m > 0.5),
             repr(float(y)) if labeled else "",
             repr(float(p)),

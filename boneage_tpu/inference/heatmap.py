@@ -29,7 +29,9 @@ one measurement, shared by predict and the gallery.
 
 from __future__ import annotations
 
+import hashlib
 import io
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -40,6 +42,7 @@ from matplotlib import cm, colormaps, colors
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from boneage_tpu.core import guard
 from boneage_tpu.core.config import join
 from boneage_tpu.core.errors import Error
 from boneage_tpu.modeling import heads
@@ -358,7 +361,8 @@ def overlay_png(
     bar = fig.add_axes((0.84, 0.08, 0.04, 0.72))
     fig.colorbar(shown, cax=bar).set_label(f"{kind} (relative)", fontsize=7)
     bar.tick_params(labelsize=6)
-    fig.suptitle(title, fontsize=8, y=0.995)
+    # parse_math=False: a `$` in an id or file name is text, not the start of mathtext.
+    fig.suptitle(title, fontsize=8, y=0.995, parse_math=False)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=_OVERLAY_DPI)
     return buf.getvalue()
@@ -367,18 +371,45 @@ def overlay_png(
 def title_text(image_id: str, months: float, std: float | None = None) -> str:
     """Returns an overlay title: id, predicted months (years) and the uncertainty if any."""
     spread = f" ± {std:.1f}" if std is not None and np.isfinite(std) else ""
-    return f"{image_id}\npredicted {months:.1f}{spread} months ({months / 12:.1f} y)"
+    # Control characters and undecodable bytes of a file name are escaped (matplotlib cannot
+    # draw them); `$` stays text: overlay_png turns mathtext off.
+    return (
+        f"{guard.printable(image_id)}\npredicted {months:.1f}{spread} months ({months / 12:.1f} y)"
+    )
 
 
-def _file_names(ids: Sequence[str]) -> list[str]:
-    """Returns one PNG name per id; repeated ids (same name, other folders) get -2, -3, ..."""
-    seen: dict[str, int] = {}
-    names = []
+def file_names(ids: Sequence[str], sources: Sequence[str] | None = None) -> list[str]:
+    """Returns one distinct PNG name per image, by construction.
+
+    An id that occurs once keeps its name (`<id>.png`); every image of a repeated id (same
+    stem in other folders) is named `<id>-<hash>.png` with a stable short hash of its full
+    source path, so names do not depend on the order of the inputs, and a hash is lengthened
+    in the rare case that a name still clashes (with another id that looks like `<id>-<hash>`).
+
+    Args:
+      ids: the images' ids.
+      sources: their full paths (default: the ids), which the hashes are taken of.
+    """
+    sources = list(ids) if sources is None else list(sources)
+    counts: dict[str, int] = {}
     for image_id in ids:
-        seen[image_id] = seen.get(image_id, 0) + 1
-        suffix = f"-{seen[image_id]}" if seen[image_id] > 1 else ""
-        names.append(f"{image_id}{suffix}.png")
-    return names
+        counts[image_id] = counts.get(image_id, 0) + 1
+    # The same file given twice is hashed with its repeat number: still one name each.
+    seen: dict[str, int] = {}
+    keys = []
+    for src in sources:
+        seen[src] = seen.get(src, 0) + 1
+        keys.append(src if seen[src] == 1 else f"{src}\0{seen[src]}")
+    for digits in range(8, 65, 8):
+        names = [
+            f"{guard.printable(image_id)}.png"
+            if counts[image_id] == 1
+            else f"{guard.printable(image_id)}-{hashlib.sha256(os.fsencode(src)).hexdigest()[:digits]}.png"
+            for image_id, src in zip(ids, keys, strict=True)
+        ]
+        if len(set(names)) == len(names):
+            return names
+    raise HeatmapError("heatmap file names collide even with a full hash")
 
 
 def write_overlays(
@@ -390,6 +421,8 @@ def write_overlays(
     output_dir: str,
     *,
     batch_size: int = 16,
+    names: Sequence[str] | None = None,
+    fn: Callable[[tf.Tensor, tf.Tensor], dict[str, tf.Tensor]] | None = None,
 ) -> list[str]:
     """Writes one overlay PNG per image into `output_dir` (local or gs://); returns the paths.
 
@@ -401,11 +434,13 @@ def write_overlays(
       months: the predictions shown in the titles (e.g. with flip TTA).
       output_dir: the folder, created when missing.
       batch_size: images per map computation.
+      names: the PNG file names (default `file_names(ids)`).
+      fn: `tf.function(map_fn(model))` to reuse (chunked callers trace it once).
     """
-    run = tf.function(map_fn(model))
+    run = fn or tf.function(map_fn(model))
     kind = map_kind(model)
     tf.io.gfile.makedirs(output_dir)
-    paths = [join(output_dir, name) for name in _file_names(ids)]
+    paths = [join(output_dir, name) for name in (names or file_names(ids))]
     for start in range(0, len(images), batch_size):
         stop = start + batch_size
         out = run(tf.constant(images[start:stop]), tf.constant(male[start:stop], tf.float32))

@@ -4,7 +4,9 @@ Both exports are float32 and strategy-free: the trained weights are copied into 
 model built outside any distribution scope, so a model trained in bf16 on a TPU serves on a CPU.
 The SavedModel's `serving_default(image_bytes: string [None], male: float32 [None]) ->
 {"boneage_months": float32 [None]}` decodes with `data.decode_image_bytes`, the same code as
-the training input pipeline, so serving preprocessing equals training preprocessing.
+the training input pipeline, so serving preprocessing equals training preprocessing. An empty
+batch, a `male` of another length or outside 0..1 (NaN, 1e6) fails with an
+InvalidArgumentError naming the problem.
 """
 
 from __future__ import annotations
@@ -29,6 +31,24 @@ def export_saved_model(model: keras.Model, image_size: int, path: str) -> None:
     """Writes a SavedModel whose serving signature takes PNG/JPEG bytes and sex."""
 
     def serve(image_bytes: tf.Tensor, male: tf.Tensor) -> dict[str, tf.Tensor]:
+        # Checked in the graph, so every client gets a clear error instead of a shape error
+        # deep in map_fn (empty batch) or a confident nonsense age (male = NaN or 1e6).
+        checks = [
+            tf.debugging.assert_positive(
+                tf.size(image_bytes), message="image_bytes is empty: give at least one image"
+            ),
+            tf.debugging.assert_equal(
+                tf.size(male),
+                tf.size(image_bytes),
+                message="male must have one value per image in image_bytes",
+            ),
+            tf.debugging.Assert(
+                tf.reduce_all(tf.math.is_finite(male) & (male >= 0.0) & (male <= 1.0)),
+                ["male must be 0 (female) to 1 (male) for every image; got", male],
+            ),
+        ]
+        with tf.control_dependencies(checks):
+            image_bytes = tf.identity(image_bytes)
         images = tf.map_fn(
             lambda encoded: data.decode_image_bytes(encoded, image_size),
             image_bytes,

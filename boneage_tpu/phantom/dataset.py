@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
+from boneage_tpu.core import guard
 from boneage_tpu.core.errors import Error
 from boneage_tpu.phantom.render import render_phantom
 
@@ -189,7 +190,7 @@ def _write_csvs(output: str, layout_name: str, records: Sequence[PhantomRecord])
         with open(os.path.join(output, name), "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f, lineterminator="\n")
             writer.writerow(header)
-            writer.writerows(rows)
+            writer.writerows(guard.csv_row(row) for row in rows)  # Generated ids; see guard.
 
     if layout_name == "kaggle":
         write(spec.csv_name, spec.header, [(r.image_id, r.label_months, r.male) for r in records])

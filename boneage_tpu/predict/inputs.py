@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import posixpath
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import tensorflow as tf
 
+from boneage_tpu.core import guard
 from boneage_tpu.core.errors import Error, UsageError
 from boneage_tpu.data import layouts
 
@@ -47,9 +50,23 @@ def labeled_items(labels: str, images_dir: str) -> list[dict[str, Any]]:
         )
     except layouts.ConvertError as e:
         raise PredictError(str(e)) from e
-    for entry in skipped + missing + orphans:
+    for entry in skipped + missing:
         where = f"line {entry['row']}" if entry["row"] else entry["path"]
         print(f"skipped {entry['id']} ({where}): {entry['reason']}", file=sys.stderr)
+    if orphans:
+        # One line, not one per file: a folder usually holds many images a CSV does not name.
+        shown = ", ".join(posixpath.basename(e["path"]) for e in orphans[:3])
+        more = f", ... ({len(orphans) - 3} more)" if len(orphans) > 3 else ""
+        print(
+            f"not predicted: {len(orphans)} image(s) in {guard.printable(images_dir)} have no row "
+            f"in the CSV ({shown}{more})",
+            file=sys.stderr,
+        )
+    if not matched:
+        raise PredictError(
+            f"no image to predict: every row of {guard.printable(labels)} was skipped (listed "
+            "above)"
+        )
     return [
         {"id": r.image_id, "path": r.path, "male": float(r.male), "boneage": r.boneage}
         for r in matched
@@ -73,7 +90,8 @@ def list_inputs(
         raise UsageError("no images: give IMAGE files or --labels CSV --images DIR")
     male = parse_sex(sex) if sex else None
     for path in paths:
-        if tf.io.gfile.isdir(path):
+        # os.path for local paths: tf.io.gfile fails on a non-UTF-8 name (the read is checked).
+        if os.path.isdir(path) if "://" not in path else tf.io.gfile.isdir(path):
             raise PredictError(
                 f"{path} is a folder: give image files (e.g. {path.rstrip('/')}/*.png), or "
                 f"--labels CSV --images {path}"
@@ -89,25 +107,93 @@ def list_inputs(
     ]
 
 
+def _columns(labeled: bool) -> list[str]:
+    return ["id", "path", "male", "predicted_months"] + (["boneage", "error"] if labeled else [])
+
+
+def _csv_row(r: dict[str, Any], labeled: bool) -> list[Any]:
+    # Text cells are neutralised (`guard.csv_cell`: an id like `=2+5` is no formula); the
+    # numbers stay numbers.
+    extra = [r["boneage"], r["error"]] if labeled else []
+    cells = [guard.printable(r["id"]), guard.printable(r["path"])]
+    return [*guard.csv_row(cells), r["male"], repr(r["predicted"]), *extra]
+
+
+def _table_header(labeled: bool) -> str:
+    return f"{'id':<20} {'sex':>3} {'months':>8} {'years':>6}" + (
+        "  boneage   error" if labeled else ""
+    )
+
+
+def _table_line(r: dict[str, Any]) -> str:
+    name = guard.printable(r["id"])
+    line = f"{name:<20} {'M' if r['male'] else 'F':>3} {r['predicted']:8.1f} {r['predicted'] / 12:6.1f}"
+    if r["boneage"] is not None:
+        line += f"  {r['boneage']:7.1f} {r['error']:+7.1f}"
+    return line
+
+
 def format_rows(rows: Sequence[dict[str, Any]], as_csv: bool) -> str:
     """Returns the predictions as CSV text or as an aligned table for the terminal."""
-    labeled = any(r["boneage"] is not None for r in rows)
-    columns = ["id", "path", "male", "predicted_months"] + (["boneage", "error"] if labeled else [])
-    if as_csv:
-        buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(columns)
-        for r in rows:
-            extra = [r["boneage"], r["error"]] if labeled else []
-            writer.writerow([r["id"], r["path"], r["male"], repr(r["predicted"]), *extra])
-        return buf.getvalue()
-    lines = [
-        f"{'id':<20} {'sex':>3} {'months':>8} {'years':>6}"
-        + ("  boneage   error" if labeled else "")
-    ]
-    for r in rows:
-        line = f"{r['id']:<20} {'M' if r['male'] else 'F':>3} {r['predicted']:8.1f} {r['predicted'] / 12:6.1f}"
-        if r["boneage"] is not None:
-            line += f"  {r['boneage']:7.1f} {r['error']:+7.1f}"
-        lines.append(line)
-    return "\n".join(lines) + "\n"
+    buf = io.StringIO()
+    RowWriter(buf, as_csv).write(list(rows), any(r["boneage"] is not None for r in rows))
+    return buf.getvalue()
+
+
+class RowWriter:
+    """Writes predictions as they come: the header before the first rows, flushed per call."""
+
+    def __init__(self, stream: Any, as_csv: bool) -> None:
+        """Writes to `stream` (a text file) as CSV or as the terminal's aligned table."""
+        self.stream, self.as_csv, self.count = stream, as_csv, 0
+        self._csv = csv.writer(stream, lineterminator="\n") if as_csv else None
+
+    def write(self, rows: list[dict[str, Any]], labeled: bool) -> None:
+        """Writes rows (with the header first, once); `labeled` adds boneage and error."""
+        if self._csv is not None:
+            if not self.count:
+                self._csv.writerow(_columns(labeled))
+            self._csv.writerows(_csv_row(r, labeled) for r in rows)
+        else:
+            lines = ([_table_header(labeled)] if not self.count else []) + [
+                _table_line(r) for r in rows
+            ]
+            self.stream.write("".join(line + "\n" for line in lines))
+        self.count += len(rows)
+        self.stream.flush()  # A partial result survives an interruption.
+
+
+class Progress:
+    """A progress line on stderr: updated in place on a terminal, every 10 % otherwise."""
+
+    _MIN_LOGGED = 1000  # Without a terminal, small runs print no progress at all.
+
+    def __init__(self, total: int) -> None:
+        """Reports progress over `total` images."""
+        self.total, self.start, self.shown = total, time.monotonic(), 0
+        self.tty = sys.stderr.isatty()
+        self._drawn = False
+
+    def _text(self, done: int) -> str:
+        rate = done / max(time.monotonic() - self.start, 1e-9)
+        return f"predict: {done}/{self.total} images ({rate:.1f}/s)"
+
+    def update(self, done: int) -> None:
+        """Shows that `done` of the images are processed."""
+        if self.tty:
+            sys.stderr.write("\r" + self._text(done))
+            sys.stderr.flush()
+            self._drawn = True
+        elif self.total >= self._MIN_LOGGED and done * 10 // self.total > self.shown:
+            self.shown = done * 10 // self.total
+            print(self._text(done), file=sys.stderr, flush=True)
+
+    def clear(self) -> None:
+        """Ends the in-place line before other stderr output."""
+        if self._drawn:
+            sys.stderr.write("\n")
+            self._drawn = False
+
+    def close(self) -> None:
+        """Ends the progress line."""
+        self.clear()

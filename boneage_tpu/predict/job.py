@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -26,8 +26,8 @@ import tensorflow as tf
 
 from boneage_tpu.cli import check, option
 from boneage_tpu.core import config as config_lib
+from boneage_tpu.core import guard, schema
 from boneage_tpu.core import model_dir as model_dir_lib
-from boneage_tpu.core import schema
 from boneage_tpu.core.config import BIG
 from boneage_tpu.data import images
 from boneage_tpu.data import pipeline as data
@@ -130,6 +130,11 @@ def _sex_array(males: Any, count: int, loaded: restore.LoadedModel) -> np.ndarra
     return np.broadcast_to(values, (count,)).copy()
 
 
+def predict_fn(loaded: restore.LoadedModel, tta: str = "none") -> Callable[..., Any]:
+    """Returns the traced forward pass (images, male) -> (months, spread) of a restored model."""
+    return tf.function(inference.tta_predict_fn(loaded.model, tta))
+
+
 def predict_batch(
     loaded: restore.LoadedModel,
     batch: np.ndarray,
@@ -137,9 +142,13 @@ def predict_batch(
     *,
     tta: str = "none",
     batch_size: int = 16,
+    fn: Callable[..., Any] | None = None,
 ) -> np.ndarray:
-    """Runs a restored model over prepared inputs uint8 [N,S,S,1]; returns months float64 [N]."""
-    run = tf.function(inference.tta_predict_fn(loaded.model, tta))
+    """Runs a restored model over prepared inputs uint8 [N,S,S,1]; returns months float64 [N].
+
+    `fn` is a `predict_fn(loaded, tta)` to reuse (chunked callers trace it once).
+    """
+    run = fn or predict_fn(loaded, tta)
     months = [np.zeros((0,), np.float32)]
     for start in range(0, len(batch), batch_size):
         stop = start + batch_size
@@ -226,40 +235,111 @@ class PredictConfig:
     )
 
 
-def run(config: PredictConfig) -> list[dict[str, Any]]:
-    """Predicts every image of the command; returns one row dict per predicted image."""
+# Inputs prepared per chunk (a multiple of the batch size): memory stays bounded by the chunk,
+# whatever the number of inputs, and results are written as each chunk is done.
+CHUNK_BATCHES = 8
+MIN_CHUNK = 64
+
+
+def check_outputs(config: PredictConfig, items: Sequence[dict[str, Any]]) -> None:
+    """Refuses --output and --heatmaps paths that would overwrite an input (`guard`)."""
+    if not (config.output or config.heatmaps):
+        return
+    model_dir, _ = resolve_model(config.model, "export")
+    guard.check_outputs(
+        {"--output": (config.output, "file"), "--heatmaps": (config.heatmaps, "folder")},
+        {
+            "--labels": [config.labels],
+            "--images": [config.images_dir],
+            "the model folder": [model_dir],
+            "the input image": [i["path"] for i in items],
+        },
+    )
+    if config.output and config.heatmaps:
+        guard.check_outputs(
+            {"--output": (config.output, "file")}, {"--heatmaps": [config.heatmaps]}
+        )
+
+
+def run(
+    config: PredictConfig,
+    write: Callable[[list[dict[str, Any]], bool], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Predicts every image of the command, chunk by chunk; returns one row dict per image.
+
+    Args:
+      config: the command's settings.
+      write: called with each chunk's rows (and whether the inputs are labeled) as soon as
+        they are predicted, so output is written as it comes.
+    """
     check(config)
     items = predict_io.list_inputs(config.paths, config.sex, config.labels, config.images_dir)
+    check_outputs(config, items)
     model_dir, checkpoint = resolve_model(config.model, config.checkpoint)
     loaded = restore.load_model(model_dir, checkpoint)
     males = [i["male"] for i in items]
     sex = _sex_array(None if None in males else males, len(items), loaded)
-    batch, problems = _read_all(
-        [i["path"] for i in items], loaded.config, restore.model_image_size(loaded), config.force
-    )
-    if len(problems) == 1 and len(items) == 1 and not config.skip_unreadable:
-        raise PredictError(f"cannot use {problems[0][0]}: {problems[0][1]}")
-    for path, reason in problems:
-        print(
-            f"{'skipped' if config.skip_unreadable else 'unreadable'} {path}: {reason}",
-            file=sys.stderr,
-        )
-    if problems and not config.skip_unreadable:
-        raise PredictError(
-            f"cannot read {len(problems)} of {len(items)} images (listed above; "
-            "--skip_unreadable predicts the others)"
-        )
-    bad = {path for path, _ in problems}
-    keep = [i["path"] not in bad for i in items]
-    items, sex = [i for i, k in zip(items, keep, strict=True) if k], sex[np.array(keep)]
-    if not items:
+    size = restore.model_image_size(loaded)
+    labeled = any(i["boneage"] is not None for i in items)
+    names = heatmap.file_names([i["id"] for i in items], [i["path"] for i in items])
+    chunk = max(MIN_CHUNK, CHUNK_BATCHES * config.batch_size)
+    progress = predict_io.Progress(len(items))
+    fns = {"predict": predict_fn(loaded, config.tta)}
+    done: list[dict[str, Any]] = []
+    unreadable = 0
+    for start in range(0, len(items), chunk):
+        part, part_sex = items[start : start + chunk], sex[start : start + chunk]
+        part_names = names[start : start + chunk]
+        batch, problems = _read_all([i["path"] for i in part], loaded.config, size, config.force)
+        if len(problems) == 1 and len(items) == 1 and not config.skip_unreadable:
+            raise PredictError(f"cannot use {guard.printable(problems[0][0])}: {problems[0][1]}")
+        for path, reason in problems:
+            word = "skipped" if config.skip_unreadable else "unreadable"
+            progress.clear()
+            print(f"{word} {guard.printable(path)}: {reason}", file=sys.stderr)
+        unreadable += len(problems)
+        if problems and not config.skip_unreadable:
+            raise PredictError(
+                f"cannot read {unreadable} of {len(items)} images (listed above; "
+                "--skip_unreadable predicts the others)"
+            )
+        bad = {path for path, _ in problems}
+        keep = np.array([i["path"] not in bad for i in part], bool)
+        part = [i for i, k in zip(part, keep, strict=True) if k]
+        part_names = [n for n, k in zip(part_names, keep, strict=True) if k]
+        part_sex = part_sex[keep]
+        if part:
+            _predict_chunk(config, loaded, part, batch, part_sex, part_names, fns)
+            if write is not None:
+                write(part, labeled)
+            done.extend(part)
+        progress.update(start + len(keep))
+    progress.close()
+    if not done:
         raise PredictError("no readable images left to predict")
-    months = predict_batch(loaded, batch, sex, tta=config.tta, batch_size=config.batch_size)
+    return done
+
+
+def _predict_chunk(
+    config: PredictConfig,
+    loaded: restore.LoadedModel,
+    items: list[dict[str, Any]],
+    batch: np.ndarray,
+    sex: np.ndarray,
+    names: Sequence[str],
+    fns: dict[str, Callable[..., Any]],
+) -> None:
+    """Predicts one chunk of prepared inputs into its row dicts (and writes its heatmaps)."""
+    months = predict_batch(
+        loaded, batch, sex, tta=config.tta, batch_size=config.batch_size, fn=fns["predict"]
+    )
     for item, value, m in zip(items, months, sex, strict=True):
         item.update(male=int(m > 0.5), predicted=float(value))
         labeled = item["boneage"] is not None
         item["error"] = float(value) - item["boneage"] if labeled else None
     if config.heatmaps:
+        if "map" not in fns:  # Traced once for all chunks.
+            fns["map"] = tf.function(heatmap.map_fn(loaded.model))
         written = heatmap.write_overlays(
             loaded.model,
             batch,
@@ -268,7 +348,8 @@ def run(config: PredictConfig) -> list[dict[str, Any]]:
             months,
             config.heatmaps,
             batch_size=config.batch_size,
+            names=names,
+            fn=fns["map"],
         )
         for item, path in zip(items, written, strict=True):
             item["heatmap"] = path
-    return items

@@ -37,12 +37,16 @@ class NonFiniteWeightsError(Error, RuntimeError):
 
 
 def check_resume(config: config_lib.TrainConfig) -> None:
-    """Raises ResumeError when model_dir has checkpoints of a different network."""
-    if model_dir_lib.latest_checkpoint(config.model_dir) is None:
-        return
+    """Raises ResumeError when model_dir has checkpoints of a different network.
+
+    A config.json that is not boneage_tpu's (another project's folder) or is damaged raises
+    `model_dir.ModelDirError` here, before training would overwrite it.
+    """
     if not model_dir_lib.has_config(config.model_dir):
         return
     previous = model_dir_lib.load_config(config.model_dir)
+    if model_dir_lib.latest_checkpoint(config.model_dir) is None:
+        return
     for name, what in (("data_image_size", "px"), ("data_encoding", "encoding")):
         old, new = getattr(previous, name), getattr(config, name)
         if old and new and old != new:
