@@ -16,7 +16,7 @@ from absl import flags
 from PIL import Image
 
 import boneage_tpu.model  # noqa: F401  (registers the custom layers for load_model)
-from boneage_tpu import cli, data, distribute
+from boneage_tpu import augment, cli, data, distribute
 from boneage_tpu import config as config_lib
 from boneage_tpu import model as model_lib
 from boneage_tpu import model_dir as model_dir_lib
@@ -104,6 +104,9 @@ def test_two_step_run_writes_checkpoints_logs_config_and_both_exports(toy_data, 
     progress = [line for line in out.splitlines() if line.startswith("step ")]
     assert len(progress) == 2
     assert all(k in progress[0] for k in ("step 1/2", "loss", "mae", "img/s", "eta"))
+    # Printed once at the start: 4 images of 32 px through the CPU's gather warp.
+    expected = augment.batch_transient_bytes(32, 32, 1, "gather", augment.AugmentConfig(), 4)
+    assert out.count(f"augmentation transients ≈ {expected / 1e9:.3g} GB/replica") == 1
 
     # The evaluator's way to restore a checkpoint: keys `model` and `step`.
     config = model_dir_lib.load_config(str(model_dir))

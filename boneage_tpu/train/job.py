@@ -23,13 +23,13 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from absl import logging  # noqa: E402
 
-from boneage_tpu import cli, distribute, export, heads, schema, verify  # noqa: E402
+from boneage_tpu import augment, cli, distribute, export, heads, schema, verify  # noqa: E402
 from boneage_tpu import config as config_lib  # noqa: E402
 from boneage_tpu import model_dir as model_dir_lib  # noqa: E402
 from boneage_tpu.errors import ConfigError, Error  # noqa: E402
 from boneage_tpu.evaluate import inference  # noqa: E402
 from boneage_tpu.train import state as train_state  # noqa: E402
-from boneage_tpu.train.setup import DatasetFn, Session, prepare  # noqa: E402
+from boneage_tpu.train.setup import DatasetFn, Session, augment_config, prepare  # noqa: E402
 
 
 class TrainingError(Error, RuntimeError):
@@ -254,6 +254,18 @@ def _run_locked(session: Session, after_loop: Callable[[int], None] | None) -> d
         + (f"resuming at step {session.start_step}" if session.start_step else "from step 0")
         + f" of {config.train_steps}"
     )
+    if config.augment:
+        transients = augment.batch_transient_bytes(
+            config.image_size,
+            config.image_size,
+            1,
+            settings["warp"],
+            augment_config(config),
+            session.per_replica_batch,
+        )
+        log(
+            f"augmentation transients ≈ {transients / 1e9:.3g} GB/replica ({settings['warp']} warp)"
+        )
 
     def logs_dir(name: str) -> str | None:
         # Only the chief writes TensorBoard logs (a ScalarLog of None writes nothing).
