@@ -13,6 +13,7 @@ Any other exception is a bug: it keeps its traceback.
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import types
 import typing
@@ -221,6 +222,14 @@ def _run_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+def keras_backend() -> str:
+    """Returns the Keras backend this process has or will get (Keras itself when loaded)."""
+    keras = sys.modules.get("keras")
+    if keras is not None:
+        return keras.backend.backend()
+    return os.environ.get("KERAS_BACKEND", "tensorflow")
+
+
 def main(
     prog: str,
     config_cls: type,
@@ -241,6 +250,14 @@ def main(
       0, 1 (the run failed) or 2 (bad command line).
     """
     argv = sys.argv if argv is None else argv
+    backend = keras_backend()
+    if backend != "tensorflow":
+        print(
+            f"{prog}: error: Keras runs on {backend}; boneage_tpu needs TensorFlow: unset "
+            "KERAS_BACKEND or set KERAS_BACKEND=tensorflow",
+            file=sys.stderr,
+        )
+        return 1
     flag_values = flags.FlagValues()
     define_flags(config_cls, flag_values)
     takes_positional = any(f.metadata["positional"] for f in flag_fields(config_cls))
