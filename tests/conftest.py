@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pathlib
 
@@ -15,6 +16,12 @@ pytest_plugins = ["tests.gcs_fixtures"]
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+# The seed comparisons need tf_keras, which is not in the `dev` extra (it would pull a second
+# TensorFlow distribution; setup.cfg `seed`). .ci/run installs it without dependencies.
+requires_tf_keras = pytest.mark.skipif(
+    importlib.util.find_spec("tf_keras") is None,
+    reason='needs tf-keras: pip install --no-deps "tf-keras==2.21.*" (.ci/run does)',
+)
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from boneage_tpu.data import augment
+from boneage_tpu.data import augment, warp
 
 NEUTRAL = {
     "angle": 0.0,
@@ -32,7 +32,7 @@ def _warp(image: np.ndarray, **values: float) -> np.ndarray:
     """Warps one [H, W] uint8 image with the given parameters (others neutral)."""
     height, width = image.shape
     matrices = augment.affine_matrices(_params(**values), height, width)
-    return augment.warp_affine(image[None, :, :, None], matrices).numpy()[0, :, :, 0]
+    return warp.warp_affine(image[None, :, :, None], matrices).numpy()[0, :, :, 0]
 
 
 def _pattern(height: int, width: int) -> np.ndarray:
@@ -55,7 +55,7 @@ def test_augment_batch_compiles_with_xla_on_cpu():
 def test_identity_matrix_returns_the_image_exactly():
     images = np.random.default_rng(1).integers(0, 256, (2, 7, 9, 3)).astype(np.uint8)
     identity = tf.constant([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]] * 2)
-    out = augment.warp_affine(tf.constant(images), identity)
+    out = warp.warp_affine(tf.constant(images), identity)
     np.testing.assert_array_equal(out.numpy(), images.astype(np.float32))
     composed = augment.affine_matrices(_params(batch=2), 7, 9)
     np.testing.assert_allclose(composed.numpy(), identity.numpy(), atol=1e-6)
@@ -199,8 +199,8 @@ def test_matmul_warp_equals_the_gather_warp(config, height, width, channels):
     stretch = augment.max_stretch(config)
 
     def both(images, matrices):
-        gather = augment.warp_affine(images, matrices)
-        matmul = augment.warp_affine(images, matrices, "matmul", stretch)
+        gather = warp.warp_affine(images, matrices)
+        matmul = warp.warp_affine(images, matrices, "matmul", stretch)
         return gather, matmul
 
     gather, matmul = both(images, matrices)
@@ -220,7 +220,7 @@ def test_matmul_warp_gathers_only_whole_rows_under_xla():
 
     def slice_sizes(method: str) -> list[list[int]]:
         fn = tf.function(
-            lambda i, m: augment.warp_affine(i, m, method, stretch if method == "matmul" else None),
+            lambda i, m: warp.warp_affine(i, m, method, stretch if method == "matmul" else None),
             jit_compile=True,
         )
         text = fn.experimental_get_compiler_ir(images, matrices)(stage="hlo")
@@ -231,7 +231,7 @@ def test_matmul_warp_gathers_only_whole_rows_under_xla():
         ]
 
     assert slice_sizes("gather") and all(max(s) == 1 for s in slice_sizes("gather"))
-    # One gather of whole padded rows (width + 2 x window), no single-element gathers.
+    # Gathers of row segments (two column blocks of the padded input), no single elements.
     matmul = slice_sizes("matmul")
     assert matmul and all(max(s) > 40 for s in matmul)
 
@@ -239,12 +239,12 @@ def test_matmul_warp_gathers_only_whole_rows_under_xla():
 def test_matmul_identity_is_exact_and_bad_arguments_are_refused():
     images = np.random.default_rng(3).integers(0, 256, (2, 20, 18, 1)).astype(np.uint8)
     identity = tf.constant([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]] * 2)
-    out = augment.warp_affine(tf.constant(images), identity, "matmul", 1.0)
+    out = warp.warp_affine(tf.constant(images), identity, "matmul", 1.0)
     np.testing.assert_array_equal(out.numpy(), images.astype(np.float32))
     with pytest.raises(ValueError, match="needs stretch > 0"):
-        augment.warp_affine(tf.constant(images), identity, "matmul")
+        warp.warp_affine(tf.constant(images), identity, "matmul")
     with pytest.raises(ValueError, match="'gather' or 'matmul'"):
-        augment.warp_affine(tf.constant(images), identity, "nearest")
+        warp.warp_affine(tf.constant(images), identity, "nearest")
 
 
 def test_max_stretch_bounds_the_drawn_matrices():
@@ -253,3 +253,75 @@ def test_max_stretch_bounds_the_drawn_matrices():
         linear = np.abs(augment.affine_matrices(params, 64, 64).numpy()[:, :, :2]).sum(axis=2)
         assert linear.max() <= augment.max_stretch(config) + 1e-6
         assert linear.max() > 0.7 * augment.max_stretch(config)  # and is not far too loose
+
+
+def _random_warp_inputs(batch: int, size: int) -> tuple[tf.Tensor, tf.Tensor, float]:
+    config = augment.AugmentConfig()
+    rng = np.random.default_rng(batch * size)
+    images = tf.constant(rng.integers(0, 256, (batch, size, size, 1)).astype(np.uint8))
+    params = augment.sample_params(tf.constant([batch, size], tf.int64), batch, config)
+    return images, augment.affine_matrices(params, size, size), augment.max_stretch(config)
+
+
+def test_chunked_matmul_warp_equals_the_unchunked_one():
+    images, matrices, stretch = _random_warp_inputs(7, 40)
+    whole = warp.warp_affine(images, matrices, "matmul", stretch, chunk=7)
+    # 3 does not divide 7 (the last chunk is padded); a dynamic batch takes the same loop.
+    chunked = warp.warp_affine(images, matrices, "matmul", stretch, chunk=3)
+    np.testing.assert_allclose(chunked.numpy(), whole.numpy(), atol=1e-4, rtol=0)
+    dynamic = tf.function(
+        lambda i, m: warp.warp_affine(i, m, "matmul", stretch, chunk=2),
+        input_signature=[
+            tf.TensorSpec([None, 40, 40, 1], tf.uint8),
+            tf.TensorSpec([None, 2, 3], tf.float32),
+        ],
+        jit_compile=True,
+    )
+    compiled = dynamic(images, matrices).numpy()
+    gather = tf.function(warp.warp_affine, jit_compile=True)(images, matrices).numpy()
+    assert compiled.shape == (7, 40, 40, 1)
+    np.testing.assert_allclose(compiled, gather, atol=1e-4, rtol=0)
+
+
+def _compiled_peak_bytes(images: tf.Tensor, matrices: tf.Tensor, stretch: float, chunk: int) -> int:
+    fn = tf.function(
+        lambda i, m: warp.warp_affine(i, m, "matmul", stretch, chunk), jit_compile=True
+    )
+    fn(images, matrices)  # compiles first: only the run is measured
+    tf.config.experimental.reset_memory_stats("CPU:0")
+    before = tf.config.experimental.get_memory_info("CPU:0")["current"]
+    fn(images, matrices).numpy()
+    return tf.config.experimental.get_memory_info("CPU:0")["peak"] - before
+
+
+def test_matmul_warp_peak_memory_is_bounded_by_its_chunk_not_the_batch():
+    size = 64
+    small = _random_warp_inputs(4, size)
+    large = _random_warp_inputs(32, size)
+    stretch = small[2]
+    per_image = warp.warp_transient_bytes(size, size, 1, "matmul", stretch)
+    output = 32 * size * size * 4
+    chunked_small = _compiled_peak_bytes(small[0], small[1], stretch, chunk=2)
+    chunked_large = _compiled_peak_bytes(large[0], large[1], stretch, chunk=2)
+    unchunked = _compiled_peak_bytes(large[0], large[1], stretch, chunk=32)
+    # 8x the batch, same chunk: the peak grows by the output at most, not by 8x.
+    assert chunked_large <= chunked_small + output
+    # The estimate bounds what XLA really allocates, and is not far above it.
+    assert 0.5 * 32 * per_image <= unchunked <= 32 * per_image + output
+    assert unchunked > 4 * chunked_large
+    # The default chunk keeps a recipe-sized batch within the budget.
+    chunk = warp.warp_chunk(512, 512, 1, augment.max_stretch(augment.AugmentConfig()))
+    assert 1 <= chunk < 32
+    budget = warp.WARP_CHUNK_BYTES
+    assert warp.warp_transient_bytes(512, 512, 1, "matmul", stretch, images=chunk) <= budget
+
+
+def test_matmul_warp_multiplies_only_bfloat16_operands():
+    # One-hots and 0..255 pixel values are exact in bfloat16, so a TPU's default matmul
+    # precision (one bfloat16 pass for float32 operands) cannot change the result.
+    images, matrices, stretch = _random_warp_inputs(2, 48)
+    fn = tf.function(lambda i, m: warp.warp_affine(i, m, "matmul", stretch), jit_compile=True)
+    text = fn.experimental_get_compiler_ir(images, matrices)(stage="hlo")
+    dots = [line for line in text.splitlines() if " dot(" in line]
+    assert len(dots) == 2
+    assert all(line.count("bf16[") >= 3 for line in dots), dots

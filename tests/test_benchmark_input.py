@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.conftest import requires_tf_keras
 from tools import benchmark_input
 
 REQUIRED_KEYS = {
@@ -71,6 +72,7 @@ def test_median_trial_is_the_middle_run_by_throughput():
 
 
 @pytest.mark.slow
+@requires_tf_keras
 def test_tiny_end_to_end_run_writes_the_json(tmp_path):
     # 15-90 s by machine load: four stage processes and the converter's workers import TF.
     labels, images = _write_sample(tmp_path)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.conftest import requires_tf_keras
 from tools import benchmark_real, benchmark_real_seed
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -290,6 +291,7 @@ def test_json_has_the_keys_and_the_ratios(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.slow
+@requires_tf_keras
 def test_end_to_end_on_phantom_with_the_seed_comparison(tmp_path):
     json_path = tmp_path / "result.json"
     cmd = phantom_command("tools.benchmark_real", tmp_path, tmp_path / "b")

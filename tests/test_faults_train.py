@@ -188,3 +188,20 @@ def test_lease_on_gcs_is_create_only_and_taken_over_when_stale(gcs_dir, capsys):
     assert second.holds()
     second.release()
     assert not tf.io.gfile.exists(f"{gcs_dir}/LOCK")
+
+
+def test_the_finiteness_check_is_one_graph_naming_each_bad_weight(tmp_path):
+    import keras
+    import tensorflow as tf
+
+    inputs = keras.Input([3])
+    model = keras.Model(inputs, keras.layers.Dense(2, name="head")(keras.layers.Dense(4)(inputs)))
+    checkpoints = train_state.Checkpointing(
+        str(tmp_path), 1, step=tf.Variable(0, dtype=tf.int64), model=model
+    )
+    assert checkpoints.non_finite_weights() == []
+    head_kernel = model.get_layer("head").kernel
+    head_kernel.assign(tf.fill(head_kernel.shape, float("inf")))
+    assert checkpoints.non_finite_weights() == [head_kernel.path]
+    # Both calls ran the same traced function: one device round trip per check.
+    assert checkpoints._finite_fn.experimental_get_tracing_count() == 1

@@ -20,6 +20,7 @@ from boneage_tpu import cli
 from boneage_tpu.core import config as config_lib
 from boneage_tpu.core import distribute
 from boneage_tpu.core import model_dir as model_dir_lib
+from boneage_tpu.data import augment
 from boneage_tpu.data import pipeline as data
 from boneage_tpu.modeling import model as model_lib
 from boneage_tpu.train import job as train
@@ -106,6 +107,9 @@ def test_two_step_run_writes_checkpoints_logs_config_and_both_exports(toy_data, 
     progress = [line for line in out.splitlines() if line.startswith("step ")]
     assert len(progress) == 2
     assert all(k in progress[0] for k in ("step 1/2", "loss", "mae", "img/s", "eta"))
+    # Printed once at the start: 4 images of 32 px through the CPU's gather warp.
+    expected = augment.batch_transient_bytes(32, 32, 1, "gather", augment.AugmentConfig(), 4)
+    assert out.count(f"augmentation transients ≈ {expected / 1e9:.3g} GB/replica") == 1
 
     # The evaluator's way to restore a checkpoint: keys `model` and `step`.
     config = model_dir_lib.load_config(str(model_dir))

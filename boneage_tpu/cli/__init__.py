@@ -267,6 +267,14 @@ def _failure_line(err: BaseException) -> str:
     return guard.printable(_one_line(text + (f" (during {operation}{hint})" if operation else "")))
 
 
+def keras_backend() -> str:
+    """Returns the Keras backend this process has or will get (Keras itself when loaded)."""
+    keras = sys.modules.get("keras")
+    if keras is not None:
+        return keras.backend.backend()
+    return os.environ.get("KERAS_BACKEND", "tensorflow")
+
+
 def main(
     prog: str,
     config_cls: type,
@@ -287,6 +295,14 @@ def main(
       0, 1 (the run failed) or 2 (bad command line).
     """
     argv = sys.argv if argv is None else argv
+    backend = keras_backend()
+    if backend != "tensorflow":
+        print(
+            f"{prog}: error: Keras runs on {backend}; boneage_tpu needs TensorFlow: unset "
+            "KERAS_BACKEND or set KERAS_BACKEND=tensorflow",
+            file=sys.stderr,
+        )
+        return 1
     flag_values = flags.FlagValues()
     define_flags(config_cls, flag_values)
     takes_positional = any(f.metadata["positional"] for f in flag_fields(config_cls))

@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from boneage_tpu import cli
 from boneage_tpu.core import config as config_lib
-from boneage_tpu.evaluate import job, report
+from boneage_tpu.core import tpu_runtime
 
 
-def _job(config: job.EvalConfig) -> None:
+def _job(config: Any) -> None:
+    from boneage_tpu.evaluate import job, report
+
     result = job.run(config)
     if config.continuous:
         print(f"evaluated steps {result['evaluated_steps']}; stopped: {result['stop_reason']}")
@@ -30,6 +33,11 @@ def _job(config: job.EvalConfig) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parses the flags in `argv` (argv[0] is the program) and runs the job; returns exit code."""
+    argv = sys.argv if argv is None else argv
+    # The TPU runtime is chosen by environment variables TensorFlow reads at its import.
+    tpu_runtime.prepare_command("evaluate", argv)
+    from boneage_tpu.evaluate import job
+
     return cli.main("evaluate", job.EvalConfig, _job, argv, job.__doc__)
 
 

@@ -9,15 +9,18 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Sequence
 
-import tensorflow as tf
 from absl import logging
 
 from boneage_tpu import cli
 from boneage_tpu.core import config as config_lib
-from boneage_tpu.train import job
+from boneage_tpu.core import tpu_runtime
 
 
 def _job(config: config_lib.TrainConfig, after_loop: Callable[[int], None] | None) -> None:
+    import tensorflow as tf
+
+    from boneage_tpu.train import job
+
     # absl and TF log INFO by default; that would bury the progress lines.
     logging.set_verbosity(logging.WARNING)
     tf.get_logger().setLevel("WARNING")
@@ -33,6 +36,12 @@ def main(
       argv: the command line.
       after_loop: passed to `run` (tests use it to kill a run mid-way).
     """
+    argv = sys.argv if argv is None else argv
+    # The TPU runtime (PJRT or StreamExecutor) is chosen by environment variables that
+    # TensorFlow reads at its import: the job, which imports it, comes after.
+    tpu_runtime.prepare_command("train", argv)
+    from boneage_tpu.train import job
+
     return cli.main(
         "train", config_lib.TrainConfig, lambda c: _job(c, after_loop), argv, job.__doc__
     )

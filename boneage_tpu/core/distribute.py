@@ -3,9 +3,12 @@
   --tpu=colab          Colab's TPU: COLAB_TPU_ADDR set (old TPU-node runtime) -> grpc://ADDR,
                        otherwise the TPU-VM runtime ("local").
   --tpu=local          this machine is a TPU VM (needs TensorFlow's TPU build: tensorflow-tpu +
-                       libtpu).
-  --tpu=NAME|grpc://.. a remote TPU node (the old TPU-node architecture): its TPU host reads
-                       data and writes checkpoints itself, so paths must be gs://.
+                       libtpu, or a TPU VM image's tensorflow + /lib/libtpu.so); one host only.
+  --tpu=NAME|grpc://.. a named TPU: a remote TPU node (the old TPU-node architecture, whose host
+                       reads data and writes checkpoints itself, so paths must be gs://) or a
+                       TPU VM pod slice driven from its worker 0.
+The runtime (PJRT for v4 and newer, StreamExecutor for v2/v3) is chosen before TensorFlow is
+imported, by `boneage_tpu.core.tpu_runtime` from each command's entry point.
   no --tpu             TF_CONFIG set -> MultiWorkerMirroredStrategy; >1 GPU -> MirroredStrategy;
                        1 GPU -> OneDeviceStrategy (input prefetched to the GPU);
                        --virtual_cpus=N -> the CPU split into N logical devices under
@@ -17,13 +20,13 @@ A TPU that fails to initialise raises `DistributeError`: there is no silent CPU 
 from __future__ import annotations
 
 import importlib.metadata
-import importlib.util
 import json
 import os
 from collections.abc import Mapping
 
 import tensorflow as tf
 
+from boneage_tpu.core import tpu_runtime
 from boneage_tpu.core.errors import Error
 
 # The pins of setup.cfg's `tpu` extra (tests check they agree).
@@ -31,8 +34,7 @@ TPU_INSTALL_HINT = (
     "pip install tensorflow-tpu==2.20.0 libtpu==0.0.14 "
     "-f https://storage.googleapis.com/libtpu-tf-releases/index.html"
 )
-# Distributions of TensorFlow's TPU build; JAX's libtpu alone does not make TensorFlow use a TPU.
-TPU_TENSORFLOW_DISTRIBUTIONS = ("tensorflow-tpu", "tf-nightly-tpu")
+TPU_TENSORFLOW_DISTRIBUTIONS = tpu_runtime.TPU_TENSORFLOW_DISTRIBUTIONS
 
 
 class DistributeError(Error, RuntimeError):
@@ -86,23 +88,11 @@ def check_paths(tpu: str, paths: Mapping[str, str]) -> list[str]:
 
 
 def has_tpu_build() -> bool:
-    """Returns True when TensorFlow's TPU build is installed: tensorflow-tpu plus a libtpu.
+    """Returns True when TensorFlow's TPU build is installed (`tpu_runtime.find_tpu_build`).
 
     libtpu alone is not enough: `jax[tpu]` installs it too, next to a CPU-only TensorFlow.
-    TPU_LIBRARY_PATH (an explicit libtpu.so) still needs the TPU build of TensorFlow.
     """
-    installed = []
-    for dist in TPU_TENSORFLOW_DISTRIBUTIONS:
-        try:
-            installed.append(importlib.metadata.version(dist))
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    if not installed:
-        return False
-    library = os.environ.get("TPU_LIBRARY_PATH", "")
-    if library:
-        return os.path.exists(library)
-    return importlib.util.find_spec("libtpu") is not None
+    return tpu_runtime.find_tpu_build() is not None
 
 
 def _installed_tensorflow() -> str:

@@ -20,6 +20,8 @@ import math
 
 import tensorflow as tf
 
+from boneage_tpu.data.warp import warp_affine, warp_chunk, warp_transient_bytes
+
 # Column order of the per-image uniform draws in `sample_params`.
 _PARAM_NAMES = ("angle", "shift_x", "shift_y", "zoom", "shear", "flip", "brightness")
 _PARAM_NAMES += ("contrast", "gamma")
@@ -167,139 +169,21 @@ def max_stretch(config: AugmentConfig) -> float:
     return (1.0 + config.shear) * (math.cos(angle) + math.sin(angle)) / config.zoom[0]
 
 
-def warp_affine(
-    images: tf.Tensor,
-    matrices: tf.Tensor,
-    method: str = "gather",
-    stretch: float | None = None,
-) -> tf.Tensor:
-    """Bilinear warp: output (x, y) samples input `matrices @ (x, y, 1)`.
+def batch_transient_bytes(
+    height: int, width: int, channels: int, method: str, config: AugmentConfig, batch: int
+) -> int:
+    """Returns the warp's estimated peak transients for one replica's batch (bytes).
 
-    Two formulations of the same bilinear sampling (equal to ~1e-5 of 255):
-      "gather": four per-pixel gathers. Fastest on CPU and GPU, whose gathers are cheap.
-      "matmul": no per-element gathers, for TPUs (which run them one element at a time):
-        `_warp_matmul` (row gathers and small one-hot matmuls, ~1e8 MACs per 256 px image).
-
-    Args:
-      images: [B, H, W, C] (any real dtype) with static H, W, C.
-      matrices: float32 [B, 2, 3] output->input pixel maps (see `affine_matrices`).
-      method: "gather" or "matmul".
-      stretch: "matmul" only, required: a bound on |m[r, 0]| + |m[r, 1]| for both rows r of
-        every matrix (`max_stretch` of the AugmentConfig that drew them). Points beyond the
-        window it implies read 0.
-
-    Returns:
-      float32 [B, H, W, C]; points outside the input read 0 (the padding colour), blended
-      bilinearly at the border. An identity matrix returns the input exactly.
+    The whole batch for "gather"; one chunk (`warp_chunk`) for "matmul". 0 when `config`
+    has no geometric transform (no warp runs).
     """
-    if method == "matmul":
-        if stretch is None or stretch <= 0:
-            raise ValueError("warp_affine(method='matmul') needs stretch > 0 (see max_stretch)")
-        return _warp_matmul(images, matrices, stretch)
-    if method != "gather":
-        raise ValueError(f"warp method must be 'gather' or 'matmul', got {method!r}")
-    _, height, width, channels = images.shape
-    batch = tf.shape(images)[0]
-    ys, xs = tf.meshgrid(tf.range(height, dtype=tf.float32), tf.range(width, dtype=tf.float32))
-    # meshgrid's default "xy" indexing gives [W, H]; transpose to row-major pixel order.
-    xs = tf.reshape(tf.transpose(xs), [1, -1])
-    ys = tf.reshape(tf.transpose(ys), [1, -1])
-    m = tf.cast(matrices, tf.float32)
-    x_in = m[:, 0, 0:1] * xs + m[:, 0, 1:2] * ys + m[:, 0, 2:3]
-    y_in = m[:, 1, 0:1] * xs + m[:, 1, 1:2] * ys + m[:, 1, 2:3]
-    x0f, y0f = tf.floor(x_in), tf.floor(y_in)
-    fx, fy = x_in - x0f, y_in - y0f
-    x0, y0 = tf.cast(x0f, tf.int32), tf.cast(y0f, tf.int32)
-    flat = tf.reshape(images, [batch, height * width, channels])
-
-    def corner(xi: tf.Tensor, yi: tf.Tensor, weight: tf.Tensor) -> tf.Tensor:
-        inside = (xi >= 0) & (xi < width) & (yi >= 0) & (yi < height)
-        # Clipped indices keep the gather in bounds; `inside` zeroes their contribution.
-        index = tf.clip_by_value(yi, 0, height - 1) * width + tf.clip_by_value(xi, 0, width - 1)
-        values = tf.cast(tf.gather(flat, index, batch_dims=1), tf.float32)
-        return values * tf.expand_dims(tf.where(inside, weight, 0.0), -1)
-
-    out = (
-        corner(x0, y0, (1.0 - fx) * (1.0 - fy))
-        + corner(x0 + 1, y0, fx * (1.0 - fy))
-        + corner(x0, y0 + 1, (1.0 - fx) * fy)
-        + corner(x0 + 1, y0 + 1, fx * fy)
-    )
-    return tf.reshape(out, [batch, height, width, channels])
-
-
-# Output tile side of the matmul warp: each tile of TILE x TILE output pixels reads one
-# window of the input; larger tiles mean fewer, larger windows (memory ~ window area / tile area).
-WARP_TILE = 16
-
-
-def _warp_matmul(images: tf.Tensor, matrices: tf.Tensor, stretch: float) -> tf.Tensor:
-    """The bilinear warp of `warp_affine` as row gathers and one-hot matmuls.
-
-    The output is cut into TILE x TILE tiles. An affine map sends a tile into a K x K input
-    window, K = ceil(stretch * (TILE - 1)) + 2. Per tile: gather the K whole rows of the
-    (zero-padded) input, select the K window columns with a one-hot matmul, then sample
-    bilinearly inside the window as out[p] = sum_i ry[p, i] * sum_j cx[p, j] * win[i, j],
-    with the tent weights ry/cx = max(0, 1 - |coordinate - index|) (two nonzeros each: the
-    bilinear weights). Every step is a dense matmul, an elementwise op or a gather of whole
-    rows, which TPUs run well; nothing gathers single elements.
-    """
-    _, height, width, channels = images.shape
-    batch = tf.shape(images)[0]
-    tile = WARP_TILE
-    window = int(math.ceil(stretch * (tile - 1))) + 2
-    tiles_y, tiles_x = -(-height // tile), -(-width // tile)
-    # Output pixel coordinates, tile-major: [N tiles, P = tile * tile pixels].
-    local = tf.range(tile, dtype=tf.float32)
-    out_y = (
-        tf.reshape(tf.range(tiles_y, dtype=tf.float32) * tile, [-1, 1, 1, 1])
-        + tf.reshape(local, [1, 1, -1, 1])
-        + tf.zeros([1, tiles_x, 1, tile])
-    )
-    out_x = (
-        tf.reshape(tf.range(tiles_x, dtype=tf.float32) * tile, [1, -1, 1, 1])
-        + tf.reshape(local, [1, 1, 1, -1])
-        + tf.zeros([tiles_y, 1, tile, 1])
-    )
-    out_y = tf.reshape(out_y, [1, tiles_y * tiles_x, tile * tile])
-    out_x = tf.reshape(out_x, [1, tiles_y * tiles_x, tile * tile])
-    m = tf.reshape(tf.cast(matrices, tf.float32), [-1, 6, 1, 1])
-    x_in = m[:, 0] * out_x + m[:, 1] * out_y + m[:, 2]  # [B, N, P]
-    y_in = m[:, 3] * out_x + m[:, 4] * out_y + m[:, 5]
-    # Window origin per tile in padded coordinates. Clipping moves only windows of tiles that
-    # lie wholly in the padding (their samples read zeros either way).
-    pad = window
-    padded = tf.pad(tf.cast(images, tf.float32), [[0, 0], [pad, pad], [pad, pad], [0, 0]])
-    y0 = tf.clip_by_value(
-        tf.floor(tf.reduce_min(y_in, axis=-1)) + pad, 0.0, float(height + 2 * pad - window)
-    )
-    x0 = tf.clip_by_value(
-        tf.floor(tf.reduce_min(x_in, axis=-1)) + pad, 0.0, float(width + 2 * pad - window)
-    )
-    offsets = tf.range(window, dtype=tf.float32)
-    rows = tf.cast(y0[..., None] + offsets, tf.int32)  # [B, N, K]
-    strips = tf.gather(padded, rows, axis=1, batch_dims=1)  # [B, N, K, W + 2 pad, C]
-    columns = tf.range(width + 2 * pad, dtype=tf.float32)
-    select = tf.cast(
-        tf.equal(columns[None, None, :, None], x0[..., None, None] + offsets), tf.float32
-    )  # [B, N, W + 2 pad, K]
-    windows = tf.einsum("bnkwc,bnwl->bnklc", strips, select)  # [B, N, K, K, C]
-
-    def tent(coordinate: tf.Tensor, origin: tf.Tensor) -> tf.Tensor:
-        # [B, N, P, K]: bilinear weight of window index k for each pixel's coordinate. The
-        # fraction is taken first, as in the gather warp: the integer part is then exact in
-        # float32 and the weights equal the gather warp's.
-        whole = tf.floor(coordinate)
-        step = whole[..., None] + pad - (origin[..., None, None] + offsets)
-        return tf.nn.relu(1.0 - tf.abs(step + (coordinate - whole)[..., None]))
-
-    along_x = tf.einsum("bnpj,bnijc->bnpic", tent(x_in, x0), windows)
-    out = tf.einsum("bnpi,bnpic->bnpc", tent(y_in, y0), along_x)  # [B, N, P, C]
-    out = tf.reshape(out, [batch, tiles_y, tiles_x, tile, tile, channels])
-    out = tf.reshape(
-        tf.transpose(out, [0, 1, 3, 2, 4, 5]), [batch, tiles_y * tile, tiles_x * tile, channels]
-    )
-    return out[:, :height, :width, :]
+    if not config.geometric:
+        return 0
+    if method == "gather":
+        return warp_transient_bytes(height, width, channels, "gather", images=batch)
+    stretch = max_stretch(config)
+    chunk = min(batch, warp_chunk(height, width, channels, stretch))
+    return warp_transient_bytes(height, width, channels, "matmul", stretch, images=chunk)
 
 
 def adjust_intensity(images: tf.Tensor, params: dict[str, tf.Tensor]) -> tf.Tensor:

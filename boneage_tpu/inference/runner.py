@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from boneage_tpu.core.errors import Error
-from boneage_tpu.data import augment
+from boneage_tpu.data import augment, warp
 from boneage_tpu.data import pipeline as data
 from boneage_tpu.modeling import heads
 
@@ -71,7 +71,7 @@ def view_images(images: tf.Tensor, angle_deg: float, flip: bool) -> tf.Tensor:
         "flip": zeros,
     }
     _, height, width, _ = images.shape
-    return augment.warp_affine(images, augment.affine_matrices(params, height, width))
+    return warp.warp_affine(images, augment.affine_matrices(params, height, width))
 
 
 def tta_predict_fn(

@@ -26,11 +26,14 @@ from boneage_tpu.core import config as config_lib  # noqa: E402
 from boneage_tpu.core import distribute, schema  # noqa: E402
 from boneage_tpu.core import model_dir as model_dir_lib  # noqa: E402
 from boneage_tpu.core.errors import Error, UsageError  # noqa: E402
-from boneage_tpu.data import verify  # noqa: E402
+from boneage_tpu.data import (
+    augment,  # noqa: E402
+    verify,  # noqa: E402
+)
 from boneage_tpu.inference import runner as inference  # noqa: E402
 from boneage_tpu.modeling import export, heads  # noqa: E402
 from boneage_tpu.train import state as train_state  # noqa: E402
-from boneage_tpu.train.setup import DatasetFn, Session, prepare  # noqa: E402
+from boneage_tpu.train.setup import DatasetFn, Session, augment_config, prepare  # noqa: E402
 
 
 class TrainingError(Error, RuntimeError):
@@ -255,6 +258,18 @@ def _run_locked(session: Session, after_loop: Callable[[int], None] | None) -> d
         + (f"resuming at step {session.start_step}" if session.start_step else "from step 0")
         + f" of {config.train_steps}"
     )
+    if config.augment:
+        transients = augment.batch_transient_bytes(
+            config.image_size,
+            config.image_size,
+            1,
+            settings["warp"],
+            augment_config(config),
+            session.per_replica_batch,
+        )
+        log(
+            f"augmentation transients ≈ {transients / 1e9:.3g} GB/replica ({settings['warp']} warp)"
+        )
 
     def logs_dir(name: str) -> str | None:
         # Only the chief writes TensorBoard logs (a ScalarLog of None writes nothing).

@@ -119,7 +119,7 @@ class TrainLoop:
           seed: global seed for the stateless augmentation RNG.
           jit_compile: XLA-compile the replica step: all of it on one replica, augment +
             forward + loss + gradients with several.
-          warp: the augmentation's `augment.warp_affine` method ("matmul" on TPU).
+          warp: the augmentation's `warp.warp_affine` method ("matmul" on TPU).
         """
         self.strategy = strategy
         self.model = model

@@ -81,7 +81,7 @@ def resolve_settings(
         xla = ("whole step" if replicas == 1 else "augment to gradients") if jit else "off"
     steps = config.steps_per_loop or DEFAULT_STEPS_PER_LOOP[platform]
     # TPUs run per-element gathers one element at a time; CPUs and GPUs gather cheaply and
-    # would pay for the matmul warp's extra arithmetic (augment.warp_affine).
+    # would pay for the matmul warp's extra arithmetic (warp.warp_affine).
     warp = "matmul" if platform == "tpu" else "gather"
     return {
         "precision": precision,
