@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from boneage_tpu import cpu_features
+from boneage_tpu.core import cpu_features
 
 _HEADER = "processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Fake CPU\n"
 

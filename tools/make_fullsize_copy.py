@@ -46,9 +46,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from boneage_tpu import cli, images
+from boneage_tpu import cli
 from boneage_tpu.cli import option
-from boneage_tpu.errors import Error, UsageError
+from boneage_tpu.core.errors import Error, UsageError
+from boneage_tpu.data import images
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED = REPO_ROOT.parent / "shared"
