@@ -3,6 +3,8 @@
   python -m boneage_tpu.predict --model MODEL_DIR [--sex M|F] IMAGE...
   python -m boneage_tpu.predict --model MODEL_DIR --labels CSV --images DIR [--output CSV]
   ... [--heatmaps DIR]  # also writes DIR/<id>.png: where the model looks (boneage_tpu.heatmap)
+  python -m boneage_tpu.predict --runner beam --model MODEL_DIR --input 'PATTERN' --output DIR
+      [--sex M|F | --sex_csv CSV] [--beam_options '...']  # batch: boneage_tpu.predict_beam
 
 IMAGEs are PNG (8/16-bit, palette, RGB), JPEG or DICOM files, local or gs://. `--model` is a
 training run's folder (its export/model.keras when present, else its latest checkpoint; pick
@@ -24,7 +26,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from boneage_tpu import cli, data, heatmap, images, predict_io, schema
+from boneage_tpu import beam_runtime, cli, data, heatmap, images, predict_io, schema
 from boneage_tpu import config as config_lib
 from boneage_tpu import model_dir as model_dir_lib
 from boneage_tpu.cli import check, option
@@ -220,6 +222,50 @@ class PredictConfig:
     force: bool = option(
         False, "Also predict images that do not look like radiographs (tiny, blank, noise)."
     )
+    runner: str = option(
+        "local",
+        "local: predict here; beam: an Apache Beam batch job over --input (the [beam] extra) "
+        "writing CSV shards into the --output folder.",
+        choices=beam_runtime.RUNNERS,
+    )
+    input: str = option("", "With --runner beam: image files, a glob pattern (local or gs://).")
+    sex_csv: str = option(
+        "", "With --runner beam: a CSV (any --labels layout) giving each image id's sex."
+    )
+    output_shards: int = option(
+        1, "With --runner beam: CSV shards per output file.", min=1, max=10**5
+    )
+    beam_options: str = option(
+        "",
+        "With --runner beam: Beam pipeline options, e.g. '--runner=DataflowRunner --project=P "
+        "--region=R --temp_location=gs://B/tmp' (default: Beam's local runner, one process per "
+        "core).",
+    )
+
+
+def _run_beam(config: PredictConfig) -> dict[str, int]:
+    """`--runner beam`: checks the flags that apply and runs `predict_beam.run`."""
+    if not (config.input and config.output) or config.paths or config.labels:
+        raise PredictError(
+            "--runner beam takes --input PATTERN and --output DIR (no IMAGE files, no --labels)"
+        )
+    if config.heatmaps or config.tta != "none" or config.checkpoint not in ("auto", "export"):
+        raise PredictError("--runner beam serves the SavedModel export: no --heatmaps, --tta")
+    if config.sex and config.sex_csv:
+        raise PredictError("give --sex or --sex_csv, not both")
+    beam_runtime.import_beam()  # A missing extra is one line naming it.
+    from boneage_tpu import predict_beam  # Imports Beam: only here.
+
+    return predict_beam.run(
+        model_dir=resolve_model(config.model)[0],
+        pattern=config.input,
+        output=config.output,
+        sex=predict_io.parse_sex(config.sex) if config.sex else None,
+        sex_csv=config.sex_csv,
+        batch_size=config.batch_size,
+        output_shards=config.output_shards,
+        beam_options=config.beam_options,
+    )
 
 
 def run(config: PredictConfig) -> list[dict[str, Any]]:
@@ -271,6 +317,11 @@ def run(config: PredictConfig) -> list[dict[str, Any]]:
 
 
 def _job(config: PredictConfig) -> None:
+    if config.runner == "beam":
+        _run_beam(config)
+        return
+    if config.input or config.sex_csv or config.beam_options:
+        raise PredictError("--input, --sex_csv and --beam_options need --runner beam")
     rows = run(config)
     if config.output:
         with tf.io.gfile.GFile(config.output, "w") as f:

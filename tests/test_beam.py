@@ -17,8 +17,8 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from boneage_tpu import images, predict, schema, verify
 from boneage_tpu import config as config_lib
+from boneage_tpu import images, predict, schema, verify
 from boneage_tpu.convert import job as make_tfrecords
 from boneage_tpu.phantom import job as make_phantom
 from boneage_tpu.train import job as train
