@@ -50,6 +50,8 @@ def pipeline_options(beam_options: str, num_workers: int | None = None) -> Any:
         "--runner=FnApiRunner",
         "--direct_running_mode=multi_processing",
         f"--direct_num_workers={local_workers(num_workers)}",
+        # Each local worker otherwise logs every bundle at INFO to the command's stderr.
+        "--default_sdk_harness_log_level=WARNING",
     ]
     try:
         extra = shlex.split(beam_options)

@@ -189,7 +189,11 @@ def trained_run(tmp_path_factory) -> dict[str, str]:
     exports = train.run(config)["exports"]
     assert pathlib.Path(exports["saved_model"]).is_dir()
     (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    return {"run": str(root / "run"), "images": str(folder)}
+    return {
+        "run": str(root / "run"),
+        "images": str(folder),
+        "csv": str(root / "ph" / "boneage-training-dataset.csv"),
+    }
 
 
 def _read_csvs(folder: pathlib.Path, name: str) -> list[dict]:
@@ -245,3 +249,36 @@ def test_beam_predict_flags_without_beam_options_are_one_line_errors(trained_run
     assert code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--runner beam takes --input PATTERN" in err[0], err
+
+
+def test_beam_predict_takes_each_images_sex_from_a_csv(trained_run, tmp_path):
+    local = predict.run(
+        predict.PredictConfig(
+            model=trained_run["run"], labels=trained_run["csv"], images_dir=trained_run["images"]
+        )
+    )
+    assert {item["male"] for item in local} == {0, 1}  # Both sexes, so a mix-up would show.
+    out = tmp_path / "scores"
+    counts = predict_beam_run(trained_run, out, sex_csv=trained_run["csv"])
+    assert counts == {"predicted": 50, "unreadable": 1}
+    rows = {r["id"]: r for r in _read_csvs(out, "predictions")}
+    for item in local:
+        assert int(rows[item["id"]]["male"]) == item["male"]
+        assert float(rows[item["id"]]["predicted_months"]) == pytest.approx(
+            item["predicted"], abs=1e-4
+        )
+    (unreadable,) = _read_csvs(out, "unreadable")
+    assert "no sex for id 'corrupt'" in unreadable["reason"]
+
+
+def predict_beam_run(trained_run: dict, out: pathlib.Path, **kwargs) -> dict[str, int]:
+    from boneage_tpu import predict_beam
+
+    return predict_beam.run(
+        model_dir=trained_run["run"],
+        pattern=f"{trained_run['images']}/*.png",
+        output=str(out),
+        num_workers=2,
+        quiet=True,
+        **kwargs,
+    )

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 import tensorflow as tf
-from absl import flags
+from absl import flags, logging
 
 from boneage_tpu import beam_runtime
 from boneage_tpu.convert import job as make_tfrecords
@@ -111,6 +111,7 @@ def run(
 def main(argv: Sequence[str]) -> int:
     """Parses the flags, runs the comparison, prints the table (and writes --json)."""
     del argv
+    logging.set_verbosity(logging.WARNING)  # app.run's INFO would log every Beam bundle.
     sizes = [None if s == "all" else int(s) for s in FLAGS.sizes]
     workers = beam_runtime.local_workers(FLAGS.workers or None)
     with tempfile.TemporaryDirectory(prefix="benchmark_beam_") as tmp:
