@@ -250,7 +250,9 @@ def _run_beam(config: PredictConfig) -> dict[str, int]:
             "--runner beam takes --input PATTERN and --output DIR (no IMAGE files, no --labels)"
         )
     if config.heatmaps or config.tta != "none" or config.checkpoint not in ("auto", "export"):
-        raise PredictError("--runner beam serves the SavedModel export: no --heatmaps, --tta")
+        raise PredictError(
+            "--runner beam serves the SavedModel export: no --heatmaps, --tta or --checkpoint"
+        )
     if config.sex and config.sex_csv:
         raise PredictError("give --sex or --sex_csv, not both")
     beam_runtime.import_beam()  # A missing extra is one line naming it.
@@ -320,8 +322,10 @@ def _job(config: PredictConfig) -> None:
     if config.runner == "beam":
         _run_beam(config)
         return
-    if config.input or config.sex_csv or config.beam_options:
-        raise PredictError("--input, --sex_csv and --beam_options need --runner beam")
+    if config.input or config.sex_csv or config.beam_options or config.output_shards != 1:
+        raise PredictError(
+            "--input, --sex_csv, --output_shards and --beam_options need --runner beam"
+        )
     rows = run(config)
     if config.output:
         with tf.io.gfile.GFile(config.output, "w") as f:

@@ -271,6 +271,20 @@ def test_beam_predict_takes_each_images_sex_from_a_csv(trained_run, tmp_path):
     assert "no sex for id 'corrupt'" in unreadable["reason"]
 
 
+def test_beam_predict_flags_an_implausible_image_and_predicts_it(trained_run, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "blank.png").write_bytes(_blank_png())
+    shutil.copy(sorted(pathlib.Path(trained_run["images"]).glob("1*.png"))[0], folder / "hand.png")
+    out = tmp_path / "scores"
+    run = {**trained_run, "images": str(folder)}
+    assert predict_beam_run(run, out, sex=0.0) == {"predicted": 2, "unreadable": 0}
+    rows = {r["id"]: r for r in _read_csvs(out, "predictions")}
+    assert (rows["hand"]["plausible"], rows["hand"]["problem"]) == ("1", "")
+    assert rows["blank"]["plausible"] == "0" and "near-constant" in rows["blank"]["problem"]
+    assert np.isfinite(float(rows["blank"]["predicted_months"])) and rows["blank"]["male"] == "0"
+
+
 def predict_beam_run(trained_run: dict, out: pathlib.Path, **kwargs) -> dict[str, int]:
     from boneage_tpu import predict_beam
 
