@@ -569,3 +569,13 @@ def test_object_store_code_paths_via_file_urls(tmp_path):
     ]
     with pytest.raises(ConvertError, match="TFDS metadata"):
         _convert(csv, folder, f"file://{tmp_path / 'url_out'}")
+
+
+def test_runner_beam_without_beam_is_one_line_naming_the_extra(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "apache_beam", None)  # `import apache_beam` fails.
+    csv, folder, _ = _dataset(tmp_path, n=4)
+    argv = ["make_tfrecords", f"--labels={csv}", f"--images={folder}", f"--output={tmp_path / 'o'}"]
+    assert make_tfrecords.main([*argv, "--runner=beam"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "boneage-tpu[beam]" in err[0], err
+    assert not (tmp_path / "o").exists()

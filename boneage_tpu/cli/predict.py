@@ -17,6 +17,9 @@ from boneage_tpu.predict import inputs, job
 
 
 def _job(config: job.PredictConfig) -> None:
+    if config.runner == "beam":
+        job.run_beam(config)
+        return
     if not config.output:
         table = inputs.RowWriter(sys.stdout, as_csv=False)
         job.run(config, table.write)

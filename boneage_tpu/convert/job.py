@@ -32,7 +32,7 @@ from boneage_tpu.convert import manifest as convert_output
 from boneage_tpu.convert import plan as plan_lib
 from boneage_tpu.convert import shards as convert_write
 from boneage_tpu.convert import workers as convert_workers
-from boneage_tpu.core import guard, schema
+from boneage_tpu.core import beam_runtime, guard, schema
 from boneage_tpu.core.errors import UsageError
 from boneage_tpu.data import images, layouts
 from boneage_tpu.data import verify as convert_verify
@@ -144,6 +144,8 @@ def convert(
     strict: bool = False,
     quiet: bool = False,
     on_shard_done: Callable[[str], None] | None = None,
+    runner: str = "local",
+    beam_options: str = "",
 ) -> dict[str, Any]:
     """Converts a labels CSV and its images into TFRecord shards; returns the manifest.
 
@@ -166,12 +168,21 @@ def convert(
       overwrite: delete a previous conversion in `output` and start again.
       strict: make any skipped input fatal.
       quiet: no progress bar and no summary.
-      on_shard_done: called with each shard name once it is complete (a test hook).
+      on_shard_done: called with each shard name once it is complete (a test hook; local
+        runner only).
+      runner: local (this machine's process pool) or beam (`boneage_tpu.convert.beam`: the
+        same rows, records and shards, written by an Apache Beam pipeline).
+      beam_options: Beam pipeline options for `runner="beam"` (default: Beam's local runner
+        with `num_workers` processes).
 
     Raises:
       ConvertError: a one-line reason, for bad arguments, unusable CSV, no images, unwritable
         output, a different conversion already in `output`, or any skip under `strict`.
     """
+    if runner not in beam_runtime.RUNNERS:
+        raise ConvertError(f"--runner must be one of {beam_runtime.RUNNERS}, got {runner!r}")
+    if runner == "beam":
+        beam_runtime.import_beam()  # Before any work: a missing extra is one line, at once.
     num_workers = _cpu_count() if num_workers is None else num_workers
     _check_options(image_size, encoding, jpeg_quality, target_shard_mb, num_shards, num_workers)
     output = output.rstrip("/")
@@ -242,7 +253,20 @@ def convert(
         plan = {"plan_key": key, "num_shards": _shard_counts(splits, options)}
         state.save_plan(plan)
     jobs = convert_write.make_jobs(splits, plan["num_shards"])
-    infos = _write_shards(state, jobs, options, num_workers, strict, quiet, on_shard_done)
+    if runner == "beam":
+        from boneage_tpu.convert import beam as convert_beam  # Lazily: Beam is an extra.
+
+        infos = convert_beam.write_shards(
+            state,
+            jobs,
+            options,
+            beam_options=beam_options,
+            num_workers=num_workers or None,
+            strict=strict,
+            quiet=quiet,
+        )
+    else:
+        infos = _write_shards(state, jobs, options, num_workers, strict, quiet, on_shard_done)
     manifest = convert_output.build_manifest(
         labels_csv=labels_csv,
         images_dir=images_dir,
@@ -385,6 +409,18 @@ class ConvertConfig:
     quiet: bool = option(False, "No progress bar and no summary.")
     verify: bool = option(
         False, "Only check the shards in --output against the sizes and sha256 in its manifest."
+    )
+    runner: str = option(
+        "local",
+        "local: this machine's process pool; beam: an Apache Beam pipeline (the [beam] extra), "
+        "same output.",
+        choices=beam_runtime.RUNNERS,
+    )
+    beam_options: str = option(
+        "",
+        "With --runner beam: Beam pipeline options, e.g. '--runner=DataflowRunner "
+        "--project=P --region=R --temp_location=gs://B/tmp' (default: Beam's local runner, "
+        "--num_workers processes).",
     )
 
 

@@ -14,12 +14,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import tensorflow as tf
 
-from boneage_tpu.convert.workers import Prepared, is_remote
+from boneage_tpu.convert.workers import Prepared, is_remote, prepare_all
 from boneage_tpu.core import schema
 from boneage_tpu.data import images
 from boneage_tpu.data.layouts import ConvertError, Row, skip
@@ -29,6 +29,7 @@ STATE_DIR = ".convert"
 PLAN_NAME = "plan.json"
 SHARD_PATTERN = re.compile(r"\w+-\d{5}-of-\d{5}\.tfrecord")
 TFDS_FILES = ("dataset_info.json", "features.json")
+Outcome = bytes | dict[str, Any]  # A row's serialized record, or its manifest skip entry.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,34 +129,36 @@ class OutputState:
         on_record: Callable[[], None],
     ) -> dict[str, Any]:
         """Writes one shard from the next `len(job.rows)` prepared images; returns its info."""
-        final = join(self.output, job.name)
-        path = final if is_remote(final) else join(self.state_dir, f"{job.name}.tmp")
-        skipped, records = [], 0
-        with tf.io.TFRecordWriter(path) as writer:
+
+        def outcomes() -> Iterator[Outcome]:
             for expected in job.rows:
                 row, result = next(prepared)
                 if row is not expected:
                     raise AssertionError("prepared images out of plan order")
                 on_record()
-                if isinstance(result, images.ImageError):
-                    if strict:
-                        raise ConvertError(
-                            f"--strict: line {row.line}, id {row.image_id} ({row.path}): {result}"
-                        )
-                    skipped.append(skip(row.line, row.image_id, row.path, str(result)))
+                yield record_or_skip(row, result, encoding, strict)
+
+        return self.write_outcomes(job, outcomes())
+
+    def write_outcomes(self, job: ShardJob, outcomes: Iterable[Outcome]) -> dict[str, Any]:
+        """Writes one shard from its rows' outcomes, in plan order; returns and saves its info.
+
+        Both runners end here: the local one streams the outcomes from its worker pool, the
+        Beam one (`boneage_tpu.convert.beam`) hands over a shard's grouped outcomes, sorted.
+        """
+        final = join(self.output, job.name)
+        path = final if is_remote(final) else join(self.state_dir, f"{job.name}.tmp")
+        skipped, records, seen = [], 0, 0
+        with tf.io.TFRecordWriter(path) as writer:
+            for outcome in outcomes:
+                seen += 1
+                if isinstance(outcome, dict):
+                    skipped.append(outcome)
                     continue
-                data, height, width = result
-                record = schema.encode_example(
-                    image_id=row.image_id,
-                    image=data,
-                    height=height,
-                    width=width,
-                    encoding=encoding,
-                    boneage=row.boneage,
-                    male=row.male,
-                )
-                writer.write(record)
+                writer.write(outcome)
                 records += 1
+        if seen != len(job.rows):
+            raise AssertionError(f"{job.name}: {seen} outcomes for {len(job.rows)} rows")
         if path != final:
             tf.io.gfile.rename(path, final, overwrite=True)
         info = {
@@ -167,6 +170,40 @@ class OutputState:
         }
         write_text_atomic(join(self.state_dir, f"{job.name}.json"), json.dumps(info))
         return info
+
+
+def record_or_skip(row: Row, result: Prepared, encoding: str, strict: bool) -> Outcome:
+    """Returns one row's outcome: its serialized record, or its manifest skip entry.
+
+    Raises:
+      ConvertError: under `strict`, for an image that would be skipped.
+    """
+    if isinstance(result, images.ImageError):
+        if strict:
+            raise ConvertError(
+                f"--strict: line {row.line}, id {row.image_id} ({row.path}): {result}"
+            )
+        return skip(row.line, row.image_id, row.path, str(result))
+    data, height, width = result
+    return schema.encode_example(
+        image_id=row.image_id,
+        image=data,
+        height=height,
+        width=width,
+        encoding=encoding,
+        boneage=row.boneage,
+        male=row.male,
+    )
+
+
+def convert_row(row: Row, image_size: int, encoding: str, jpeg_quality: int) -> Outcome:
+    """Reads and prepares one row's image: its serialized record, or its skip entry.
+
+    The whole of "one row -> one record or one skip" in one call, for runners that distribute
+    rows themselves (Beam); the local runner spreads `prepare_all` over its pool instead.
+    """
+    result = prepare_all([row.path], None, image_size, encoding, jpeg_quality)[0]
+    return record_or_skip(row, result, encoding, strict=False)
 
 
 def make_jobs(splits: dict[str, Sequence[Row]], num_shards: dict[str, int]) -> list[ShardJob]:

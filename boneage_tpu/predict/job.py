@@ -3,6 +3,8 @@
   python -m boneage_tpu.predict --model MODEL_DIR [--sex M|F] IMAGE...
   python -m boneage_tpu.predict --model MODEL_DIR --labels CSV --images DIR [--output CSV]
   ... [--heatmaps DIR]  # also writes DIR/<id>.png: where the model looks (boneage_tpu.inference.heatmap)
+  python -m boneage_tpu.predict --runner beam --model MODEL_DIR --input 'PATTERN' --output DIR
+      [--sex M|F | --sex_csv CSV] [--beam_options '...']  # batch: boneage_tpu.predict.beam
 
 IMAGEs are PNG (8/16-bit, palette, RGB), JPEG or DICOM files, local or gs://. `--model` is a
 training run's folder (its export/model.keras when present, else its latest checkpoint; pick
@@ -25,8 +27,8 @@ import numpy as np
 import tensorflow as tf
 
 from boneage_tpu.cli import check, option
+from boneage_tpu.core import beam_runtime, guard, schema
 from boneage_tpu.core import config as config_lib
-from boneage_tpu.core import guard, schema
 from boneage_tpu.core import model_dir as model_dir_lib
 from boneage_tpu.core.config import BIG
 from boneage_tpu.data import images
@@ -233,6 +235,33 @@ class PredictConfig:
     force: bool = option(
         False, "Also predict images that do not look like radiographs (tiny, blank, noise)."
     )
+    runner: str = option(
+        "local",
+        "local: predict here; beam: an Apache Beam batch job over --input (the [beam] extra) "
+        "writing CSV shards into the --output folder.",
+        choices=beam_runtime.RUNNERS,
+    )
+    input: str = option("", "With --runner beam: image files, a glob pattern (local or gs://).")
+    sex_csv: str = option(
+        "", "With --runner beam: a CSV (any --labels layout) giving each image id's sex."
+    )
+    output_shards: int = option(
+        1, "With --runner beam: CSV shards per output file.", min=1, max=10**5
+    )
+    beam_options: str = option(
+        "",
+        "With --runner beam: Beam pipeline options, e.g. '--runner=DataflowRunner --project=P "
+        "--region=R --temp_location=gs://B/tmp' (default: Beam's local runner, one process per "
+        "core).",
+    )
+
+
+def run_beam(config: PredictConfig) -> dict[str, int]:
+    """Runs `--runner beam` (`boneage_tpu.predict.beam.run_config`); Beam is imported only here."""
+    beam_runtime.import_beam()  # A missing extra is one line naming it.
+    from boneage_tpu.predict import beam
+
+    return beam.run_config(config, resolve_model(config.model)[0])
 
 
 # Inputs prepared per chunk (a multiple of the batch size): memory stays bounded by the chunk,
@@ -273,6 +302,10 @@ def run(
         they are predicted, so output is written as it comes.
     """
     check(config)
+    if config.input or config.sex_csv or config.beam_options or config.output_shards != 1:
+        raise PredictError(
+            "--input, --sex_csv, --output_shards and --beam_options need --runner beam"
+        )
     items = predict_io.list_inputs(config.paths, config.sex, config.labels, config.images_dir)
     check_outputs(config, items)
     model_dir, checkpoint = resolve_model(config.model, config.checkpoint)
