@@ -575,7 +575,7 @@ def test_runner_beam_without_beam_is_one_line_naming_the_extra(tmp_path, monkeyp
     monkeypatch.setitem(sys.modules, "apache_beam", None)  # `import apache_beam` fails.
     csv, folder, _ = _dataset(tmp_path, n=4)
     argv = ["make_tfrecords", f"--labels={csv}", f"--images={folder}", f"--output={tmp_path / 'o'}"]
-    assert make_tfrecords.main([*argv, "--runner=beam"]) == 1
+    assert make_tfrecords_cmd.main([*argv, "--runner=beam"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "boneage-tpu[beam]" in err[0], err
     assert not (tmp_path / "o").exists()
