@@ -109,7 +109,12 @@ def read_file(path: str, limit: int, what: str = "a file") -> bytes:
         raise InputFileError(problem)
     with os.fdopen(fd, "rb") as f:
         try:
-            data = f.read(limit + 1)  # A file that grew since the stat is still bounded.
+            # Python allocates the whole count asked for before reading: asking for the
+            # stat's size (+1 to see growth) costs what the file needs, not `limit` (~0.4 ms
+            # per file at 256 MB). A file that grew since the stat is still bounded.
+            data = f.read(info.st_size + 1)
+            if len(data) > info.st_size:
+                data += f.read(limit + 1 - len(data))
         except OSError as e:  # EIO, a stale NFS handle, ...
             raise InputFileError(f"cannot read {shown}: {one_line(e)}") from e
     if len(data) > limit:
