@@ -84,10 +84,11 @@ def warp_affine(
 
 
 # Output tile side of the matmul warp: each tile of TILE x TILE output pixels reads one
-# K x K window of the input, K = ceil(stretch * (TILE - 1)) + 2. The per-pixel work and
-# memory grow with K (one-hot selections over the window), the number of row gathers with
-# the number of tiles; 16 keeps K under the 32-pixel band at the recipes' stretch (~1.7).
-WARP_TILE = 16
+# K x K window of the input, K = ceil(stretch * (TILE - 1)) + 2. The one-hot matmuls cost
+# ~2 K^2 MACs per pixel (grows with the tile squared), the row gathers K / TILE^2 segments
+# per pixel (shrinks with it); 8 (K = 14 at the recipes' stretch ~1.7) is the cheaper side
+# of that trade at every size (BENCHMARKS.md, "Augmentation warp memory and speed").
+WARP_TILE = 8
 # Bound on the matmul warp's transient memory per chunk of images (`warp_chunk`): a chunk is
 # warped at a time inside a loop, so the peak does not grow with the batch (a 1-chip v5e
 # holds a whole 256-image batch on one core).
@@ -161,8 +162,8 @@ def warp_transient_bytes(
         + n * k * 2 * g.band * c * 2  # bf16 gathered band rows
         + n * 2 * g.band * k * 2  # bf16 one-hot window columns
         + n * k * k * c * 2  # bf16 windows
-        + n * 2 * p * k * 2  # bf16 one-hot pixel columns (two per pixel)
-        + n * 2 * p * k * c * 2  # bf16 the two selected columns
+        + n * 2 * p * k * (4 + 2)  # float32 comparands and bf16 one-hot pixel columns
+        + n * 2 * p * k * c * (2 + 4)  # the two selected columns: bf16, then float32
         + n * p * k * c * 4  # float32 blended along x
         + n * p * k * 4  # float32 tent weights along y
         + n * p * c * 4  # float32 tiled result before the reshape
@@ -226,7 +227,7 @@ def _warp_matmul_chunk(images: tf.Tensor, matrices: tf.Tensor, stretch: float) -
     The matmuls multiply only one-hots by pixel values 0..255, all exact in bfloat16 and summed
     exactly, so they give the same result at a TPU's default (bfloat16) matmul precision as in
     float32; the fractional weights are applied in float32 elementwise ops. Nothing gathers
-    single elements. Per 512 px image at stretch 1.7 (K = 27): ~4e8 MACs.
+    single elements. Per 512 px image at stretch 1.7 (K = 14 at TILE 8): ~1.3e8 MACs.
     """
     _, height, width, channels = images.shape
     batch = tf.shape(images)[0]
