@@ -536,6 +536,9 @@ def test_two_step_run_on_gcs_and_resume(gcs_dir):
         assert tf.io.gfile.exists(f"{model_dir}/{name}"), name
     assert json.loads(tf.io.gfile.GFile(f"{model_dir}/DONE").read())["step"] == 2
     assert train_state.last_logged_step(f"{model_dir}/logs/train") == 2
+    # metrics.jsonl is appended on gs:// too, across the resume.
+    kinds = [(r["kind"], r["step"]) for r in model_dir_lib.read_metrics(model_dir)]
+    assert kinds == [("start", 0), ("train", 1), ("val", 1), ("start", 1), ("train", 2), ("val", 2)]
     serving = tf.saved_model.load(f"{model_dir}/export/saved_model")
     out = serving.signatures["serving_default"](
         image_bytes=tf.constant([_png(100.0, True)]), male=tf.constant([1.0])
