@@ -103,6 +103,19 @@ def test_two_step_run_writes_checkpoints_logs_config_and_both_exports(toy_data, 
         assert train_tags[tag] == [1, 2]
     assert _scalar_steps(model_dir / "logs" / "val")["mae_months"] == [1, 2]
 
+    # metrics.jsonl: the same figures as the printed lines, read back through model_dir.
+    records = model_dir_lib.read_metrics(str(model_dir))
+    assert [(r["kind"], r["step"]) for r in records] == [
+        ("start", 0), ("train", 1), ("val", 1), ("train", 2), ("val", 2),
+    ]  # fmt: skip
+    assert records[0]["train_steps"] == 2 and records[0]["batch_size"] == 4
+    train_keys = {"loss", "mae_months", "learning_rate", "images_per_second", "time", "seconds"}
+    assert all(train_keys <= set(r) for r in records if r["kind"] == "train")
+    assert records[-1]["mae_months"] == pytest.approx(result["val_mae_months"])
+    assert records[-1]["count"] == 10 and records[-2]["loss"] == pytest.approx(result["train_loss"])
+    seconds = [r["seconds"] for r in records]
+    assert seconds == sorted(seconds) and all(r["time"] > 1.7e9 for r in records)
+
     out = capsys.readouterr().out
     progress = [line for line in out.splitlines() if line.startswith("step ")]
     assert len(progress) == 2
@@ -165,6 +178,13 @@ def test_killed_run_resumes_from_its_checkpoint_without_duplicate_logs(toy_data,
     assert json.loads((model_dir / "DONE").read_text())["step"] == 4
     # Step 3 ran twice (before the kill and after the restart) but is logged once.
     assert _scalar_steps(model_dir / "logs" / "train")["loss"] == [1, 2, 3, 4]
+    # metrics.jsonl keeps both processes' records, each process after its start record; the
+    # final validation (no --eval_every) is recorded too.
+    records = model_dir_lib.read_metrics(str(model_dir))
+    assert [(r["kind"], r["step"]) for r in records] == [
+        ("start", 0), ("train", 1), ("train", 2), ("train", 3), ("start", 2), ("train", 3),
+        ("train", 4), ("val", 4),
+    ]  # fmt: skip
     reader = tf.train.load_checkpoint(str(model_dir / "checkpoints" / "ckpt-4"))
     # The step is the optimizer's own count: one variable, saved once under `step`.
     assert reader.get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE") == 4
@@ -173,6 +193,35 @@ def test_killed_run_resumes_from_its_checkpoint_without_duplicate_logs(toy_data,
         name.startswith("rng/")
         for name, _ in tf.train.list_variables(str(model_dir / "checkpoints" / "ckpt-4"))
     )
+
+
+def test_metrics_log_skips_a_cut_last_line_and_refuses_garbage(tmp_path):
+    model_dir = str(tmp_path)
+    assert model_dir_lib.read_metrics(model_dir) == []
+    log = model_dir_lib.MetricsLog(model_dir)
+    log.write("train", 5, loss=0.5)
+    log.write("val", 5, mae_months=12.5)
+    path = pathlib.Path(model_dir_lib.metrics_path(model_dir))
+    assert path.name == "metrics.jsonl"
+    with path.open("a") as f:
+        f.write('{"kind": "train", "step": 6, "lo')  # killed in the middle of a write
+    assert [r["step"] for r in model_dir_lib.read_metrics(model_dir)] == [5, 5]
+    # A resume drops the cut line before appending, so its records start a new line.
+    model_dir_lib.MetricsLog(model_dir).write("start", 5)
+    records = model_dir_lib.read_metrics(model_dir)
+    assert [r["kind"] for r in records] == ["train", "val", "start"]
+    assert records[1]["mae_months"] == 12.5 and records[2]["seconds"] >= 0
+    assert model_dir_lib.MetricsLog(None).path is None  # a non-chief writes nothing
+    for garbage, problem in (
+        ("not json\n", "line 1 is not valid JSON"),
+        ("[1, 2]\n", "line 1 is not a metrics record: a JSON list"),
+        ('{"kind": "x", "step": 1, "seconds": 0}\n', 'kind "x" is not one of'),
+        ('{"kind": "val", "step": "1", "seconds": 0}\n', "not numbers"),
+    ):
+        path.write_text(garbage + '{"kind": "val", "step": 1, "seconds": 0}\n')
+        with pytest.raises(model_dir_lib.ModelDirError, match=problem) as error:
+            model_dir_lib.read_metrics(model_dir)
+        assert len(str(error.value).splitlines()) == 1
 
 
 def _logged(logdir: pathlib.Path, tag: str) -> dict[int, float]:
@@ -487,6 +536,9 @@ def test_two_step_run_on_gcs_and_resume(gcs_dir):
         assert tf.io.gfile.exists(f"{model_dir}/{name}"), name
     assert json.loads(tf.io.gfile.GFile(f"{model_dir}/DONE").read())["step"] == 2
     assert train_state.last_logged_step(f"{model_dir}/logs/train") == 2
+    # metrics.jsonl is appended on gs:// too, across the resume.
+    kinds = [(r["kind"], r["step"]) for r in model_dir_lib.read_metrics(model_dir)]
+    assert kinds == [("start", 0), ("train", 1), ("val", 1), ("start", 1), ("train", 2), ("val", 2)]
     serving = tf.saved_model.load(f"{model_dir}/export/saved_model")
     out = serving.signatures["serving_default"](
         image_bytes=tf.constant([_png(100.0, True)]), male=tf.constant([1.0])
