@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import pathlib
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -16,6 +15,7 @@ from PIL import Image
 from boneage_tpu.core import model_dir as model_dir_lib
 from boneage_tpu.core import schema
 from tests.conftest import requires_tf_keras
+from tests.helpers import TINY_FLAGS, phantom_command
 from tools import benchmark_real, benchmark_real_seed
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -35,33 +35,6 @@ REQUIRED_KEYS = {
     "commands",
     "notes",
 }
-TINY_FLAGS = """# a tiny recipe for tests
---backbone=tiny
---image_size=40
---dense_units=16
---batch_size=8
---train_steps=2000
---steps_per_loop=5
---checkpoint_every=1000
---learning_rate=0.002
---warmup_steps=10
---noattention
-"""
-
-
-def phantom_command(tool: str, tmp_path: pathlib.Path, output: pathlib.Path) -> list[str]:
-    """`python -m tool` on a 60-image phantom in tmp_path with TINY_FLAGS as its flagfile."""
-    phantom = tmp_path / "phantom"
-    subprocess.run(
-        [sys.executable, "-m", "tools.make_phantom", "--output", str(phantom)]
-        + ["--num_images", "60", "--width", "96", "--height", "120"],
-        cwd=REPO, check=True, capture_output=True,
-    )  # fmt: skip
-    flagfile = tmp_path / "tiny.flags"
-    flagfile.write_text(TINY_FLAGS)
-    cmd = [sys.executable, "-m", tool, "--labels", str(phantom / "boneage-training-dataset.csv")]
-    cmd += ["--images", str(phantom / "boneage-training-dataset"), "--output", str(output)]
-    return cmd + ["--flagfile", str(flagfile)]
 
 
 def _one_line_error(capsys, argv: list[str], status: int) -> str:

@@ -26,40 +26,10 @@ from boneage_tpu.modeling import model as model_lib
 from boneage_tpu.train import job as train
 from boneage_tpu.train import loop
 from boneage_tpu.train import state as train_state
+from tests.helpers import train_config
 from tests.records import toy_image, write_toy_dataset
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-
-# Logical CPUs must be split before TensorFlow runs its first op, i.e. at collection time.
-try:
-    distribute.configure_virtual_cpus(8)
-    VIRTUAL_CPU_ERROR = ""
-except distribute.DistributeError as err:
-    VIRTUAL_CPU_ERROR = str(err)
-
-
-@pytest.fixture(scope="module")
-def toy_data(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("toy") / "records"
-    write_toy_dataset(path, splits={"train": 24, "val": 10}, height=40, width=32)
-    return str(path)
-
-
-def _config(data_dir: str, model_dir: pathlib.Path, **overrides) -> config_lib.TrainConfig:
-    values = {
-        "data": data_dir,
-        "model_dir": str(model_dir),
-        "backbone": "tiny",
-        "image_size": 32,
-        "dense_units": (16,),
-        "batch_size": 4,
-        "train_steps": 2,
-        "steps_per_loop": 1,
-        "checkpoint_every": 1,
-        "learning_rate": 1e-3,
-    }
-    values.update(overrides)
-    return config_lib.TrainConfig(**values)
 
 
 def _scalar_steps(logdir: pathlib.Path) -> dict[str, list[int]]:
@@ -81,7 +51,7 @@ def _png(age: float, male: bool) -> bytes:
 
 def test_two_step_run_writes_checkpoints_logs_config_and_both_exports(toy_data, tmp_path, capsys):
     model_dir = tmp_path / "run"
-    result = train.run(_config(toy_data, model_dir, eval_every=1))
+    result = train.run(train_config(toy_data, model_dir, eval_every=1))
     assert result["step"] == 2
     assert result["val_count"] == 10.0
     assert np.isfinite(result["train_loss"]) and np.isfinite(result["val_mae_months"])
@@ -152,9 +122,10 @@ class Killed(Exception):
     """Stands in for a preemption."""
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_from_its_checkpoint_without_duplicate_logs(toy_data, tmp_path, capsys):
     model_dir = tmp_path / "run"
-    config = _config(toy_data, model_dir, train_steps=4, checkpoint_every=2, dropout=0.2)
+    config = train_config(toy_data, model_dir, train_steps=4, checkpoint_every=2, dropout=0.2)
 
     def kill_at_3(step: int) -> None:
         if step == 3:
@@ -235,24 +206,26 @@ def _logged(logdir: pathlib.Path, tag: str) -> dict[int, float]:
     return values
 
 
+@pytest.mark.slow
 def test_a_resumed_run_with_more_steps_stretches_the_cosine(toy_data, tmp_path):
     model_dir = tmp_path / "run"
-    train.run(_config(toy_data, model_dir, train_steps=2, warmup_steps=0))
-    train.run(_config(toy_data, model_dir, train_steps=4, warmup_steps=0))
+    train.run(train_config(toy_data, model_dir, train_steps=2, warmup_steps=0))
+    train.run(train_config(toy_data, model_dir, train_steps=4, warmup_steps=0))
     lr = _logged(model_dir / "logs" / "train", "learning_rate")
     assert lr[2] == 0.0  # the first run's cosine ended at its last step
     assert lr[3] > 0.0  # the continued run anneals again, to its own --train_steps
     assert lr[4] == 0.0
 
 
+@pytest.mark.slow
 def test_resume_with_another_network_is_refused(toy_data, tmp_path):
     model_dir = tmp_path / "run"
-    train.run(_config(toy_data, model_dir, train_steps=1, val_split=""))
+    train.run(train_config(toy_data, model_dir, train_steps=1, val_split=""))
     with pytest.raises(
         train_state.ResumeError,
         match="model with --dense_units=16, this run asks for --dense_units=32: resume",
     ):
-        train.run(_config(toy_data, model_dir, train_steps=2, dense_units=(32,), val_split=""))
+        train.run(train_config(toy_data, model_dir, train_steps=2, dense_units=(32,), val_split=""))
 
 
 def _fixed_input(records: int, *, nan_from: int | None = None):
@@ -283,12 +256,10 @@ def _fixed_input(records: int, *, nan_from: int | None = None):
 
 @pytest.mark.slow
 def test_eight_replicas_equal_one_replica(tmp_path):
-    if VIRTUAL_CPU_ERROR:
-        pytest.fail(f"virtual CPUs unavailable: {VIRTUAL_CPU_ERROR}")
     results, weights = {}, {}
     for replicas in (1, 8):
         make, contexts = _fixed_input(16)
-        config = _config(
+        config = train_config(
             "",
             tmp_path / f"r{replicas}",
             image_size=16,
@@ -385,10 +356,8 @@ def test_whole_replica_step_compiles_with_xla_and_trains_like_the_graph_step(str
 
 
 def test_batch_not_divisible_by_replicas_reads_well(tmp_path):
-    if VIRTUAL_CPU_ERROR:
-        pytest.fail(f"virtual CPUs unavailable: {VIRTUAL_CPU_ERROR}")
     make, _ = _fixed_input(16)
-    config = _config("", tmp_path / "run", batch_size=12, virtual_cpus=8)
+    config = train_config("", tmp_path / "run", batch_size=12, virtual_cpus=8)
     with pytest.raises(ValueError) as info:
         train.run(config, datasets={"train": make(12, True)})
     assert str(info.value) == (
@@ -400,13 +369,13 @@ def test_batch_not_divisible_by_replicas_reads_well(tmp_path):
 def test_local_paths_with_a_remote_tpu_fail_before_anything_starts(toy_data, tmp_path):
     model_dir = tmp_path / "run"
     with pytest.raises(distribute.DistributeError, match="read only gs://"):
-        train.run(_config(toy_data, model_dir, tpu="grpc://10.0.0.2:8470"))
+        train.run(train_config(toy_data, model_dir, tpu="grpc://10.0.0.2:8470"))
     assert not model_dir.exists()
 
 
 def test_nan_loss_stops_with_the_step_named(tmp_path):
     make, _ = _fixed_input(8, nan_from=4)  # batch 1 is finite, batch 2 has NaN labels
-    config = _config(
+    config = train_config(
         "", tmp_path / "run", image_size=16, train_steps=3, steps_per_loop=3, checkpoint_every=5
     )
     with pytest.raises(
@@ -417,9 +386,10 @@ def test_nan_loss_stops_with_the_step_named(tmp_path):
     assert not (tmp_path / "run" / "DONE").exists()
 
 
+@pytest.mark.slow
 def test_fp16_loss_scaling_path_runs(tmp_path):
     make, _ = _fixed_input(8)
-    config = _config(
+    config = train_config(
         "", tmp_path / "run", image_size=16, precision="fp16", label_mean=100.0, label_std=50.0
     )
     result = train.run(config, datasets={"train": make(4, True)})
