@@ -31,6 +31,11 @@ def _resolve(extras: str, tmp_path) -> dict[str, str]:
     command = [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "-q"]
     command += ["--timeout", "30", "--report", str(report), f"{REPO_ROOT}[{extras}]"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=900, check=False)
+    if done.returncode != 0 and ("ProxyError" in done.stderr or "connection broken" in done.stderr):
+        # pypi.org answered the socket check, but the index pip uses is blocked for some
+        # package here (a proxy that tunnels only to some hosts): not a resolution failure.
+        blocked = [line for line in done.stderr.splitlines() if "ProxyError" in line][-1:]
+        pytest.skip(f"pip cannot reach its package index from here: {blocked}"[:400])
     assert done.returncode == 0, done.stderr[-3000:]
     installs = json.loads(report.read_text())["install"]
     return {
