@@ -295,6 +295,7 @@ def _compiled_peak_bytes(images: tf.Tensor, matrices: tf.Tensor, stretch: float,
     return tf.config.experimental.get_memory_info("CPU:0")["peak"] - before
 
 
+@pytest.mark.slow
 def test_matmul_warp_peak_memory_is_bounded_by_its_chunk_not_the_batch():
     size = 64
     small = _random_warp_inputs(4, size)

@@ -22,9 +22,9 @@ from boneage_tpu.convert import job as make_tfrecords
 from boneage_tpu.core import config as config_lib
 from boneage_tpu.core import schema
 from boneage_tpu.data import images, verify
-from boneage_tpu.phantom import job as make_phantom
 from boneage_tpu.predict import job as predict
 from boneage_tpu.train import job as train
+from tests.helpers import without_time
 
 pytest.importorskip(
     "apache_beam",
@@ -43,11 +43,11 @@ def _blank_png() -> bytes:
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory) -> dict[str, pathlib.Path]:
+def inputs(phantom_images, tmp_path_factory) -> dict[str, pathlib.Path]:
     """Phantom images in Kaggle layout with bad inputs: corrupt, truncated, blank, missing,
-    a bad CSV row and an image without a row."""
-    root = tmp_path_factory.mktemp("beam")
-    make_phantom.generate(str(root), NUM_IMAGES, seed=7, width=64, height=80, num_workers=1)
+    a bad CSV row and an image without a row (on a copy of the session's phantom set)."""
+    root = tmp_path_factory.mktemp("beam") / "phantom"
+    shutil.copytree(phantom_images(NUM_IMAGES, seed=7, width=64, height=80), root)
     folder = root / "boneage-training-dataset"
     csv = root / "boneage-training-dataset.csv"
     files = sorted(folder.glob("*.png"))
@@ -80,10 +80,6 @@ def _records(out: str, manifest: dict) -> dict[str, set]:
     return result
 
 
-def _without_time(manifest: dict) -> dict:
-    return {k: v for k, v in manifest.items() if k != "created_utc"}
-
-
 @pytest.fixture(scope="module")
 def local(inputs, tmp_path_factory) -> tuple[str, dict]:
     out = tmp_path_factory.mktemp("local") / "out"
@@ -101,7 +97,7 @@ def _assert_same(local_out, local_manifest, beam_out, beam_manifest) -> None:
     assert _records(beam_out, beam_manifest) == local_records
     assert sum(len(r) for r in local_records.values()) == NUM_IMAGES - 4
     # Plan order is kept: the shards are the same bytes, so the manifests are equal too.
-    assert _without_time(beam_manifest) == _without_time(local_manifest)
+    assert without_time(beam_manifest) == without_time(local_manifest)
     assert verify.verify(beam_out) == 0
 
 
@@ -164,10 +160,10 @@ def test_beam_converter_on_gcs_equals_local(inputs, local, gcs_dir, gcs_emulator
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory) -> dict[str, str]:
+def trained_run(phantom_images, tmp_path_factory) -> dict[str, str]:
     """50 phantom images, a corrupt file beside them, and a 2-step run with its exports."""
     root = tmp_path_factory.mktemp("predict")
-    make_phantom.generate(str(root / "ph"), 50, seed=11, width=64, height=80, num_workers=1)
+    shutil.copytree(phantom_images(50, seed=11, width=64, height=80), root / "ph")  # changed below
     folder = root / "ph" / "boneage-training-dataset"
     data = make_tfrecords.convert(
         str(root / "ph" / "boneage-training-dataset.csv"),

@@ -13,7 +13,7 @@ from absl import flags
 from boneage_tpu import cli
 from boneage_tpu.core.config import TrainConfig
 from boneage_tpu.core.errors import UsageError
-from tests.test_benchmark_real import phantom_command
+from tests.helpers import phantom_command
 from tools import benchmark_ablation as ablation
 from tools import benchmark_real
 

@@ -1,18 +1,21 @@
-"""Tests of tools.benchmark_real: options, the export-window transforms, log and curve maths,
-the JSON (subprocesses mocked), and a slow end-to-end run on phantom data."""
+"""Tests of tools.benchmark_real: options, the export-window transforms, record and curve
+maths, the JSON (subprocesses mocked, the trainer's metrics.jsonl hand-made), and a slow
+end-to-end run on phantom data."""
 
 from __future__ import annotations
 
 import json
 import pathlib
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from boneage_tpu.core import model_dir as model_dir_lib
+from boneage_tpu.core import schema
 from tests.conftest import requires_tf_keras
+from tests.helpers import TINY_FLAGS, phantom_command
 from tools import benchmark_real, benchmark_real_seed
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -32,33 +35,6 @@ REQUIRED_KEYS = {
     "commands",
     "notes",
 }
-TINY_FLAGS = """# a tiny recipe for tests
---backbone=tiny
---image_size=40
---dense_units=16
---batch_size=8
---train_steps=2000
---steps_per_loop=5
---checkpoint_every=1000
---learning_rate=0.002
---warmup_steps=10
---noattention
-"""
-
-
-def phantom_command(tool: str, tmp_path: pathlib.Path, output: pathlib.Path) -> list[str]:
-    """`python -m tool` on a 60-image phantom in tmp_path with TINY_FLAGS as its flagfile."""
-    phantom = tmp_path / "phantom"
-    subprocess.run(
-        [sys.executable, "-m", "tools.make_phantom", "--output", str(phantom)]
-        + ["--num_images", "60", "--width", "96", "--height", "120"],
-        cwd=REPO, check=True, capture_output=True,
-    )  # fmt: skip
-    flagfile = tmp_path / "tiny.flags"
-    flagfile.write_text(TINY_FLAGS)
-    cmd = [sys.executable, "-m", tool, "--labels", str(phantom / "boneage-training-dataset.csv")]
-    cmd += ["--images", str(phantom / "boneage-training-dataset"), "--output", str(output)]
-    return cmd + ["--flagfile", str(flagfile)]
 
 
 def _one_line_error(capsys, argv: list[str], status: int) -> str:
@@ -141,22 +117,34 @@ def test_window_maps_the_1st_and_99th_percentiles_to_20_and_100():
     assert np.all(benchmark_real.window_20_100(np.full((8, 8), 77, np.uint8)) == 20)
 
 
-def _trainer_lines(val_seconds: float) -> list[tuple[float, str]]:
-    """A hand-made trainer log: 3 loops of 10 steps (batch 4), validations after 2 and 3."""
+def _trainer_records(val_seconds: float) -> list[dict]:
+    """A hand-made metrics.jsonl: 3 loops of 10 steps (batch 4), validations after 2 and 3."""
+
+    def record(kind: str, step: int, seconds: float, **values) -> dict:
+        return {"kind": kind, "step": step, "seconds": seconds, "time": 1.8e9 + seconds, **values}
+
+    def train(step: int, seconds: float, rate: float) -> dict:
+        return record("train", step, seconds, loss=0.9, mae_months=30.0, images_per_second=rate)
+
     return [
-        (99.0, "warning: noise before the start line"),
-        (100.0, "train: 1 replica on cpu, batch 4 (4/replica), fp32, 10 steps/loop, from step 0 of 50"),
-        (110.0, "step 10/50  loss 0.9  mae 30.00 mo  lr 1e-3  4 img/s  eta 0:00:40"),
-        (112.0, "step 20/50  loss 0.8  mae 25.00 mo  lr 1e-3  20 img/s  eta 0:00:06"),
-        (112.0 + val_seconds, "val   step 20: mae 21.50 mo  loss 0.7  n=10"),
-        (114.0 + val_seconds, "step 30/50  loss 0.7  mae 20.00 mo  lr 1e-3  20 img/s  eta 0:00:04"),
-        (114.0 + 2 * val_seconds, "val   step 30: mae 19.25 mo  loss 0.6  n=10"),
-        (114.0 + 2 * val_seconds, "time budget: stopping at step 30 of 50 after 1.2 min (--max_train_minutes 0.2)"),
-    ]  # fmt: skip
+        record("start", 0, 0.0, train_steps=50, batch_size=4),
+        train(10, 10.0, 4.0),
+        train(20, 12.0, 20.0),
+        record("val", 20, 12.0 + val_seconds, mae_months=21.5, loss=0.7, count=10),
+        train(30, 14.0 + val_seconds, 20.0),
+        record("val", 30, 14.0 + 2 * val_seconds, mae_months=19.25, loss=0.6, count=10),
+        record("stop", 30, 14.0 + 2 * val_seconds, reason="time_budget", minutes=1.2),
+    ]
 
 
-def test_trainer_log_excludes_validation_time():
-    info = benchmark_real.parse_trainer_log(_trainer_lines(val_seconds=30.0))
+def write_records(model_dir: pathlib.Path, records: list[dict]) -> None:
+    """Writes records where the trainer writes them (`model_dir.metrics_path`)."""
+    path = pathlib.Path(model_dir_lib.metrics_path(str(model_dir)))
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_trainer_records_exclude_validation_time(tmp_path):
+    info = benchmark_real.summarize_training(_trainer_records(val_seconds=30.0))
     assert info["train_seconds"] == pytest.approx(14.0)
     assert info["wall_seconds"] == pytest.approx(14.0 + 30.0)
     assert info["budget_stop_minutes"] == 1.2
@@ -165,8 +153,23 @@ def test_trainer_log_excludes_validation_time():
     assert info["curve"] == [[pytest.approx(12 / 60), 21.5], [pytest.approx(14 / 60), 19.25]]
     assert info["final_step"] == 30 and info["train_steps"] == 50 and info["batch_size"] == 4
     assert info["stopped_on_time_budget"]
-    with pytest.raises(benchmark_real.BenchError, match="no start or step lines"):
-        benchmark_real.parse_trainer_log([(1.0, "train: error: --data is required")])
+    # After a resume only the last process counts, its seconds from its own start record.
+    resumed = [
+        {"kind": "start", "step": 0, "seconds": 0.0, "train_steps": 50, "batch_size": 4},
+        {"kind": "train", "step": 10, "seconds": 99.0, "images_per_second": 1.0},
+        {"kind": "start", "step": 10, "seconds": 1.0, "train_steps": 50, "batch_size": 4},
+        {"kind": "train", "step": 20, "seconds": 5.0, "images_per_second": 10.0},
+    ]
+    info = benchmark_real.summarize_training(resumed)
+    assert info["start_step"] == 10 and info["final_step"] == 20
+    assert info["train_seconds"] == pytest.approx(4.0) and not info["stopped_on_time_budget"]
+    with pytest.raises(benchmark_real.BenchError, match="no start or train records"):
+        benchmark_real.read_training(tmp_path)  # no metrics.jsonl: the trainer failed early
+    write_records(tmp_path, _trainer_records(val_seconds=1.0))
+    assert benchmark_real.read_training(tmp_path)["final_step"] == 30
+    (tmp_path / "metrics.jsonl").write_text("garbage\n{}\n")
+    with pytest.raises(benchmark_real.BenchError, match="line 1 is not valid JSON"):
+        benchmark_real.read_training(tmp_path)
 
 
 def test_time_to_accuracy_ratio_on_hand_made_curves():
@@ -202,14 +205,16 @@ def _fake_subprocesses(monkeypatch, tmp_path, val_ids):
         if module == "boneage_tpu.convert":
             out = pathlib.Path(value["--output"])
             out.mkdir(parents=True, exist_ok=True)
-            (out / "manifest.json").write_text(json.dumps({"image_size": 40}))
+            manifest = {"image_size": 40, "schema_version": schema.SCHEMA_VERSION}
+            (out / "manifest.json").write_text(json.dumps(manifest))
             return []
         if module == "boneage_tpu.train":
             done = {"step": 30, "metrics": {"train_minutes": 0.25}}
             model_dir = pathlib.Path(value["--model_dir"])
             model_dir.mkdir(parents=True)
             (model_dir / "DONE").write_text(json.dumps(done))
-            return _trainer_lines(val_seconds=5.0)
+            write_records(model_dir, _trainer_records(val_seconds=5.0))
+            return []
         if module == "boneage_tpu.evaluate":
             out = pathlib.Path(value["--output"])
             out.mkdir(parents=True, exist_ok=True)

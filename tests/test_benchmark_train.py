@@ -6,7 +6,6 @@ import json
 
 import pytest
 
-from tests.records import write_toy_dataset
 from tools import benchmark_train
 
 
@@ -20,13 +19,13 @@ def test_bad_settings_are_one_line_errors(tmp_path):
 
 
 @pytest.mark.slow
-def test_tiny_run_reports_real_ceiling_and_input_ratio(tmp_path, capsys):
-    write_toy_dataset(tmp_path / "records", splits={"train": 16}, height=40, width=32)
+def test_tiny_run_reports_real_ceiling_and_input_ratio(toy_dataset, tmp_path, capsys):
+    records = toy_dataset(splits={"train": 16}, height=40, width=32)
     out = tmp_path / "bench.json"
     benchmark_train.main(
         [
             "benchmark_train",
-            f"--data={tmp_path / 'records'}",
+            f"--data={records}",
             "--image_size=32",
             "--batch_size=4",
             "--steps=2",

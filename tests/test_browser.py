@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from boneage_tpu.core import schema
 from boneage_tpu.evaluate import job as evaluate
 from boneage_tpu.evaluate import report
 from tests.model_dirs import BATCH, make_run
-from tests.records import write_toy_dataset
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 # As root (CI containers) Chromium needs --no-sandbox; the rest keeps it offline and quiet.
@@ -63,13 +63,12 @@ def _run_browser(browser: str, profile: pathlib.Path, *args: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def report_dir(tmp_path_factory) -> pathlib.Path:
-    """An evaluation with a gallery, on tiny records and a tiny model."""
+def report_dir(toy_data, tmp_path_factory) -> pathlib.Path:
+    """An evaluation with a gallery, on the session's toy records (10 val) and a tiny model."""
     root = tmp_path_factory.mktemp("browser")
-    manifest = write_toy_dataset(root / "data", splits={"train": 8, "val": 10})
-    run = make_run(root / "run", manifest)
+    run = make_run(root / "run", schema.read_manifest(toy_data))
     out = root / "eval"
-    evaluate.run(model_dir=run, data=str(root / "data"), batch_size=BATCH, output=str(out))
+    evaluate.run(model_dir=run, data=toy_data, batch_size=BATCH, output=str(out))
     return out
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from boneage_tpu.cli import evaluate, predict, train
-from tests.records import write_toy_dataset
 
 # (command, its main, extra flags; DATA and OUT stand for a toy data folder and a fresh folder,
 # the start of the one error line).
@@ -39,13 +38,6 @@ BAD_COMBINATIONS = [
     ("predict", predict.main, ["--labels=x.csv", "a.png"], "use either IMAGE files or --labels"),
     ("predict", predict.main, ["--sex=X", "a.png"], "--sex must be M or F"),
 ]
-
-
-@pytest.fixture(scope="module")
-def toy_data(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("cli_errors") / "data"
-    write_toy_dataset(path, splits={"train": 8, "val": 4})
-    return str(path)
 
 
 @pytest.mark.parametrize(("prog", "main", "extra", "message"), BAD_COMBINATIONS)

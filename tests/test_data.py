@@ -41,12 +41,9 @@ def _ids(batch: dict[str, tf.Tensor]) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory) -> str:
-    path = str(tmp_path_factory.mktemp("toy"))
-    write_toy_dataset(
-        path, splits={"train": 40, "val": 13}, height=40, width=32, shards_per_split=4
-    )
-    return path
+def toy(toy_dataset) -> str:
+    """The session's toy records with 4 shards per split (13 val records: a ragged last batch)."""
+    return toy_dataset(splits={"train": 40, "val": 13}, height=40, width=32, shards_per_split=4)
 
 
 # ---------------------------------------------------------------- decode + resize

@@ -14,19 +14,9 @@ from boneage_tpu.modeling import model as model_lib
 from boneage_tpu.modeling import optim
 from boneage_tpu.train import loop
 
-# Logical CPUs must be split before TensorFlow runs its first op, i.e. at collection time.
-try:
-    VIRTUAL_CPUS = distribute.configure_virtual_cpus(8)
-    VIRTUAL_CPU_ERROR = ""
-except distribute.DistributeError as err:
-    VIRTUAL_CPUS, VIRTUAL_CPU_ERROR = [], str(err)
-
 
 def _mirrored(replicas: int) -> tf.distribute.Strategy:
-    if VIRTUAL_CPU_ERROR:
-        pytest.fail(
-            f"virtual CPUs unavailable (a module ran TF ops at import?): {VIRTUAL_CPU_ERROR}"
-        )
+    # tests/conftest.py splits the CPU into 8 logical devices before TensorFlow's first op.
     return distribute.make_strategy(virtual_cpus=replicas)
 
 

@@ -22,21 +22,23 @@ from boneage_tpu.data import pipeline as data
 from boneage_tpu.evaluate import continuous as continuous_eval
 from boneage_tpu.evaluate import job as evaluate
 from boneage_tpu.evaluate import once, report
+from tests.helpers import recompute_from_csv
 from tests.model_dirs import BATCH, flip_sensitive_model, make_run
 from tests.records import write_toy_dataset
-from tests.test_report import recompute_from_csv
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 VAL_COUNT = 11  # not a multiple of BATCH: the last batch is padded
 
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory):
+def toy(toy_dataset, tmp_path_factory):
+    """The session's 24/11 toy records (read-only) and two model directories made for them."""
     root = tmp_path_factory.mktemp("eval")
-    manifest = write_toy_dataset(root / "data", splits={"train": 24, "val": VAL_COUNT})
+    data_dir = toy_dataset(splits={"train": 24, "val": VAL_COUNT})
+    manifest = schema.read_manifest(data_dir)
     run_a = make_run(root / "run_a", manifest, seed=0)
     run_b = make_run(root / "run_b", manifest, seed=1)
-    return {"data": str(root / "data"), "a": run_a, "b": run_b, "manifest": manifest}
+    return {"data": data_dir, "a": run_a, "b": run_b, "manifest": manifest}
 
 
 def _csv(output: str) -> pd.DataFrame:
@@ -113,6 +115,7 @@ def test_no_gallery_skips_the_heatmap_pass(toy, tmp_path, capsys):
     assert "--gallery_size must be >= 0" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_default_output_and_checkpoint_choice(toy):
     m1 = evaluate.run(model_dir=toy["a"], data=toy["data"], checkpoint="1", batch_size=BATCH)
     m2 = evaluate.run(model_dir=toy["a"], data=toy["data"], checkpoint="latest", batch_size=BATCH)
@@ -150,6 +153,7 @@ def test_tta_flip_is_the_mean_of_image_and_mirror(toy, tmp_path):
     assert np.max(np.abs(flipped["predicted"].to_numpy() - plain["predicted"].to_numpy())) > 0.05
 
 
+@pytest.mark.slow
 def test_ensemble_averages_members(toy):
     common = {"data": toy["data"], "batch_size": BATCH}
     a = _csv(evaluate.run(model_dir=toy["a"], **common)["output"])
@@ -162,6 +166,7 @@ def test_ensemble_averages_members(toy):
     np.testing.assert_allclose(e["predicted"], (a["predicted"] + b["predicted"]) / 2, rtol=1e-12)
 
 
+@pytest.mark.slow
 def test_continuous_evaluates_each_checkpoint_once_and_restarts(toy, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(toy["a"], run, ignore=shutil.ignore_patterns("eval"))
@@ -182,6 +187,7 @@ def test_continuous_evaluates_each_checkpoint_once_and_restarts(toy, tmp_path):
     assert sum(tag == "mae_months" for _, tag in scalars) == 2
 
 
+@pytest.mark.slow
 def test_continuous_stops_after_timeout_without_done(toy, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(toy["a"], run, ignore=shutil.ignore_patterns("eval"))
@@ -310,6 +316,7 @@ def _copy_tree(src: str, dst: str) -> None:
             tf.io.gfile.copy(f"{folder}/{name}", f"{target}/{name}", overwrite=True)
 
 
+@pytest.mark.slow
 @pytest.mark.gcs
 def test_evaluate_and_predict_on_gcs(toy, gcs_emulator, gcs_dir, gcs_prefix, tmp_path):
     """Model, records and outputs all on gs:// (the local emulator), as on a TPU."""
@@ -341,10 +348,9 @@ def test_evaluate_and_predict_on_gcs(toy, gcs_emulator, gcs_dir, gcs_prefix, tmp
 
 
 @pytest.mark.slow
-def test_continuous_follows_a_concurrent_training_run(tmp_path):
+def test_continuous_follows_a_concurrent_training_run(toy, tmp_path):
     """A real 2-step training subprocess checkpoints every step; the evaluator follows it."""
-    data_dir, model_dir = tmp_path / "data", tmp_path / "run"
-    write_toy_dataset(data_dir, splits={"train": 24, "val": VAL_COUNT})
+    data_dir, model_dir = toy["data"], tmp_path / "run"
     cmd = [
         sys.executable, "-m", "boneage_tpu.train", f"--data={data_dir}",
         f"--model_dir={model_dir}", "--backbone=tiny", "--image_size=32", "--batch_size=4",

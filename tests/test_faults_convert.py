@@ -18,7 +18,7 @@ from boneage_tpu.convert import manifest as convert_manifest
 from boneage_tpu.convert import shards as convert_shards
 from boneage_tpu.core import schema
 from boneage_tpu.data import layouts
-from tests.test_make_tfrecords import _convert, _dataset, _records, _shard_bytes
+from tests.helpers import convert, png_dataset, read_records, shard_bytes
 
 
 def _cli(csv, folder, out, *extra):
@@ -34,18 +34,18 @@ def _one_line(capsys) -> str:
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_unreadable_and_implausible_items_are_itemised_skips(tmp_path, workers):
-    csv, folder, _ = _dataset(tmp_path, n=8)
+    csv, folder, _ = png_dataset(tmp_path, n=8)
     os.remove(folder / "1001.png")
     os.symlink(folder / "1001.png", folder / "1001.png")  # ELOOP: an OSError, not "missing".
     Image.fromarray(np.full((60, 50), 255, np.uint8)).save(folder / "1002.png")  # Blank.
     Image.fromarray(np.full((1, 1), 90, np.uint8)).save(folder / "1003.png")  # 1x1.
-    manifest = _convert(csv, folder, tmp_path / "out", num_workers=workers, split_name="all")
+    manifest = convert(csv, folder, tmp_path / "out", num_workers=workers, split_name="all")
     reasons = {s["id"]: s["reason"] for s in manifest["skipped"]}
     assert "cannot read" in reasons["1001"] and "Errno 40" in reasons["1001"]
     assert "near-constant image" in reasons["1002"]
     assert "too small for a radiograph: 1x1" in reasons["1003"]
     assert manifest["rows_in"] == 8 == manifest["records_written"] + manifest["rows_skipped"]
-    assert len(_records(tmp_path / "out", "all")) == manifest["records_written"] == 5
+    assert len(read_records(tmp_path / "out", "all")) == manifest["records_written"] == 5
 
 
 def test_skip_reasons_with_newlines_stay_one_line_in_the_summary():
@@ -66,10 +66,10 @@ def test_skip_reasons_with_newlines_stay_one_line_in_the_summary():
 
 @pytest.mark.parametrize("umask", [0o022, 0o027])
 def test_manifest_is_readable_under_the_umask(tmp_path, umask):
-    csv, folder, _ = _dataset(tmp_path, n=4)
+    csv, folder, _ = png_dataset(tmp_path, n=4)
     old = os.umask(umask)
     try:
-        _convert(csv, folder, tmp_path / "out", split_name="all")
+        convert(csv, folder, tmp_path / "out", split_name="all")
     finally:
         os.umask(old)
     mode = stat.S_IMODE((tmp_path / "out" / schema.MANIFEST_NAME).stat().st_mode)
@@ -86,7 +86,7 @@ def test_manifest_is_readable_under_the_umask(tmp_path, umask):
 def test_disk_full_is_one_line_naming_the_output_and_resumes(
     tmp_path, capsys, monkeypatch, error, message
 ):
-    csv, folder, _ = _dataset(tmp_path, n=12)
+    csv, folder, _ = png_dataset(tmp_path, n=12)
     options = ["--num_shards=3", "--encoding=png", "--image_size=24", "--split_name=all"]
     assert _cli(csv, folder, tmp_path / "ref", *options) == 0
     real_write, calls = convert_shards.write_text_atomic, []
@@ -106,13 +106,13 @@ def test_disk_full_is_one_line_naming_the_output_and_resumes(
     assert not (out / schema.MANIFEST_NAME).exists()
     monkeypatch.setattr(convert_shards, "write_text_atomic", real_write)
     assert _cli(csv, folder, out, *options) == 0  # Resumes; same bytes as uninterrupted.
-    assert _shard_bytes(out) == _shard_bytes(tmp_path / "ref")
+    assert shard_bytes(out) == shard_bytes(tmp_path / "ref")
 
 
 def test_manifest_that_is_not_json_is_one_line_naming_it(tmp_path, capsys):
-    csv, folder, _ = _dataset(tmp_path, n=4)
+    csv, folder, _ = png_dataset(tmp_path, n=4)
     out = tmp_path / "out"
-    _convert(csv, folder, out, split_name="all")
+    convert(csv, folder, out, split_name="all")
     (out / schema.MANIFEST_NAME).write_text('{"schema_version": 1, "spl')  # Cut short.
     assert _cli(csv, folder, out, "--split_name=all") == 1
     err = _one_line(capsys)
@@ -124,12 +124,12 @@ def test_manifest_that_is_not_json_is_one_line_naming_it(tmp_path, capsys):
 
 
 def test_verify_names_corrupt_truncated_and_missing_shards(tmp_path, capsys):
-    csv, folder, _ = _dataset(tmp_path, n=12)
+    csv, folder, _ = png_dataset(tmp_path, n=12)
     out = tmp_path / "out"
-    _convert(csv, folder, out, num_shards=3, split_name="all", encoding="png")
+    convert(csv, folder, out, num_shards=3, split_name="all", encoding="png")
     assert verify_tfrecords_cmd.main(["verify_tfrecords", str(out)]) == 0
     assert "3 of 3 shard(s) match" in capsys.readouterr().out
-    names = sorted(_shard_bytes(out))
+    names = sorted(shard_bytes(out))
     data = bytearray((out / names[0]).read_bytes())
     data[len(data) // 2] ^= 0xFF
     (out / names[0]).write_bytes(bytes(data))
@@ -183,7 +183,7 @@ def test_other_commands_check_flag_ranges_first(tmp_path, capsys, command, flag,
 
 @pytest.mark.parametrize("where", ["images", "inside_images", "labels"])
 def test_output_that_is_an_input_is_refused(tmp_path, capsys, where):
-    csv, folder, _ = _dataset(tmp_path, n=3)
+    csv, folder, _ = png_dataset(tmp_path, n=3)
     out = {"images": folder, "inside_images": folder / "records", "labels": csv}[where]
     before = sorted(p.name for p in folder.iterdir())
     assert _cli(csv, folder, out) == 2
@@ -192,7 +192,7 @@ def test_output_that_is_an_input_is_refused(tmp_path, capsys, where):
 
 
 def test_output_may_hold_the_inputs(tmp_path):
-    csv, folder, _ = _dataset(tmp_path, n=3)
+    csv, folder, _ = png_dataset(tmp_path, n=3)
     # tmp_path holds the CSV and the images folder; shards and manifest cannot clash with them.
     assert _cli(csv, folder, tmp_path) == 0
     assert (tmp_path / schema.MANIFEST_NAME).exists()

@@ -33,13 +33,12 @@ from boneage_tpu.predict import inputs as predict_io
 from boneage_tpu.predict import job as predict
 from boneage_tpu.train import state as train_state
 from tests.model_dirs import flip_sensitive_model
-from tests.test_predict import phantom  # noqa: F401 - the shared module fixture
 
 pytestmark = pytest.mark.timeout(300)  # A FIFO that blocked open() would hang the test.
 
 
-def _predict(phantom, *args: str) -> int:  # noqa: F811
-    return predict_cli.main(["predict", f"--model={phantom['model']}", *map(str, args)])
+def _predict(phantom_run, *args: str) -> int:
+    return predict_cli.main(["predict", f"--model={phantom_run['model']}", *map(str, args)])
 
 
 def _snapshot(root: pathlib.Path) -> dict[str, str]:
@@ -58,12 +57,12 @@ def _error_line(capsys, prog: str = "predict") -> str:
 
 
 @pytest.fixture
-def workdir(phantom, tmp_path):  # noqa: F811
+def workdir(phantom_run, tmp_path):
     """A copy of the phantom images and labels, so refused runs can be checked byte for byte."""
     images = tmp_path / "images"
-    shutil.copytree(phantom["images"], images)
+    shutil.copytree(phantom_run["images"], images)
     labels = tmp_path / "labels.csv"
-    shutil.copy(phantom["labels"], labels)
+    shutil.copy(phantom_run["labels"], labels)
     return {"root": tmp_path, "images": images, "labels": labels}
 
 
@@ -84,41 +83,41 @@ def workdir(phantom, tmp_path):  # noqa: F811
     ],
 )
 def test_outputs_that_overwrite_an_input_are_refused(
-    phantom,  # noqa: F811
+    phantom_run,
     workdir,
     capsys,
     outputs,
     message,
 ):
-    names = {**workdir, "model": phantom["model"]}
-    before = _snapshot(workdir["root"]) | _snapshot(pathlib.Path(phantom["model"]))
+    names = {**workdir, "model": phantom_run["model"]}
+    before = _snapshot(workdir["root"]) | _snapshot(pathlib.Path(phantom_run["model"]))
     argv = [f"--labels={workdir['labels']}", f"--images={workdir['images']}"]
-    assert _predict(phantom, *argv, *(o.format(**names) for o in outputs)) == 2
+    assert _predict(phantom_run, *argv, *(o.format(**names) for o in outputs)) == 2
     assert message.format(**names) in _error_line(capsys)
-    after = _snapshot(workdir["root"]) | _snapshot(pathlib.Path(phantom["model"]))
+    after = _snapshot(workdir["root"]) | _snapshot(pathlib.Path(phantom_run["model"]))
     assert after == before
 
 
 def test_output_equal_to_an_image_argument_or_of_the_wrong_kind_is_refused(
-    phantom,  # noqa: F811
+    phantom_run,
     workdir,
     capsys,
 ):
     image = next(workdir["images"].glob("*.png"))
     before = image.read_bytes()
-    assert _predict(phantom, "--sex=F", f"--output={image}", image) == 2
+    assert _predict(phantom_run, "--sex=F", f"--output={image}", image) == 2
     assert "would overwrite the input image" in _error_line(capsys)
-    assert _predict(phantom, "--sex=F", f"--heatmaps={image.parent}", image) == 2
+    assert _predict(phantom_run, "--sex=F", f"--heatmaps={image.parent}", image) == 2
     assert "would overwrite the input image" in _error_line(capsys)
     assert image.read_bytes() == before
     (workdir["root"] / "folder.csv").mkdir()
-    assert _predict(phantom, "--sex=F", f"--output={workdir['root']}/folder.csv", image) == 2
+    assert _predict(phantom_run, "--sex=F", f"--output={workdir['root']}/folder.csv", image) == 2
     assert "is a folder: give a file path" in _error_line(capsys)
-    assert _predict(phantom, "--sex=F", f"--heatmaps={workdir['labels']}", image) == 2
+    assert _predict(phantom_run, "--sex=F", f"--heatmaps={workdir['labels']}", image) == 2
     assert "existing file, not a folder" in _error_line(capsys)
 
 
-def test_heatmap_names_are_unique_for_repeated_stems(phantom, workdir, capsys):  # noqa: F811
+def test_heatmap_names_are_unique_for_repeated_stems(phantom_run, workdir, capsys):
     source = sorted(workdir["images"].glob("*.png"))
     paths = []
     for i, name in enumerate(["a", "a", "a-2", "b"]):
@@ -127,7 +126,7 @@ def test_heatmap_names_are_unique_for_repeated_stems(phantom, workdir, capsys): 
         shutil.copy(source[i], folder / f"{name}.png")
         paths.append(folder / f"{name}.png")
     maps = workdir["root"] / "maps"
-    assert _predict(phantom, "--sex=M", f"--heatmaps={maps}", *paths) == 0
+    assert _predict(phantom_run, "--sex=M", f"--heatmaps={maps}", *paths) == 0
     written = sorted(p.name for p in maps.glob("*.png"))
     assert len(written) == 4 and {"a-2.png", "b.png"} <= set(written), written
     # Stable: the names come from the paths, not from the order of the arguments.
@@ -205,10 +204,10 @@ def test_real_io_error_names_the_operation(tmp_path, capsys):
     assert err.count("\n") == 1 and str(tmp_path / "out.csv") in err, err
 
 
-def test_every_row_skipped_is_one_line(phantom, workdir, capsys):  # noqa: F811
+def test_every_row_skipped_is_one_line(phantom_run, workdir, capsys):
     (workdir["root"] / "bad.csv").write_text("id,boneage,male\nx1,-5,True\nx2,12,maybe\n")
     argv = [f"--labels={workdir['root']}/bad.csv", f"--images={workdir['images']}"]
-    assert _predict(phantom, *argv) == 1
+    assert _predict(phantom_run, *argv) == 1
     line = _error_line(capsys)
     assert "every row of" in line and "was skipped" in line
 
@@ -221,7 +220,7 @@ def test_dollar_signs_in_names_are_text_in_heatmap_titles(name):
     assert Image.open(io.BytesIO(png)).size[0] > 200
 
 
-def test_special_names_on_the_command_line(phantom, workdir, capsys):  # noqa: F811
+def test_special_names_on_the_command_line(phantom_run, workdir, capsys):
     source = next(workdir["images"].glob("*.png"))
     odd = [
         workdir["root"] / "x$1$.png",
@@ -231,7 +230,7 @@ def test_special_names_on_the_command_line(phantom, workdir, capsys):  # noqa: F
     for path in odd:
         shutil.copy(source, path)
     maps = workdir["root"] / "maps"
-    assert _predict(phantom, "--sex=F", f"--heatmaps={maps}", *odd) == 0
+    assert _predict(phantom_run, "--sex=F", f"--heatmaps={maps}", *odd) == 0
     out = capsys.readouterr().out
     assert "\x1b" not in out and "red\\x1b[31m" in out and "caf\\udce9" in out
     assert len(list(maps.glob("*.png"))) == 3
@@ -240,8 +239,8 @@ def test_special_names_on_the_command_line(phantom, workdir, capsys):  # noqa: F
 # 3. config.json is checked like the manifest.
 
 
-def _config_text(phantom) -> str:  # noqa: F811
-    return pathlib.Path(phantom["model"], "config.json").read_text()
+def _config_text(phantom_run) -> str:
+    return pathlib.Path(phantom_run["model"], "config.json").read_text()
 
 
 @pytest.mark.parametrize(
@@ -265,13 +264,13 @@ def _config_text(phantom) -> str:  # noqa: F811
         (lambda c: _set(c, aug_zoom=[2, 1]), "aug_zoom must be min,max"),
     ],
 )
-def test_bad_config_json_is_one_line(phantom, tmp_path, capsys, edit, message):  # noqa: F811
+def test_bad_config_json_is_one_line(phantom_run, tmp_path, capsys, edit, message):
     run = tmp_path / "run"
-    shutil.copytree(phantom["model"], run)
-    (run / "config.json").write_text(edit(_config_text(phantom)), errors="surrogateescape")
+    shutil.copytree(phantom_run["model"], run)
+    (run / "config.json").write_text(edit(_config_text(phantom_run)), errors="surrogateescape")
     with pytest.raises(model_dir.ModelDirError, match=_escape(message)):
         model_dir.load_config(str(run))
-    image = next(phantom["images"].glob("*.png"))
+    image = next(phantom_run["images"].glob("*.png"))
     assert predict_cli.main(["predict", f"--model={run}", "--sex=M", str(image)]) == 1
     assert "config.json" in _error_line(capsys)
 
@@ -308,20 +307,20 @@ def test_train_refuses_a_folder_holding_a_foreign_config(tmp_path):
 # 4. Special files: no hang, itemised skips.
 
 
-def test_a_fifo_argument_fails_in_one_line_without_hanging(phantom, workdir, capsys):  # noqa: F811
+def test_a_fifo_argument_fails_in_one_line_without_hanging(phantom_run, workdir, capsys):
     os.mkfifo(workdir["root"] / "pipe.png")
-    assert _predict(phantom, "--sex=M", workdir["root"] / "pipe.png") == 1
+    assert _predict(phantom_run, "--sex=M", workdir["root"] / "pipe.png") == 1
     assert "FIFO (named pipe), not a regular file" in _error_line(capsys)
     good = next(workdir["images"].glob("*.png"))
     os.symlink("/dev/zero", workdir["root"] / "zero.png")
     args = ["--sex=M", "--skip_unreadable", good, workdir["root"] / "zero.png"]
-    assert _predict(phantom, *args) == 0
+    assert _predict(phantom_run, *args) == 0
     captured = capsys.readouterr()
     assert "character device, not a regular file" in captured.err
     assert len(captured.out.strip().splitlines()) == 2
 
 
-def test_special_files_in_images_are_itemised_skips(phantom, workdir, capsys):  # noqa: F811
+def test_special_files_in_images_are_itemised_skips(phantom_run, workdir, capsys):
     first = sorted(workdir["images"].glob("*.png"))[0]
     first.unlink()
     os.mkfifo(first)  # a row's image is a FIFO
@@ -329,7 +328,7 @@ def test_special_files_in_images_are_itemised_skips(phantom, workdir, capsys):  
     second.unlink()
     os.symlink("/dev/zero", second)
     argv = [f"--labels={workdir['labels']}", f"--images={workdir['images']}", "--skip_unreadable"]
-    assert _predict(phantom, *argv) == 0
+    assert _predict(phantom_run, *argv) == 0
     captured = capsys.readouterr()
     assert "FIFO" in captured.err and "character device" in captured.err
     assert len(captured.out.strip().splitlines()) == 1 + 4
@@ -338,7 +337,7 @@ def test_special_files_in_images_are_itemised_skips(phantom, workdir, capsys):  
 # 5. CSV cells and names.
 
 
-def test_formula_ids_are_neutralised_and_numbers_stay_numbers(phantom, workdir):  # noqa: F811
+def test_formula_ids_are_neutralised_and_numbers_stay_numbers(phantom_run, workdir):
     source = sorted(workdir["images"].glob("*.png"))
     names = ["=2+5", "@SUM(1+1)", "+1", "-3", "plain"]
     paths = []
@@ -346,7 +345,7 @@ def test_formula_ids_are_neutralised_and_numbers_stay_numbers(phantom, workdir):
         paths.append(workdir["root"] / f"{name}.png")
         shutil.copy(src, paths[-1])
     out = workdir["root"] / "out.csv"
-    assert _predict(phantom, "--sex=M", f"--output={out}", *paths) == 0
+    assert _predict(phantom_run, "--sex=M", f"--output={out}", *paths) == 0
     with open(out, newline="") as f:
         rows = list(csv.DictReader(f))
     assert [r["id"] for r in rows] == ["'=2+5", "'@SUM(1+1)", "'+1", "'-3", "plain"]
@@ -374,12 +373,12 @@ def test_valid_split_names_pass():
 # 6. predict streams.
 
 
-def test_results_are_written_chunk_by_chunk(phantom, workdir, monkeypatch):  # noqa: F811
+def test_results_are_written_chunk_by_chunk(phantom_run, workdir, monkeypatch):
     monkeypatch.setattr(predict, "MIN_CHUNK", 2)
     images = sorted(str(p) for p in workdir["images"].glob("*.png"))
     chunks = []
     config = predict.PredictConfig(
-        model=phantom["model"], paths=tuple(images[:5]), sex="F", batch_size=1
+        model=phantom_run["model"], paths=tuple(images[:5]), sex="F", batch_size=1
     )
     monkeypatch.setattr(predict, "CHUNK_BATCHES", 2)
     rows = predict.run(config, lambda part, labeled: chunks.append([r["id"] for r in part]))
@@ -387,24 +386,24 @@ def test_results_are_written_chunk_by_chunk(phantom, workdir, monkeypatch):  # n
     assert [r["id"] for r in rows] == [i for c in chunks for i in c]
 
 
-def test_a_partial_csv_survives_a_later_failure(phantom, workdir, monkeypatch, capsys):  # noqa: F811
+def test_a_partial_csv_survives_a_later_failure(phantom_run, workdir, monkeypatch, capsys):
     monkeypatch.setattr(predict, "MIN_CHUNK", 2)
     monkeypatch.setattr(predict, "CHUNK_BATCHES", 1)
     good = sorted(workdir["images"].glob("*.png"))[:2]
     (workdir["root"] / "junk.png").write_bytes(b"not an image")
     out = workdir["root"] / "out.csv"
     args = ["--sex=F", "--batch_size=1", f"--output={out}", *good, workdir["root"] / "junk.png"]
-    assert _predict(phantom, *args) == 1
+    assert _predict(phantom_run, *args) == 1
     assert "cannot read 1 of 3 images" in _error_line(capsys)
     with open(out, newline="") as f:
         assert len(list(csv.DictReader(f))) == 2
 
 
-def test_images_without_a_row_are_one_summary_line(phantom, workdir, capsys):  # noqa: F811
+def test_images_without_a_row_are_one_summary_line(phantom_run, workdir, capsys):
     for i in range(7):
         shutil.copy(next(workdir["images"].glob("*.png")), workdir["images"] / f"extra{i}.png")
     argv = [f"--labels={workdir['labels']}", f"--images={workdir['images']}"]
-    assert _predict(phantom, *argv) == 0
+    assert _predict(phantom_run, *argv) == 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("not predicted: 7 image(s)"), err
 

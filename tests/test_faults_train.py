@@ -16,15 +16,8 @@ from boneage_tpu.core import schema
 from boneage_tpu.train import job as train
 from boneage_tpu.train import lease as train_lease
 from boneage_tpu.train import state as train_state
+from tests.helpers import train_config
 from tests.records import write_toy_dataset
-from tests.test_train import _config
-
-
-@pytest.fixture(scope="module")
-def toy_data(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("toy") / "records"
-    write_toy_dataset(path, splits={"train": 16, "val": 8}, height=40, width=32)
-    return str(path)
 
 
 def _lock(model_dir, *, host: str = "other-host", pid: int = 4242, age: float = 0.0) -> None:
@@ -41,7 +34,7 @@ def test_second_trainer_on_a_locked_model_dir_refuses_with_one_line(toy_data, tm
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"train: error: {model_dir} is in use by"), err
     with pytest.raises(train_lease.LockedError) as info:
-        train.run(_config(toy_data, model_dir, train_steps=1, val_split=""))
+        train.run(train_config(toy_data, model_dir, train_steps=1, val_split=""))
     message = str(info.value)
     assert message.startswith(
         f"{model_dir} is in use by another trainer (host other-host, pid 4242"
@@ -51,6 +44,7 @@ def test_second_trainer_on_a_locked_model_dir_refuses_with_one_line(toy_data, tm
     assert json.loads((model_dir / "LOCK").read_text())["owner"] == "someone"  # Untouched.
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "holder, reason",
     [
@@ -61,7 +55,7 @@ def test_second_trainer_on_a_locked_model_dir_refuses_with_one_line(toy_data, tm
 def test_stale_lock_is_taken_over_with_a_message(toy_data, tmp_path, capsys, holder, reason):
     model_dir = tmp_path / "run"
     _lock(model_dir, **holder)
-    result = train.run(_config(toy_data, model_dir, train_steps=1, val_split=""))
+    result = train.run(train_config(toy_data, model_dir, train_steps=1, val_split=""))
     assert result["step"] == 1
     out = capsys.readouterr().out
     assert f"warning: taking over the lock of {model_dir}" in out and reason in out
@@ -86,15 +80,16 @@ def test_lease_heartbeat_and_release_only_touch_our_own_lease(tmp_path):
     assert json.loads((tmp_path / "LOCK").read_text())["host"] == "h2"
 
 
+@pytest.mark.slow
 def test_non_finite_weights_are_never_checkpointed(toy_data, tmp_path):
     model_dir = tmp_path / "run"
     base = {"optimizer": "adamw", "val_split": "", "lr_schedule": "constant"}
-    train.run(_config(toy_data, model_dir, train_steps=1, **base))
+    train.run(train_config(toy_data, model_dir, train_steps=1, **base))
     latest = model_dir_lib.latest_checkpoint(str(model_dir))
     assert latest.endswith("ckpt-1")
     # lr x weight decay overflows float32: step 2's loss (before the update) is finite, the
     # weights after it are not.
-    blowup = _config(
+    blowup = train_config(
         toy_data, model_dir, train_steps=2, learning_rate=1e38, weight_decay=100.0, **base
     )
     with pytest.raises(train_state.NonFiniteWeightsError) as info:
@@ -108,6 +103,7 @@ def test_non_finite_weights_are_never_checkpointed(toy_data, tmp_path):
     assert issubclass(train_state.NonFiniteWeightsError, boneage_tpu.Error)  # One CLI line.
 
 
+@pytest.mark.slow
 def test_corrupt_shard_is_named_when_training_reads_it(tmp_path):
     data_dir = tmp_path / "data"
     write_toy_dataset(data_dir, splits={"train": 16, "val": 8}, shards_per_split=1)
@@ -116,7 +112,7 @@ def test_corrupt_shard_is_named_when_training_reads_it(tmp_path):
     raw[len(raw) // 3] ^= 0xFF  # Inside a record: its CRC no longer matches.
     shard.write_bytes(bytes(raw))
     with pytest.raises(train.TrainingError) as info:
-        train.run(_config(str(data_dir), tmp_path / "run", train_steps=1, val_split=""))
+        train.run(train_config(str(data_dir), tmp_path / "run", train_steps=1, val_split=""))
     message = str(info.value)
     assert message.startswith(f"corrupt data shard {shard}: sha256 differs from the manifest")
     assert "boneage-verify-tfrecords" in message and "\n" not in message
@@ -129,17 +125,18 @@ def test_manifest_that_is_not_json_names_the_file(tmp_path):
     with pytest.raises(
         schema.ManifestError, match=f"{data_dir / schema.MANIFEST_NAME} is not valid JSON"
     ):
-        train.run(_config(str(data_dir), tmp_path / "run", val_split=""))
+        train.run(train_config(str(data_dir), tmp_path / "run", val_split=""))
 
 
+@pytest.mark.slow
 def test_resume_with_data_of_another_image_size_is_refused(toy_data, tmp_path):
     model_dir = tmp_path / "run"
-    train.run(_config(toy_data, model_dir, train_steps=1, val_split=""))
+    train.run(train_config(toy_data, model_dir, train_steps=1, val_split=""))
     before = (model_dir / "config.json").read_bytes()
     other = tmp_path / "other"
     write_toy_dataset(other, splits={"train": 16}, height=64, width=48)
     with pytest.raises(train_state.ResumeError) as info:
-        train.run(_config(str(other), model_dir, train_steps=2, val_split=""))
+        train.run(train_config(str(other), model_dir, train_steps=2, val_split=""))
     assert str(info.value) == (
         f"{model_dir} holds checkpoints trained on data stored at 40 px, but --data {other} is "
         "stored at 64 px: resume with data converted with boneage-make-tfrecords --image_size 40, "

@@ -36,7 +36,7 @@ from boneage_tpu.core import schema, storage
 from boneage_tpu.data.layouts import ConvertError
 from boneage_tpu.evaluate import continuous as continuous_eval
 from boneage_tpu.evaluate import job as evaluate
-from boneage_tpu.phantom import job as make_phantom
+from tests.helpers import without_time
 
 pytestmark = pytest.mark.gcs
 
@@ -131,15 +131,10 @@ def _records(paths: list[str]) -> list[bytes]:
     return [r.numpy() for r in tf.data.TFRecordDataset(paths)]
 
 
-def _without_time(manifest: dict) -> dict:
-    return {k: v for k, v in manifest.items() if k != "created_utc"}
-
-
 @pytest.fixture(scope="module")
-def phantom(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
-    """(labels CSV, images folder) of a small phantom set in the Kaggle layout."""
-    root = tmp_path_factory.mktemp("phantom")
-    make_phantom.generate(str(root), NUM_IMAGES, seed=0, width=96, height=120, num_workers=1)
+def phantom(phantom_images) -> tuple[str, str]:
+    """(labels CSV, images folder) of the session's small phantom set in the Kaggle layout."""
+    root = phantom_images(NUM_IMAGES, seed=0, width=96, height=120)
     return str(root / "boneage-training-dataset.csv"), str(root / "boneage-training-dataset")
 
 
@@ -175,12 +170,13 @@ def gcs_data(gcs_emulator, phantom, e2e_prefix, workdir) -> tuple[str, dict]:
     return output, schema.read_manifest(output)
 
 
+@pytest.mark.slow
 def test_converter_cli_writes_shards_and_manifest_to_gcs(
     gcs_emulator, gcs_data, e2e_prefix, reference
 ):
     output, manifest = gcs_data
     ref_dir, ref_manifest = reference
-    assert _without_time(manifest) == _without_time(ref_manifest)
+    assert without_time(manifest) == without_time(ref_manifest)
     shards = [s for split in manifest["splits"].values() for s in split["shards"]]
     assert len(shards) == 2 * NUM_SHARDS
     names = gcs_emulator.list(f"{e2e_prefix}/data/")
@@ -219,7 +215,7 @@ def test_killed_converter_resumes_on_gcs_to_identical_bytes(
 
     _ok(_run(command, workdir, gcs_emulator.env))
     manifest = schema.read_manifest(output)
-    assert _without_time(manifest) == _without_time(ref_manifest)
+    assert without_time(manifest) == without_time(ref_manifest)
     # The two shards finished before the kill were kept, not rewritten.
     assert {
         n: _blob(gcs_emulator, f"{gcs_prefix}/data/{n}").generation for n in first

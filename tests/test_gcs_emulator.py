@@ -143,6 +143,7 @@ def test_saved_model_round_trip(gcs_dir):
     np.testing.assert_allclose(out["y"].numpy(), [3.0, 6.0])
 
 
+@pytest.mark.slow
 @pytest.mark.gcs
 def test_subprocess_gets_the_emulator_through_env(gcs_emulator, gcs_prefix, gcs_dir):
     code = textwrap.dedent(f"""
@@ -159,6 +160,7 @@ def test_subprocess_gets_the_emulator_through_env(gcs_emulator, gcs_prefix, gcs_
     assert gcs_emulator.list(gcs_prefix) == [f"{gcs_prefix}/from_child.txt"]
 
 
+@pytest.mark.slow
 @pytest.mark.gcs
 def test_stat_cache_setting_only_counts_before_tensorflow_import(gcs_emulator, gcs_prefix):
     # Documents why tests/gcs_fixtures.py sets STATIC_ENV at conftest import: set after

@@ -51,7 +51,24 @@ def test_console_scripts_print_help_and_exit_0(capsys, script, target):
     assert "--" in printed.out and not printed.err, script
 
 
-@pytest.mark.parametrize("module", tool_modules())
+# These tools start TensorFlow before they print their help: ~6 s each on 2 cores, so they run
+# in the full suite (CI) and the fast tier (`-m "not slow"`) checks the other tools.
+STARTS_TENSORFLOW = {
+    "tools.benchmark_beam",
+    "tools.benchmark_convert",
+    "tools.benchmark_train",
+    "tools.make_tfrecords",
+    "tools.verify_tfrecords",
+}
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        pytest.param(m, marks=pytest.mark.slow) if m in STARTS_TENSORFLOW else m
+        for m in tool_modules()
+    ],
+)
 def test_tools_print_help_and_exit_0(module):
     done = subprocess.run(
         [sys.executable, "-m", module, "--help"],

@@ -91,6 +91,7 @@ def test_two_runs_write_the_same_bytes(source, tmp_path):
     assert (tmp_path / "a" / copy_tool.CSV_NAME).read_text() == "id,boneage,male\n1377,180,False\n"
 
 
+@pytest.mark.slow
 def test_a_rerun_skips_finished_images_and_redoes_the_rest(source, tmp_path, capsys):
     output = tmp_path / "out"
     assert _run(source, output, "--limit=2") == 0

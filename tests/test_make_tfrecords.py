@@ -11,7 +11,6 @@ import sys
 
 import numpy as np
 import pytest
-import tensorflow as tf
 from PIL import Image
 
 from boneage_tpu.cli import make_tfrecords as make_tfrecords_cmd
@@ -20,60 +19,23 @@ from boneage_tpu.convert import plan
 from boneage_tpu.core import schema
 from boneage_tpu.data import images, layouts
 from boneage_tpu.data.layouts import ConvertError
+from tests.helpers import (
+    convert,
+    gradient_image,
+    png_dataset,
+    read_records,
+    shard_bytes,
+    without_time,
+    write_csv,
+)
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _image(seed: int, shape: tuple[int, int] = (52, 40)) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    gradient = np.add.outer(np.arange(shape[0]), np.arange(shape[1])) * 2
-    return np.clip(gradient + rng.integers(0, 60, shape), 0, 255).astype(np.uint8)
-
-
-def _write_csv(path: pathlib.Path, lines: list[str], bom: bool = False, crlf: bool = False):
-    data = (("\r\n" if crlf else "\n").join(lines) + ("\r\n" if crlf else "\n")).encode()
-    path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + data)
-    return path
-
-
-def _dataset(tmp_path: pathlib.Path, n: int = 24, name: str = "data"):
-    """n PNGs with ages spread over all bands and both sexes; returns (csv, images dir, labels)."""
-    folder = tmp_path / name / "images"
-    folder.mkdir(parents=True)
-    labels = {}
-    for i in range(n):
-        image_id = str(1000 + i)
-        Image.fromarray(_image(i)).save(folder / f"{image_id}.png")
-        labels[image_id] = (float((i * 37) % 229 + 3), i % 3 != 0)
-    lines = ["id,boneage,male"] + [f"{k},{a:g},{m}" for k, (a, m) in labels.items()]
-    return _write_csv(tmp_path / name / "labels.csv", lines), folder, labels
-
-
-def _convert(csv, folder, out, **kwargs):
-    kwargs.setdefault("num_workers", 0)
-    kwargs.setdefault("quiet", True)
-    return make_tfrecords.convert(str(csv), str(folder), str(out), **kwargs)
-
-
-def _records(out, split: str) -> list[dict]:
-    manifest = schema.read_manifest(str(out))
-    files = schema.shard_paths(str(out), manifest, split)
-    parsed = tf.data.TFRecordDataset(files).map(schema.parse_examples)
-    return [{k: v.numpy() for k, v in r.items()} for r in parsed]
-
-
-def _shard_bytes(out) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(pathlib.Path(out).glob("*.tfrecord"))}
-
-
-def _without_time(manifest: dict) -> dict:
-    return {k: v for k, v in manifest.items() if k != "created_utc"}
-
-
 def test_convert_writes_records_manifest_and_summary(tmp_path, capsys):
-    csv, folder, labels = _dataset(tmp_path)
+    csv, folder, labels = png_dataset(tmp_path)
     out = tmp_path / "out"
-    manifest = _convert(csv, folder, out, image_size=32, encoding="png", quiet=False)
+    manifest = convert(csv, folder, out, image_size=32, encoding="png", quiet=False)
     assert manifest == schema.read_manifest(str(out))
     assert manifest["schema_version"] == schema.SCHEMA_VERSION and manifest["layout"] == "kaggle"
     assert (manifest["image_size"], manifest["encoding"], manifest["jpeg_quality"]) == (
@@ -94,7 +56,7 @@ def test_convert_writes_records_manifest_and_summary(tmp_path, capsys):
                 shard["bytes"],
                 shard["sha256"],
             )
-        records = _records(out, split)
+        records = read_records(out, split)
         assert (
             len(records)
             == info["count"]
@@ -108,7 +70,7 @@ def test_convert_writes_records_manifest_and_summary(tmp_path, capsys):
             assert r["stratum"] == schema.stratum(age, male)
             assert (r["height"], r["width"], r["encoding"]) == (32, 25, b"png")
             stored = images.decode(r["image"], "png", 32, 25)
-            expected = images.resize_longest_side(_image(int(image_id) - 1000), 32)
+            expected = images.resize_longest_side(gradient_image(int(image_id) - 1000), 32)
             np.testing.assert_array_equal(stored, expected)
             seen.add(image_id)
         assert (
@@ -118,7 +80,7 @@ def test_convert_writes_records_manifest_and_summary(tmp_path, capsys):
         )
         assert sum(info["counts_by_sex"].values()) == info["count"]
     assert seen == set(labels)
-    train_ages = [labels[r["id"].decode()][0] for r in _records(out, "train")]
+    train_ages = [labels[r["id"].decode()][0] for r in read_records(out, "train")]
     stats = manifest["label_stats"]
     assert stats["split"] == "train"
     assert stats["mean_months"] == pytest.approx(np.mean(train_ages))
@@ -132,9 +94,9 @@ def test_convert_writes_records_manifest_and_summary(tmp_path, capsys):
 def test_real_rsna_sample_pixels_match(rsna_sample_dir, tmp_path):
     csv = rsna_sample_dir / "boneage-training-dataset.csv"
     folder = rsna_sample_dir / "boneage-training-dataset"
-    manifest = _convert(csv, folder, tmp_path / "out", num_workers=2)
+    manifest = convert(csv, folder, tmp_path / "out", num_workers=2)
     assert manifest["records_written"] == 12 and manifest["skipped"] == []
-    records = _records(tmp_path / "out", "train") + _records(tmp_path / "out", "val")
+    records = read_records(tmp_path / "out", "train") + read_records(tmp_path / "out", "val")
     assert {"1578", "2110"} <= {r["id"].decode() for r in records}  # The palette PNGs.
     for r in records:
         original = images.read_grayscale(str(folder / f"{r['id'].decode()}.png"))
@@ -149,12 +111,12 @@ def _bad_inputs(tmp_path: pathlib.Path, bom: bool, crlf: bool):
     folder = tmp_path / "images"
     folder.mkdir(exist_ok=True)
     for i, image_id in enumerate(["g0", "g1", "g2", "g3", "g4", "g5", "dup", "conf"]):
-        Image.fromarray(_image(i)).save(folder / f"{image_id}.png")
+        Image.fromarray(gradient_image(i)).save(folder / f"{image_id}.png")
     png = (folder / "g0.png").read_bytes()
     (folder / "corrupt.png").write_bytes(b"this is not a png" * 20)
     (folder / "truncated.png").write_bytes(png[: len(png) // 2])
     (folder / "empty.png").write_bytes(b"")
-    Image.fromarray(_image(9)).save(folder / "orphan.png")
+    Image.fromarray(gradient_image(9)).save(folder / "orphan.png")
     lines = [
         "id,boneage,male",
         *[f"g{i},{20 * i + 10},{['True', 'False', '1', '0', 'M', 'F'][i]}" for i in range(6)],
@@ -194,7 +156,7 @@ def _bad_inputs(tmp_path: pathlib.Path, bom: bool, crlf: bool):
         "short": "row has 2 fields",
         "orphan": "image has no CSV row",
     }
-    return _write_csv(tmp_path / "labels.csv", lines, bom=bom, crlf=crlf), folder, expected
+    return write_csv(tmp_path / "labels.csv", lines, bom=bom, crlf=crlf), folder, expected
 
 
 def test_every_bad_input_is_skipped_with_a_reason(tmp_path, capsys):
@@ -203,14 +165,16 @@ def test_every_bad_input_is_skipped_with_a_reason(tmp_path, capsys):
         case = tmp_path / f"bom{bom:d}crlf{crlf:d}"
         case.mkdir()
         csv, folder, expected = _bad_inputs(case, bom, crlf)
-        manifest = _convert(csv, folder, case / "out", encoding="png", quiet=False)
+        manifest = convert(csv, folder, case / "out", encoding="png", quiet=False)
         printed = capsys.readouterr().out
         rows_in = len(csv.read_bytes().splitlines()) - 1
         assert manifest["rows_in"] == rows_in == 23
         assert manifest["records_written"] + manifest["rows_skipped"] == rows_in
         assert len(manifest["skipped"]) == manifest["rows_skipped"] + manifest["images_without_row"]
         assert manifest["images_without_row"] == 1
-        written = {r["id"].decode() for s in manifest["splits"] for r in _records(case / "out", s)}
+        written = {
+            r["id"].decode() for s in manifest["splits"] for r in read_records(case / "out", s)
+        }
         assert written == {"g0", "g1", "g2", "g3", "g4", "g5", "dup"}
         reasons = {(s["id"], s["reason"]) for s in manifest["skipped"]}
         for image_id, reason in expected.items():
@@ -232,14 +196,14 @@ def test_sex_values_and_rsna_layouts(tmp_path):
     folder = tmp_path / "images"
     folder.mkdir()
     for i in range(6):
-        Image.fromarray(_image(i)).save(folder / f"{i}.png")
+        Image.fromarray(gradient_image(i)).save(folder / f"{i}.png")
     sexes = ["True", "false", "1", "0", "M", "f"]
-    validation = _write_csv(
+    validation = write_csv(
         tmp_path / "val.csv",
         ["Image ID,male,Bone Age (months)"]
         + [f"{i},{s},{10 * i + 5}" for i, s in enumerate(sexes)],
     )
-    manifest = _convert(validation, folder, tmp_path / "v", split_name="holdout")
+    manifest = convert(validation, folder, tmp_path / "v", split_name="holdout")
     assert manifest["layout"] == "rsna_validation" and list(manifest["splits"]) == ["holdout"]
     assert manifest["label_stats"] == pytest.approx(
         {
@@ -248,25 +212,25 @@ def test_sex_values_and_rsna_layouts(tmp_path):
             "split": "holdout",
         }
     )
-    records = {r["id"].decode(): r for r in _records(tmp_path / "v", "holdout")}
+    records = {r["id"].decode(): r for r in read_records(tmp_path / "v", "holdout")}
     assert [int(records[str(i)]["male"]) for i in range(6)] == [1, 0, 1, 0, 1, 0]
-    test = _write_csv(
+    test = write_csv(
         tmp_path / "test.csv", ["Case ID,Sex"] + [f"{i},{'MF'[i % 2]}" for i in range(6)]
     )
-    manifest = _convert(test, folder, tmp_path / "t")
+    manifest = convert(test, folder, tmp_path / "t")
     assert manifest["layout"] == "rsna_test" and list(manifest["splits"]) == ["test"]
     assert (
         manifest["splits"]["test"]["labeled"] == 0
         and manifest["label_stats"]["mean_months"] is None
     )
-    for r in _records(tmp_path / "t", "test"):
+    for r in read_records(tmp_path / "t", "test"):
         assert (r["has_label"], r["boneage"], r["stratum"]) == (0, schema.NO_LABEL, -1)
-    partial = _write_csv(
+    partial = write_csv(
         tmp_path / "partial.csv",
         ["Case ID,Sex,Ground truth bone age (months)"]
         + [f"{i},M,{'' if i < 2 else 99}" for i in range(6)],
     )
-    manifest = _convert(partial, folder, tmp_path / "p")
+    manifest = convert(partial, folder, tmp_path / "p")
     assert (manifest["splits"]["test"]["count"], manifest["splits"]["test"]["labeled"]) == (6, 4)
 
 
@@ -295,16 +259,14 @@ def test_split_is_stratified_and_deterministic(tmp_path):
 def test_mixed_formats_subfolders_and_ambiguous_ids(tmp_path):
     folder = tmp_path / "images"
     (folder / "sub").mkdir(parents=True)
-    Image.fromarray(_image(0)).save(folder / "a.png")
-    Image.fromarray(_image(1)).convert("RGB").save(folder / "sub" / "b.JPG", quality=95)
-    Image.fromarray(_image(2).astype(np.uint16) * 257).save(folder / "c.png")
-    Image.fromarray(_image(3)).save(folder / "d.png")
-    Image.fromarray(_image(3)).save(folder / "sub" / "d.jpg")
-    csv = _write_csv(
-        tmp_path / "l.csv", ["id,boneage,male", "a,10,1", "b,20,0", "c,30,1", "d,40,0"]
-    )
-    manifest = _convert(csv, folder, tmp_path / "out", split_name="x")
-    assert {r["id"].decode() for r in _records(tmp_path / "out", "x")} == {"a", "b", "c"}
+    Image.fromarray(gradient_image(0)).save(folder / "a.png")
+    Image.fromarray(gradient_image(1)).convert("RGB").save(folder / "sub" / "b.JPG", quality=95)
+    Image.fromarray(gradient_image(2).astype(np.uint16) * 257).save(folder / "c.png")
+    Image.fromarray(gradient_image(3)).save(folder / "d.png")
+    Image.fromarray(gradient_image(3)).save(folder / "sub" / "d.jpg")
+    csv = write_csv(tmp_path / "l.csv", ["id,boneage,male", "a,10,1", "b,20,0", "c,30,1", "d,40,0"])
+    manifest = convert(csv, folder, tmp_path / "out", split_name="x")
+    assert {r["id"].decode() for r in read_records(tmp_path / "out", "x")} == {"a", "b", "c"}
     assert [s["reason"] for s in manifest["skipped"]] == [
         "several image files for this id: d.png, d.jpg"
     ]
@@ -325,16 +287,16 @@ def test_mixed_formats_subfolders_and_ambiguous_ids(tmp_path):
     ],
 )
 def test_fatal_errors_exit_nonzero_with_one_line(tmp_path, capsys, setup, message):
-    csv, folder, _ = _dataset(tmp_path, n=3)
+    csv, folder, _ = png_dataset(tmp_path, n=3)
     out, extra = tmp_path / "out", []
     if setup == "empty_csv":
         csv.write_bytes(b"")
     elif setup == "header_only":
-        _write_csv(csv, ["id,boneage,male"])
+        write_csv(csv, ["id,boneage,male"])
     elif setup == "missing_column":
-        _write_csv(csv, ["id,boneage", "1000,12"])
+        write_csv(csv, ["id,boneage", "1000,12"])
     elif setup == "unknown_layout":
-        _write_csv(csv, ["name,age", "1000,12"])
+        write_csv(csv, ["name,age", "1000,12"])
     elif setup == "no_csv":
         csv = tmp_path / "nope.csv"
     elif setup == "no_images":
@@ -347,7 +309,7 @@ def test_fatal_errors_exit_nonzero_with_one_line(tmp_path, capsys, setup, messag
         out = tmp_path / "a_file" / "out"
         (tmp_path / "a_file").write_text("a file, not a folder")
     elif setup == "all_skipped":
-        _write_csv(csv, ["id,boneage,male", "1000,-1,True", "1001,12,maybe"])
+        write_csv(csv, ["id,boneage,male", "1000,-1,True", "1001,12,maybe"])
     argv = [
         "make_tfrecords",
         f"--labels={csv}",
@@ -385,14 +347,14 @@ def test_cli_usage_errors(capsys):
 
 
 def test_strict_makes_any_skip_fatal(tmp_path):
-    csv, folder, _ = _dataset(tmp_path, n=5)
+    csv, folder, _ = png_dataset(tmp_path, n=5)
     (folder / "1002.png").write_bytes(b"broken")
     with pytest.raises(ConvertError, match=r"--strict: line 4, id 1002 .*unrecognised"):
-        _convert(csv, folder, tmp_path / "out", strict=True, split_name="all")
+        convert(csv, folder, tmp_path / "out", strict=True, split_name="all")
     assert not (tmp_path / "out" / schema.MANIFEST_NAME).exists()
     (folder / "1002.png").unlink()
     with pytest.raises(ConvertError, match="--strict: 1 input.*missing image file"):
-        _convert(csv, folder, tmp_path / "out2", strict=True)
+        convert(csv, folder, tmp_path / "out2", strict=True)
     assert not (tmp_path / "out2").exists()  # Planning errors come before any write.
 
 
@@ -401,9 +363,9 @@ class _Stop(Exception):
 
 
 def test_stopped_conversion_resumes_to_identical_bytes(tmp_path, capsys):
-    csv, folder, _ = _dataset(tmp_path, n=20)
+    csv, folder, _ = png_dataset(tmp_path, n=20)
     options = {"num_shards": 4, "encoding": "png", "image_size": 24}
-    reference = _convert(csv, folder, tmp_path / "ref", **options)
+    reference = convert(csv, folder, tmp_path / "ref", **options)
     out, done = tmp_path / "out", []
 
     def stop_after_two(name):
@@ -412,27 +374,27 @@ def test_stopped_conversion_resumes_to_identical_bytes(tmp_path, capsys):
             raise _Stop
 
     with pytest.raises(_Stop):
-        _convert(csv, folder, out, on_shard_done=stop_after_two, **options)
+        convert(csv, folder, out, on_shard_done=stop_after_two, **options)
     assert not (out / schema.MANIFEST_NAME).exists()
-    assert sorted(_shard_bytes(out)) == sorted(done)
+    assert sorted(shard_bytes(out)) == sorted(done)
     (out / ".convert" / "train-00002-of-00004.tfrecord.tmp").write_bytes(b"half a shard")
     (out / ".convert" / f"{done[1]}.json").unlink()  # Killed before its info was saved.
     redone = []
-    manifest = _convert(csv, folder, out, on_shard_done=redone.append, **options)
+    manifest = convert(csv, folder, out, on_shard_done=redone.append, **options)
     assert done[0] not in redone and done[1] in redone
-    assert len(redone) == len(_shard_bytes(reference and tmp_path / "ref")) - 1
-    assert _shard_bytes(out) == _shard_bytes(tmp_path / "ref")
-    assert _without_time(manifest) == _without_time(reference)
+    assert len(redone) == len(shard_bytes(reference and tmp_path / "ref")) - 1
+    assert shard_bytes(out) == shard_bytes(tmp_path / "ref")
+    assert without_time(manifest) == without_time(reference)
     assert not (out / ".convert").exists()
     # A finished conversion is not redone; other options need --overwrite.
     capsys.readouterr()
-    assert _convert(csv, folder, out, quiet=False, **options) == manifest
+    assert convert(csv, folder, out, quiet=False, **options) == manifest
     assert "nothing to do" in capsys.readouterr().out
     with pytest.raises(ConvertError, match="--overwrite"):
-        _convert(csv, folder, out, **{**options, "num_shards": 2})
-    redo = _convert(csv, folder, out, overwrite=True, **{**options, "num_shards": 2})
+        convert(csv, folder, out, **{**options, "num_shards": 2})
+    redo = convert(csv, folder, out, overwrite=True, **{**options, "num_shards": 2})
     assert len(redo["splits"]["train"]["shards"]) == 2
-    assert sorted(_shard_bytes(out)) == [
+    assert sorted(shard_bytes(out)) == [
         "train-00000-of-00002.tfrecord",
         "train-00001-of-00002.tfrecord",
         "val-00000-of-00002.tfrecord",
@@ -441,22 +403,22 @@ def test_stopped_conversion_resumes_to_identical_bytes(tmp_path, capsys):
 
 
 def test_unfinished_conversion_with_other_options_is_refused(tmp_path):
-    csv, folder, _ = _dataset(tmp_path, n=6)
+    csv, folder, _ = png_dataset(tmp_path, n=6)
 
     def stop(name):
         raise _Stop
 
     with pytest.raises(_Stop):
-        _convert(csv, folder, tmp_path / "out", on_shard_done=stop)
+        convert(csv, folder, tmp_path / "out", on_shard_done=stop)
     with pytest.raises(ConvertError, match="unfinished conversion of other inputs"):
-        _convert(csv, folder, tmp_path / "out", image_size=64)
+        convert(csv, folder, tmp_path / "out", image_size=64)
 
 
 @pytest.mark.slow
 def test_killed_cli_resumes_to_identical_bytes(tmp_path):
-    csv, folder, _ = _dataset(tmp_path, n=12)
+    csv, folder, _ = png_dataset(tmp_path, n=12)
     args = ["--num_shards=3", "--encoding=png", "--image_size=24", "--num_workers=2", "--quiet"]
-    _convert(csv, folder, tmp_path / "ref", num_shards=3, encoding="png", image_size=24)
+    convert(csv, folder, tmp_path / "ref", num_shards=3, encoding="png", image_size=24)
     command = [
         sys.executable,
         "-m",
@@ -468,53 +430,53 @@ def test_killed_cli_resumes_to_identical_bytes(tmp_path):
     env = {**os.environ, make_tfrecords.KILL_ENV: "2"}
     killed = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, check=False)
     assert killed.returncode == -9
-    assert len(_shard_bytes(tmp_path / "out")) == 2
+    assert len(shard_bytes(tmp_path / "out")) == 2
     assert not (tmp_path / "out" / schema.MANIFEST_NAME).exists()
     resumed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, check=False)
     assert resumed.returncode == 0, resumed.stderr
-    assert _shard_bytes(tmp_path / "out") == _shard_bytes(tmp_path / "ref")
+    assert shard_bytes(tmp_path / "out") == shard_bytes(tmp_path / "ref")
 
 
 def test_output_is_a_tfds_folder_dataset(tmp_path):
     import tensorflow_datasets as tfds
 
-    csv, folder, labels = _dataset(tmp_path, n=12)
-    manifest = _convert(csv, folder, tmp_path / "out", val_fraction=0.25)
+    csv, folder, labels = png_dataset(tmp_path, n=12)
+    manifest = convert(csv, folder, tmp_path / "out", val_fraction=0.25)
     builder = tfds.builder_from_directory(str(tmp_path / "out"))
     for split in ("train", "val"):
         assert builder.info.splits[split].num_examples == manifest["splits"][split]["count"]
         records = list(tfds.as_numpy(builder.as_dataset(split=split)))
         ids = sorted(r["id"].decode() for r in records)
-        assert ids == sorted(r["id"].decode() for r in _records(tmp_path / "out", split))
+        assert ids == sorted(r["id"].decode() for r in read_records(tmp_path / "out", split))
         for r in records:
             assert r["boneage"] == labels[r["id"].decode()][0]
 
 
 def test_workers_give_the_same_bytes_as_in_process(tmp_path):
-    csv, folder, _ = _dataset(tmp_path, n=10)
-    _convert(csv, folder, tmp_path / "a", num_workers=0, num_shards=2)
-    _convert(csv, folder, tmp_path / "b", num_workers=2, num_shards=2)
-    assert _shard_bytes(tmp_path / "a") == _shard_bytes(tmp_path / "b")
+    csv, folder, _ = png_dataset(tmp_path, n=10)
+    convert(csv, folder, tmp_path / "a", num_workers=0, num_shards=2)
+    convert(csv, folder, tmp_path / "b", num_workers=2, num_shards=2)
+    assert shard_bytes(tmp_path / "a") == shard_bytes(tmp_path / "b")
 
 
 def test_shard_count_from_size_target(tmp_path):
-    csv, folder, _ = _dataset(tmp_path, n=40)
-    small = _convert(csv, folder, tmp_path / "a", encoding="raw", image_size=40, val_fraction=0.0)
+    csv, folder, _ = png_dataset(tmp_path, n=40)
+    small = convert(csv, folder, tmp_path / "a", encoding="raw", image_size=40, val_fraction=0.0)
     assert len(small["splits"]["train"]["shards"]) == make_tfrecords.MIN_SHARDS
     # Raw 40x31 records are ~1.5 KB: a 3 KB target needs ~20 shards, more than the minimum.
-    sized = _convert(csv, folder, tmp_path / "b", encoding="raw", image_size=40, val_fraction=0.0,
+    sized = convert(csv, folder, tmp_path / "b", encoding="raw", image_size=40, val_fraction=0.0,
                      target_shard_mb=0.003)  # fmt: skip
     shards = sized["splits"]["train"]["shards"]
     assert make_tfrecords.MIN_SHARDS < len(shards) <= 40
     assert max(s["bytes"] for s in shards) < 2 * 3000
-    capped = _convert(csv, folder, tmp_path / "c", num_shards=100, val_fraction=0.0)
+    capped = convert(csv, folder, tmp_path / "c", num_shards=100, val_fraction=0.0)
     assert len(capped["splits"]["train"]["shards"]) == 40
 
 
 def test_benchmark_reports_the_contract_keys(tmp_path):
     from tools import benchmark_convert
 
-    csv, folder, _ = _dataset(tmp_path, n=3)
+    csv, folder, _ = png_dataset(tmp_path, n=3)
     result = benchmark_convert.run(
         str(csv), str(folder), 2, 32, "jpeg", 1, str(tmp_path / "b.json")
     )
@@ -550,13 +512,13 @@ def test_object_store_code_paths_via_file_urls(tmp_path):
     # tf.io.gfile without needing a GCS emulator.
     from boneage_tpu.convert import shards as convert_write
 
-    csv, folder, _ = _dataset(tmp_path, n=8)
+    csv, folder, _ = png_dataset(tmp_path, n=8)
     (folder / "1003.png").write_bytes(b"")
-    local = _convert(csv, folder, tmp_path / "local", num_shards=2)
-    remote = _convert(
+    local = convert(csv, folder, tmp_path / "local", num_shards=2)
+    remote = convert(
         f"file://{csv}", f"file://{folder}", tmp_path / "remote", num_shards=2, num_workers=2
     )
-    assert _shard_bytes(tmp_path / "local") == _shard_bytes(tmp_path / "remote")
+    assert shard_bytes(tmp_path / "local") == shard_bytes(tmp_path / "remote")
     assert [s["reason"] for s in remote["skipped"]] == [s["reason"] for s in local["skipped"]]
     state = convert_write.OutputState(f"file://{tmp_path / 'direct'}")
     state.prepare()
@@ -568,12 +530,12 @@ def test_object_store_code_paths_via_file_urls(tmp_path):
         "train-00000-of-00001.tfrecord.json"
     ]
     with pytest.raises(ConvertError, match="TFDS metadata"):
-        _convert(csv, folder, f"file://{tmp_path / 'url_out'}")
+        convert(csv, folder, f"file://{tmp_path / 'url_out'}")
 
 
 def test_runner_beam_without_beam_is_one_line_naming_the_extra(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "apache_beam", None)  # `import apache_beam` fails.
-    csv, folder, _ = _dataset(tmp_path, n=4)
+    csv, folder, _ = png_dataset(tmp_path, n=4)
     argv = ["make_tfrecords", f"--labels={csv}", f"--images={folder}", f"--output={tmp_path / 'o'}"]
     assert make_tfrecords_cmd.main([*argv, "--runner=beam"]) == 1
     err = capsys.readouterr().err.strip().splitlines()

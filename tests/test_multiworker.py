@@ -18,8 +18,6 @@ import sys
 
 import pytest
 
-from tests.records import write_toy_dataset
-
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TIMEOUT_S = 600  # per phase; a hang (the failure this guards against) ends the test there
 
@@ -86,12 +84,11 @@ def _val_lines(output: str) -> list[str]:
 
 
 def test_two_workers_resume_from_the_chief_evaluate_uneven_shards_and_only_the_chief_writes(
-    tmp_path: pathlib.Path,
+    toy_dataset, tmp_path: pathlib.Path
 ) -> None:
-    data = tmp_path / "data"
     # Validation shards of 4, 3 and 3 records: worker 0 reads shards 0 and 2 (7 records, 4
     # batches of 2), worker 1 shard 1 (3 records, 2 batches).
-    write_toy_dataset(data, splits={"train": 24, "val": 10}, shards_per_split=3)
+    data = toy_dataset(splits={"train": 24, "val": 10}, shards_per_split=3)
     model_dir = tmp_path / "model"
     flags = [
         f"--data={data}",
@@ -140,10 +137,9 @@ def test_two_workers_resume_from_the_chief_evaluate_uneven_shards_and_only_the_c
 
 
 def test_a_worker_that_cannot_see_the_chiefs_checkpoints_stops_both(
-    tmp_path: pathlib.Path,
+    toy_data, tmp_path: pathlib.Path
 ) -> None:
-    data = tmp_path / "data"
-    write_toy_dataset(data, splits={"train": 24, "val": 10}, shards_per_split=2)
+    data = toy_data  # 24 train and 10 val records, 2 shards per split
     common = [
         f"--data={data}",
         "--backbone=tiny",

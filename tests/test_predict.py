@@ -13,14 +13,12 @@ import pytest
 from PIL import Image
 
 from boneage_tpu.cli import predict as predict_cmd
-from boneage_tpu.convert import job as make_tfrecords
 from boneage_tpu.core import schema
 from boneage_tpu.evaluate import job as evaluate
 from boneage_tpu.evaluate import report
-from boneage_tpu.phantom import job as make_phantom
 from boneage_tpu.phantom import render as phantom_render
 from boneage_tpu.predict import job as predict
-from tests.model_dirs import flip_sensitive_model, make_run
+from tests.model_dirs import flip_sensitive_model
 
 
 def write_dicom(path: pathlib.Path, image: np.ndarray, photometric: str = "MONOCHROME2") -> None:
@@ -48,35 +46,14 @@ def write_dicom(path: pathlib.Path, image: np.ndarray, photometric: str = "MONOC
     ds.save_as(str(path), enforce_file_format=True)
 
 
-@pytest.fixture(scope="module")
-def phantom(tmp_path_factory):
-    """6 phantom PNGs converted to 40-px JPEG records, and a model directory trained on them."""
-    root = tmp_path_factory.mktemp("predict")
-    make_phantom.generate(str(root / "phantom"), 6, seed=3, width=64, height=80, num_workers=1)
-    labels = root / "phantom" / "boneage-training-dataset.csv"
-    images = root / "phantom" / "boneage-training-dataset"
-    manifest = make_tfrecords.convert(
-        str(labels),
-        str(images),
-        str(root / "records"),
-        image_size=40,
-        encoding="jpeg",
-        split_name="test",
-        num_workers=1,
-        quiet=True,
-    )
-    return {
-        "root": root,
-        "labels": str(labels),
-        "images": images,
-        "records": str(root / "records"),
-        "model": make_run(root / "run", manifest),
-    }
-
-
-def test_predict_matches_evaluate_on_converted_records(phantom):
+def test_predict_matches_evaluate_on_converted_records(phantom_run, tmp_path):
     """predict prepares files exactly as converter + input pipeline did: same months."""
-    metrics = evaluate.run(model_dir=phantom["model"], data=phantom["records"], split="test")
+    metrics = evaluate.run(
+        model_dir=phantom_run["model"],
+        data=phantom_run["records"],
+        split="test",
+        output=str(tmp_path / "eval"),  # not into the session's shared model directory
+    )
     # A converted test set has no train split: the naive baseline uses the training mean.
     assert metrics["train_mean_source"].startswith("config.json")
     evaluated = pd.read_csv(
@@ -84,7 +61,9 @@ def test_predict_matches_evaluate_on_converted_records(phantom):
     )
     rows = predict.run(
         predict.PredictConfig(
-            model=phantom["model"], labels=phantom["labels"], images_dir=str(phantom["images"])
+            model=phantom_run["model"],
+            labels=phantom_run["labels"],
+            images_dir=str(phantom_run["images"]),
         )
     )
     assert len(rows) == 6 and all(math.isfinite(r["predicted"]) for r in rows)
@@ -96,7 +75,7 @@ def test_predict_matches_evaluate_on_converted_records(phantom):
     )
 
 
-def test_png_jpeg_and_dicom_inputs(phantom, tmp_path):
+def test_png_jpeg_and_dicom_inputs(phantom_run, tmp_path):
     image = phantom_render.render_phantom(120.0, True, seed=5, width=64, height=80)
     image[0, 0], image[0, 1] = 0, 255  # full range: DICOM's min-max scaling is then the identity
     Image.fromarray(image).save(tmp_path / "a.png")
@@ -104,31 +83,31 @@ def test_png_jpeg_and_dicom_inputs(phantom, tmp_path):
     write_dicom(tmp_path / "c.dcm", image)
     write_dicom(tmp_path / "d.dcm", image, photometric="MONOCHROME1")
     paths = [str(tmp_path / n) for n in ("a.png", "b.jpg", "c.dcm", "d.dcm")]
-    months = predict.predict_images(phantom["model"], paths, [1, 1, 1, 1])
+    months = predict.predict_images(phantom_run["model"], paths, [1, 1, 1, 1])
     assert len(months) == 4 and all(math.isfinite(m) for m in months)
     # Same pixels -> same months, whatever the container.
     assert months[2] == pytest.approx(months[0], abs=1e-4)
     assert months[3] == pytest.approx(months[0], abs=1e-4)
     assert months[1] == pytest.approx(months[0], abs=5.0)  # JPEG: lossy, close
-    female = predict.predict_images(phantom["model"], paths[:1], False)
+    female = predict.predict_images(phantom_run["model"], paths[:1], False)
     assert female[0] != months[0]  # the sex input is used
 
 
-def test_cli_prints_months_for_png_jpeg_and_dicom(phantom, tmp_path, capsys):
+def test_cli_prints_months_for_png_jpeg_and_dicom(phantom_run, tmp_path, capsys):
     image = phantom_render.render_phantom(60.0, False, seed=6, width=64, height=80)
     Image.fromarray(image).save(tmp_path / "a.png")
     Image.fromarray(image).save(tmp_path / "b.jpg")
     write_dicom(tmp_path / "c.dcm", image)
     paths = [str(tmp_path / n) for n in ("a.png", "b.jpg", "c.dcm")]
-    assert predict_cmd.main(["predict", f"--model={phantom['model']}", "--sex=F", *paths]) == 0
+    assert predict_cmd.main(["predict", f"--model={phantom_run['model']}", "--sex=F", *paths]) == 0
     lines = capsys.readouterr().out.strip().splitlines()[1:]
     assert [line.split()[0] for line in lines] == ["a", "b", "c"]
     assert all(math.isfinite(float(line.split()[2])) for line in lines)
 
 
-def test_cli_prints_a_table_and_writes_csv(phantom, tmp_path, capsys):
-    pngs = sorted(str(p) for p in phantom["images"].glob("*.png"))[:3]
-    assert predict_cmd.main(["predict", f"--model={phantom['model']}", "--sex=M", *pngs]) == 0
+def test_cli_prints_a_table_and_writes_csv(phantom_run, tmp_path, capsys):
+    pngs = sorted(str(p) for p in phantom_run["images"].glob("*.png"))[:3]
+    assert predict_cmd.main(["predict", f"--model={phantom_run['model']}", "--sex=M", *pngs]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert out[0].split()[:4] == ["id", "sex", "months", "years"]
     assert len(out) == 4
@@ -138,7 +117,7 @@ def test_cli_prints_a_table_and_writes_csv(phantom, tmp_path, capsys):
         assert math.isfinite(float(fields[2]))
         assert float(fields[3]) == pytest.approx(float(fields[2]) / 12, abs=0.06)
     target = tmp_path / "out.csv"
-    args = ["predict", f"--model={phantom['model']}", "--sex=F", f"--output={target}", *pngs]
+    args = ["predict", f"--model={phantom_run['model']}", "--sex=F", f"--output={target}", *pngs]
     assert predict_cmd.main(args) == 0
     with open(target, newline="") as f:
         table = list(csv.DictReader(f))
@@ -146,10 +125,10 @@ def test_cli_prints_a_table_and_writes_csv(phantom, tmp_path, capsys):
     assert all(r["male"] == "0" and math.isfinite(float(r["predicted_months"])) for r in table)
 
 
-def test_cli_writes_one_heatmap_overlay_per_image(phantom, tmp_path, capsys):
-    pngs = sorted(str(p) for p in phantom["images"].glob("*.png"))[:4]
+def test_cli_writes_one_heatmap_overlay_per_image(phantom_run, tmp_path, capsys):
+    pngs = sorted(str(p) for p in phantom_run["images"].glob("*.png"))[:4]
     maps = tmp_path / "maps"
-    args = ["predict", f"--model={phantom['model']}", "--sex=F", f"--heatmaps={maps}", *pngs]
+    args = ["predict", f"--model={phantom_run['model']}", "--sex=F", f"--heatmaps={maps}", *pngs]
     assert predict_cmd.main(args) == 0
     assert f"wrote 4 heatmaps to {maps}" in capsys.readouterr().out
     assert sorted(p.stem for p in maps.glob("*.png")) == sorted(pathlib.Path(p).stem for p in pngs)
@@ -158,12 +137,12 @@ def test_cli_writes_one_heatmap_overlay_per_image(phantom, tmp_path, capsys):
         assert rgb.shape[0] > 250 and len(np.unique(rgb.reshape(-1, 3), axis=0)) > 100
 
 
-def test_tta_flip_averages_mirror(phantom, tmp_path):
+def test_tta_flip_averages_mirror(phantom_run, tmp_path):
     run = tmp_path / "flipper"
     (run / "export").mkdir(parents=True)
     # PNG data at the model's size: no resampling or lossy coding, so mirroring the file
     # mirrors the model input exactly.
-    config = json.loads(pathlib.Path(phantom["model"], "config.json").read_text())
+    config = json.loads(pathlib.Path(phantom_run["model"], "config.json").read_text())
     config.update(data_encoding="png", data_image_size=32)
     (run / "config.json").write_text(json.dumps(config))
     flip_sensitive_model().save(run / "export" / "model.keras")
@@ -180,11 +159,11 @@ def test_tta_flip_averages_mirror(phantom, tmp_path):
 
 
 @pytest.mark.shared
-def test_real_rsna_sample_pngs(phantom, rsna_sample_dir, capsys):
+def test_real_rsna_sample_pngs(phantom_run, rsna_sample_dir, capsys):
     csv_path = rsna_sample_dir / "boneage-training-dataset.csv"
     images = rsna_sample_dir / "boneage-training-dataset"
     code = predict_cmd.main(
-        ["predict", f"--model={phantom['model']}", f"--labels={csv_path}", f"--images={images}"]
+        ["predict", f"--model={phantom_run['model']}", f"--labels={csv_path}", f"--images={images}"]
     )
     captured = capsys.readouterr()
     assert code == 0, captured.err
@@ -195,7 +174,7 @@ def test_real_rsna_sample_pngs(phantom, rsna_sample_dir, capsys):
 
 
 @pytest.fixture
-def bad_files(phantom, tmp_path):
+def bad_files(phantom_run, tmp_path):
     (tmp_path / "empty.png").write_bytes(b"")
     (tmp_path / "junk.png").write_bytes(b"not an image at all")
     Image.fromarray(np.full((1, 1), 120, np.uint8)).save(tmp_path / "tiny.png")
@@ -204,8 +183,10 @@ def bad_files(phantom, tmp_path):
     bare.write_bytes(b"x")
     no_ckpt = tmp_path / "no_ckpt"
     no_ckpt.mkdir()
-    (no_ckpt / "config.json").write_text(pathlib.Path(phantom["model"], "config.json").read_text())
-    good = str(next(phantom["images"].glob("*.png")))
+    (no_ckpt / "config.json").write_text(
+        pathlib.Path(phantom_run["model"], "config.json").read_text()
+    )
+    good = str(next(phantom_run["images"].glob("*.png")))
     return {"dir": tmp_path, "good": good, "bare": str(bare), "no_ckpt": str(no_ckpt)}
 
 
@@ -225,8 +206,8 @@ def bad_files(phantom, tmp_path):
         (["--labels={dir}/none.csv", "--images={dir}"], "labels CSV not found"),
     ],
 )
-def test_bad_input_exits_nonzero_with_clear_line(phantom, bad_files, capsys, args, message):
-    argv = ["predict", f"--model={phantom['model']}", *(a.format(**bad_files) for a in args)]
+def test_bad_input_exits_nonzero_with_clear_line(phantom_run, bad_files, capsys, args, message):
+    argv = ["predict", f"--model={phantom_run['model']}", *(a.format(**bad_files) for a in args)]
     assert predict_cmd.main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()
     message = message.format(**bad_files)
@@ -235,8 +216,8 @@ def test_bad_input_exits_nonzero_with_clear_line(phantom, bad_files, capsys, arg
     assert len(err) == 1 or "of 2 images" in message  # One input: one line.
 
 
-def test_force_predicts_an_implausible_image_with_a_warning(phantom, bad_files, capsys):
-    argv = ["predict", f"--model={phantom['model']}", "--sex=F", "--force"]
+def test_force_predicts_an_implausible_image_with_a_warning(phantom_run, bad_files, capsys):
+    argv = ["predict", f"--model={phantom_run['model']}", "--sex=F", "--force"]
     assert predict_cmd.main([*argv, f"{bad_files['dir']}/white.png"]) == 0
     captured = capsys.readouterr()
     assert captured.err.strip() == (
@@ -261,10 +242,10 @@ def test_bad_model_exits_nonzero(bad_files, capsys, model, message):
     assert len(err) == 1 and message in err[0], err
 
 
-def test_skip_unreadable_predicts_the_rest(phantom, bad_files, capsys):
+def test_skip_unreadable_predicts_the_rest(phantom_run, bad_files, capsys):
     argv = [
         "predict",
-        f"--model={phantom['model']}",
+        f"--model={phantom_run['model']}",
         "--sex=M",
         "--skip_unreadable",
         bad_files["good"],
@@ -276,13 +257,13 @@ def test_skip_unreadable_predicts_the_rest(phantom, bad_files, capsys):
     assert len(captured.out.strip().splitlines()) == 2
 
 
-def test_missing_data_encoding_is_reported(phantom, tmp_path):
+def test_missing_data_encoding_is_reported(phantom_run, tmp_path):
     assert schema.SCHEMA_VERSION == 1  # config.json below mimics a run without data stats
     run = tmp_path / "run"
     run.mkdir()
-    text = pathlib.Path(phantom["model"], "config.json").read_text()
+    text = pathlib.Path(phantom_run["model"], "config.json").read_text()
     (run / "config.json").write_text(text.replace('"data_encoding": "jpeg"', '"data_encoding": ""'))
     (run / "export").mkdir()
     flip_sensitive_model().save(run / "export" / "model.keras")
     with pytest.raises(predict.PredictError, match="data_image_size/data_encoding"):
-        predict.predict_images(str(run), [str(next(phantom["images"].glob("*.png")))], 1.0)
+        predict.predict_images(str(run), [str(next(phantom_run["images"].glob("*.png")))], 1.0)

@@ -18,13 +18,6 @@ from boneage_tpu.modeling import model as model_lib
 from boneage_tpu.modeling import optim
 from boneage_tpu.train import job, loop, setup
 
-# Logical CPUs must be split before TensorFlow runs its first op, i.e. at collection time.
-try:
-    distribute.configure_virtual_cpus(8)
-    VIRTUAL_CPU_ERROR = ""
-except distribute.DistributeError as err:
-    VIRTUAL_CPU_ERROR = str(err)
-
 SIZE = 16
 
 
@@ -32,9 +25,8 @@ SIZE = 16
 def _two_replicas() -> tf.distribute.Strategy:
     # One strategy for the whole module: a second MirroredStrategy over the same devices starts
     # its collective keys afresh, and its first all-reduce then meets the first one's in the
-    # collective executor (a shape mismatch). A real run has one strategy per process.
-    if VIRTUAL_CPU_ERROR:
-        pytest.fail(f"virtual CPUs unavailable: {VIRTUAL_CPU_ERROR}")
+    # collective executor (a shape mismatch). A real run has one strategy per process. The
+    # virtual CPUs are there already: tests/conftest.py splits the CPU into 8 at start-up.
     return distribute.make_strategy(virtual_cpus=2)
 
 

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from boneage_tpu.evaluate import metrics, report
+from tests.helpers import recompute_from_csv
 
 
 def _toy_results(n: int = 40, seed: int = 0):
@@ -23,26 +24,6 @@ def _toy_results(n: int = 40, seed: int = 0):
     true[:3] = -1.0  # a few unlabeled records
     ids = [f"img{i:03d}" for i in range(n)]
     return ids, male, true, predicted
-
-
-def recompute_from_csv(path, train_mean: float) -> dict:
-    """Plain numpy/pandas metrics from predictions.csv, independent of boneage_tpu.metrics."""
-    df = pd.read_csv(path, dtype={"id": str})
-    lab = df.dropna(subset=["boneage"])
-    err = lab["predicted"].to_numpy() - lab["boneage"].to_numpy()
-    y = lab["boneage"].to_numpy()
-    males = lab["male"].to_numpy() == 1
-    return {
-        "n": len(df),
-        "mae_months": np.mean(np.abs(err)),
-        "rmse_months": np.sqrt(np.mean(err**2)),
-        "bias": np.mean(err),
-        "r2": 1 - np.sum(err**2) / np.sum((y - y.mean()) ** 2),
-        "mean_predictor_mae_months": np.mean(np.abs(y - train_mean)),
-        "mae_male": np.mean(np.abs(err[males])),
-        "mae_female": np.mean(np.abs(err[~males])),
-        "error_column_max_diff": np.max(np.abs(lab["error"].to_numpy() - err)),
-    }
 
 
 def test_outputs_agree_with_numpy_on_csv(tmp_path):

@@ -170,6 +170,7 @@ def _python(code: str, **env: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["train", "evaluate"])
 def test_entry_points_choose_the_runtime_before_tensorflow_is_imported(command):
     code = f"""
@@ -196,6 +197,7 @@ print("TPU_LOAD_LIBRARY", os.environ.get("TPU_LOAD_LIBRARY"), "tensorflow", "ten
     assert "TPU_LOAD_LIBRARY 0 tensorflow True" in done.stdout
 
 
+@pytest.mark.slow
 def test_keras_backend_is_tensorflow_or_a_one_line_error():
     done = _python("import boneage_tpu, keras; print(keras.backend.backend())")
     assert done.returncode == 0 and done.stdout.strip() == "tensorflow", done.stderr[-2000:]

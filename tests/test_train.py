@@ -26,40 +26,10 @@ from boneage_tpu.modeling import model as model_lib
 from boneage_tpu.train import job as train
 from boneage_tpu.train import loop
 from boneage_tpu.train import state as train_state
+from tests.helpers import train_config
 from tests.records import toy_image, write_toy_dataset
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-
-# Logical CPUs must be split before TensorFlow runs its first op, i.e. at collection time.
-try:
-    distribute.configure_virtual_cpus(8)
-    VIRTUAL_CPU_ERROR = ""
-except distribute.DistributeError as err:
-    VIRTUAL_CPU_ERROR = str(err)
-
-
-@pytest.fixture(scope="module")
-def toy_data(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("toy") / "records"
-    write_toy_dataset(path, splits={"train": 24, "val": 10}, height=40, width=32)
-    return str(path)
-
-
-def _config(data_dir: str, model_dir: pathlib.Path, **overrides) -> config_lib.TrainConfig:
-    values = {
-        "data": data_dir,
-        "model_dir": str(model_dir),
-        "backbone": "tiny",
-        "image_size": 32,
-        "dense_units": (16,),
-        "batch_size": 4,
-        "train_steps": 2,
-        "steps_per_loop": 1,
-        "checkpoint_every": 1,
-        "learning_rate": 1e-3,
-    }
-    values.update(overrides)
-    return config_lib.TrainConfig(**values)
 
 
 def _scalar_steps(logdir: pathlib.Path) -> dict[str, list[int]]:
@@ -81,7 +51,7 @@ def _png(age: float, male: bool) -> bytes:
 
 def test_two_step_run_writes_checkpoints_logs_config_and_both_exports(toy_data, tmp_path, capsys):
     model_dir = tmp_path / "run"
-    result = train.run(_config(toy_data, model_dir, eval_every=1))
+    result = train.run(train_config(toy_data, model_dir, eval_every=1))
     assert result["step"] == 2
     assert result["val_count"] == 10.0
     assert np.isfinite(result["train_loss"]) and np.isfinite(result["val_mae_months"])
@@ -102,6 +72,19 @@ def test_two_step_run_writes_checkpoints_logs_config_and_both_exports(toy_data, 
     for tag in ("loss", "mae_months", "learning_rate", "images_per_second"):
         assert train_tags[tag] == [1, 2]
     assert _scalar_steps(model_dir / "logs" / "val")["mae_months"] == [1, 2]
+
+    # metrics.jsonl: the same figures as the printed lines, read back through model_dir.
+    records = model_dir_lib.read_metrics(str(model_dir))
+    assert [(r["kind"], r["step"]) for r in records] == [
+        ("start", 0), ("train", 1), ("val", 1), ("train", 2), ("val", 2),
+    ]  # fmt: skip
+    assert records[0]["train_steps"] == 2 and records[0]["batch_size"] == 4
+    train_keys = {"loss", "mae_months", "learning_rate", "images_per_second", "time", "seconds"}
+    assert all(train_keys <= set(r) for r in records if r["kind"] == "train")
+    assert records[-1]["mae_months"] == pytest.approx(result["val_mae_months"])
+    assert records[-1]["count"] == 10 and records[-2]["loss"] == pytest.approx(result["train_loss"])
+    seconds = [r["seconds"] for r in records]
+    assert seconds == sorted(seconds) and all(r["time"] > 1.7e9 for r in records)
 
     out = capsys.readouterr().out
     progress = [line for line in out.splitlines() if line.startswith("step ")]
@@ -139,9 +122,10 @@ class Killed(Exception):
     """Stands in for a preemption."""
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_from_its_checkpoint_without_duplicate_logs(toy_data, tmp_path, capsys):
     model_dir = tmp_path / "run"
-    config = _config(toy_data, model_dir, train_steps=4, checkpoint_every=2, dropout=0.2)
+    config = train_config(toy_data, model_dir, train_steps=4, checkpoint_every=2, dropout=0.2)
 
     def kill_at_3(step: int) -> None:
         if step == 3:
@@ -165,6 +149,13 @@ def test_killed_run_resumes_from_its_checkpoint_without_duplicate_logs(toy_data,
     assert json.loads((model_dir / "DONE").read_text())["step"] == 4
     # Step 3 ran twice (before the kill and after the restart) but is logged once.
     assert _scalar_steps(model_dir / "logs" / "train")["loss"] == [1, 2, 3, 4]
+    # metrics.jsonl keeps both processes' records, each process after its start record; the
+    # final validation (no --eval_every) is recorded too.
+    records = model_dir_lib.read_metrics(str(model_dir))
+    assert [(r["kind"], r["step"]) for r in records] == [
+        ("start", 0), ("train", 1), ("train", 2), ("train", 3), ("start", 2), ("train", 3),
+        ("train", 4), ("val", 4),
+    ]  # fmt: skip
     reader = tf.train.load_checkpoint(str(model_dir / "checkpoints" / "ckpt-4"))
     # The step is the optimizer's own count: one variable, saved once under `step`.
     assert reader.get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE") == 4
@@ -173,6 +164,35 @@ def test_killed_run_resumes_from_its_checkpoint_without_duplicate_logs(toy_data,
         name.startswith("rng/")
         for name, _ in tf.train.list_variables(str(model_dir / "checkpoints" / "ckpt-4"))
     )
+
+
+def test_metrics_log_skips_a_cut_last_line_and_refuses_garbage(tmp_path):
+    model_dir = str(tmp_path)
+    assert model_dir_lib.read_metrics(model_dir) == []
+    log = model_dir_lib.MetricsLog(model_dir)
+    log.write("train", 5, loss=0.5)
+    log.write("val", 5, mae_months=12.5)
+    path = pathlib.Path(model_dir_lib.metrics_path(model_dir))
+    assert path.name == "metrics.jsonl"
+    with path.open("a") as f:
+        f.write('{"kind": "train", "step": 6, "lo')  # killed in the middle of a write
+    assert [r["step"] for r in model_dir_lib.read_metrics(model_dir)] == [5, 5]
+    # A resume drops the cut line before appending, so its records start a new line.
+    model_dir_lib.MetricsLog(model_dir).write("start", 5)
+    records = model_dir_lib.read_metrics(model_dir)
+    assert [r["kind"] for r in records] == ["train", "val", "start"]
+    assert records[1]["mae_months"] == 12.5 and records[2]["seconds"] >= 0
+    assert model_dir_lib.MetricsLog(None).path is None  # a non-chief writes nothing
+    for garbage, problem in (
+        ("not json\n", "line 1 is not valid JSON"),
+        ("[1, 2]\n", "line 1 is not a metrics record: a JSON list"),
+        ('{"kind": "x", "step": 1, "seconds": 0}\n', 'kind "x" is not one of'),
+        ('{"kind": "val", "step": "1", "seconds": 0}\n', "not numbers"),
+    ):
+        path.write_text(garbage + '{"kind": "val", "step": 1, "seconds": 0}\n')
+        with pytest.raises(model_dir_lib.ModelDirError, match=problem) as error:
+            model_dir_lib.read_metrics(model_dir)
+        assert len(str(error.value).splitlines()) == 1
 
 
 def _logged(logdir: pathlib.Path, tag: str) -> dict[int, float]:
@@ -186,24 +206,26 @@ def _logged(logdir: pathlib.Path, tag: str) -> dict[int, float]:
     return values
 
 
+@pytest.mark.slow
 def test_a_resumed_run_with_more_steps_stretches_the_cosine(toy_data, tmp_path):
     model_dir = tmp_path / "run"
-    train.run(_config(toy_data, model_dir, train_steps=2, warmup_steps=0))
-    train.run(_config(toy_data, model_dir, train_steps=4, warmup_steps=0))
+    train.run(train_config(toy_data, model_dir, train_steps=2, warmup_steps=0))
+    train.run(train_config(toy_data, model_dir, train_steps=4, warmup_steps=0))
     lr = _logged(model_dir / "logs" / "train", "learning_rate")
     assert lr[2] == 0.0  # the first run's cosine ended at its last step
     assert lr[3] > 0.0  # the continued run anneals again, to its own --train_steps
     assert lr[4] == 0.0
 
 
+@pytest.mark.slow
 def test_resume_with_another_network_is_refused(toy_data, tmp_path):
     model_dir = tmp_path / "run"
-    train.run(_config(toy_data, model_dir, train_steps=1, val_split=""))
+    train.run(train_config(toy_data, model_dir, train_steps=1, val_split=""))
     with pytest.raises(
         train_state.ResumeError,
         match="model with --dense_units=16, this run asks for --dense_units=32: resume",
     ):
-        train.run(_config(toy_data, model_dir, train_steps=2, dense_units=(32,), val_split=""))
+        train.run(train_config(toy_data, model_dir, train_steps=2, dense_units=(32,), val_split=""))
 
 
 def _fixed_input(records: int, *, nan_from: int | None = None):
@@ -234,12 +256,10 @@ def _fixed_input(records: int, *, nan_from: int | None = None):
 
 @pytest.mark.slow
 def test_eight_replicas_equal_one_replica(tmp_path):
-    if VIRTUAL_CPU_ERROR:
-        pytest.fail(f"virtual CPUs unavailable: {VIRTUAL_CPU_ERROR}")
     results, weights = {}, {}
     for replicas in (1, 8):
         make, contexts = _fixed_input(16)
-        config = _config(
+        config = train_config(
             "",
             tmp_path / f"r{replicas}",
             image_size=16,
@@ -336,10 +356,8 @@ def test_whole_replica_step_compiles_with_xla_and_trains_like_the_graph_step(str
 
 
 def test_batch_not_divisible_by_replicas_reads_well(tmp_path):
-    if VIRTUAL_CPU_ERROR:
-        pytest.fail(f"virtual CPUs unavailable: {VIRTUAL_CPU_ERROR}")
     make, _ = _fixed_input(16)
-    config = _config("", tmp_path / "run", batch_size=12, virtual_cpus=8)
+    config = train_config("", tmp_path / "run", batch_size=12, virtual_cpus=8)
     with pytest.raises(ValueError) as info:
         train.run(config, datasets={"train": make(12, True)})
     assert str(info.value) == (
@@ -351,13 +369,13 @@ def test_batch_not_divisible_by_replicas_reads_well(tmp_path):
 def test_local_paths_with_a_remote_tpu_fail_before_anything_starts(toy_data, tmp_path):
     model_dir = tmp_path / "run"
     with pytest.raises(distribute.DistributeError, match="read only gs://"):
-        train.run(_config(toy_data, model_dir, tpu="grpc://10.0.0.2:8470"))
+        train.run(train_config(toy_data, model_dir, tpu="grpc://10.0.0.2:8470"))
     assert not model_dir.exists()
 
 
 def test_nan_loss_stops_with_the_step_named(tmp_path):
     make, _ = _fixed_input(8, nan_from=4)  # batch 1 is finite, batch 2 has NaN labels
-    config = _config(
+    config = train_config(
         "", tmp_path / "run", image_size=16, train_steps=3, steps_per_loop=3, checkpoint_every=5
     )
     with pytest.raises(
@@ -368,9 +386,10 @@ def test_nan_loss_stops_with_the_step_named(tmp_path):
     assert not (tmp_path / "run" / "DONE").exists()
 
 
+@pytest.mark.slow
 def test_fp16_loss_scaling_path_runs(tmp_path):
     make, _ = _fixed_input(8)
-    config = _config(
+    config = train_config(
         "", tmp_path / "run", image_size=16, precision="fp16", label_mean=100.0, label_std=50.0
     )
     result = train.run(config, datasets={"train": make(4, True)})
@@ -487,6 +506,9 @@ def test_two_step_run_on_gcs_and_resume(gcs_dir):
         assert tf.io.gfile.exists(f"{model_dir}/{name}"), name
     assert json.loads(tf.io.gfile.GFile(f"{model_dir}/DONE").read())["step"] == 2
     assert train_state.last_logged_step(f"{model_dir}/logs/train") == 2
+    # metrics.jsonl is appended on gs:// too, across the resume.
+    kinds = [(r["kind"], r["step"]) for r in model_dir_lib.read_metrics(model_dir)]
+    assert kinds == [("start", 0), ("train", 1), ("val", 1), ("start", 1), ("train", 2), ("val", 2)]
     serving = tf.saved_model.load(f"{model_dir}/export/saved_model")
     out = serving.signatures["serving_default"](
         image_bytes=tf.constant([_png(100.0, True)]), male=tf.constant([1.0])

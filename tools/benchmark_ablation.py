@@ -165,7 +165,7 @@ class _Runner:
         if self.recipe_size <= 0:
             raise UsageError(f"--flagfile {config.flagfile} has no --image_size")
         self.base_data = pathlib.Path(config.data).resolve() if config.data else self.out / "data"
-        if not (self.base_data / "manifest.json").is_file():
+        if not real.has_manifest(self.base_data):
             real.convert(
                 config.labels,
                 config.images,
@@ -174,9 +174,7 @@ class _Runner:
                 self.logs,
                 self.commands,
             )
-        self.base_stored = int(
-            json.loads((self.base_data / "manifest.json").read_text())["image_size"]
-        )
+        self.base_stored = int(real.read_manifest(self.base_data)["image_size"])
         self.val_rows = real.split_records(self.base_data, "val")
         self.paths = real.image_paths(config.images, [r[0] for r in self.val_rows])
 
@@ -216,7 +214,7 @@ class _Runner:
     def folds(self) -> pathlib.Path:
         """The train split's rows in NUM_FOLDS stratified folds, at the base stored size."""
         folder = self.out / f"folds{NUM_FOLDS}"
-        if (folder / "manifest.json").is_file():
+        if real.has_manifest(folder):
             return folder
         labels = self.out / f"folds{NUM_FOLDS}-labels.csv"
         real.write_labels_csv(labels, real.split_records(self.base_data, "train"))
@@ -237,17 +235,17 @@ class _Runner:
     def train(self, model_dir: pathlib.Path, args: list[str], minutes: float) -> dict[str, Any]:
         """Trains unless model_dir holds DONE; returns the step and throughput figures."""
         log = self.logs / f"train-{model_dir.parent.name}-{model_dir.name}.log"
-        if (model_dir / "DONE").is_file() and log.is_file():
+        if real.read_done(model_dir) is not None:
+            # The trainer's own records are in the model directory: its figures stand.
             print(f"reusing the finished model in {model_dir}", flush=True)
-            lines = [(0.0, line) for line in log.read_text().splitlines()]
-            info = real.parse_trainer_log(lines)
-            info["images_per_second"] = None  # the timestamps went with the first run
+            info = real.read_training(model_dir)
         elif model_dir.exists() and any(model_dir.iterdir()):
             raise real.BenchError(f"{model_dir} holds an unfinished run: remove it to retrain")
         else:
             args = ["-m", "boneage_tpu.train", "--flagfile", self.config.flagfile, *args]
             args += ["--max_train_minutes", f"{minutes:g}", "--model_dir", str(model_dir)]
-            info = real.parse_trainer_log(real.run_command(args, log, self.commands))
+            real.run_command(args, log, self.commands)
+            info = real.read_training(model_dir)
         return {"steps": info["final_step"], "train_img_s": info["images_per_second"]}
 
     def run(self, name: str, seed: int) -> dict[str, Any]:

@@ -13,9 +13,10 @@ commands recorded in the JSON:
      the trainer stops at the first loop end after M minutes of its wall time (validation
      and checkpoints included) and fits its cosine's end to the budget. `train_minutes` is
      the trainer's own figure (DONE's `train_minutes`: what the budget counts). The curve and
-     `train_img_s` use the trainer's progress lines, timestamped here as they arrive: from its
-     start line to its last step line, minus the validation passes (the time between a step
-     line and the validation line after it); `train_img_s` = images trained / that time.
+     `train_img_s` use the records of the model directory's metrics.jsonl, timestamped by the
+     trainer (`model_dir.read_metrics`): from its start record to its last train record, minus
+     the validation passes (the time between a train record and the val record after it);
+     `train_img_s` = images trained / that time.
   3. `boneage_tpu.evaluate` on val: plain, with rotflip TTA, and the bias-corrected MAE when
      the model has a fitted correction (metrics.json `mae_corrected_months`); the plain MAE
      is then `mae_uncorrected_months`, the network's own predictions.
@@ -39,7 +40,6 @@ import dataclasses
 import json
 import os
 import pathlib
-import re
 import shlex
 import subprocess
 import sys
@@ -62,12 +62,6 @@ VAL_FRACTION = 0.1
 ROBUSTNESS_TARGET = 1.15  # the issue's bar: each shifted MAE <= 1.15 x the plain val MAE
 CURVE_POINTS = 10  # validations per run when --eval_every is derived from --train_steps
 TTA = "rotflip"  # Deeplasia's views: -10, -5, 0, 5, 10 degrees x flip
-
-# The trainer's progress lines (boneage_tpu.train): start, per loop, validation, budget stop.
-START_RE = re.compile(r"^train: .*batch (\d+) \(.*(?:from step 0|resuming at step (\d+)) of (\d+)")
-STEP_RE = re.compile(r"^step (\d+)/(\d+) .* (\d+(?:\.\d+)?) img/s")
-VAL_RE = re.compile(r"^val +step (\d+): mae (\d+(?:\.\d+)?) mo")
-BUDGET_RE = re.compile(r"^time budget: stopping at step (\d+) of \d+ after (\d+(?:\.\d+)?) min")
 
 
 class BenchError(Error):
@@ -115,7 +109,7 @@ TRANSFORMS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 
 
 # ---------------------------------------------------------------------------------------------
-# Flagfile, curves and log parsing (pure Python: unit-tested without subprocesses).
+# Flagfile, curves and the trainer's records (pure Python: unit-tested without subprocesses).
 
 
 def read_flagfile(path: str) -> dict[str, str]:
@@ -186,51 +180,50 @@ def compare_curves(
     return result
 
 
-def parse_trainer_log(lines: Sequence[tuple[float, str]]) -> dict[str, Any]:
-    """Reads the trainer's timestamped progress lines into its curve and throughput.
+def summarize_training(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Reads the trainer's metrics.jsonl records into its curve and throughput.
 
     Args:
-      lines: (arrival time in seconds, line) in order, as `run_command` records them.
+      records: the records in order, as `model_dir.read_metrics` returns them; only the last
+        process's (from its last start record) count, its "seconds" being from that start.
 
     Returns:
-      {"batch_size", "start_step", "train_steps", "final_step", "train_seconds" (start line to
-      last step line, validations excluded), "wall_seconds" (start line to last step line),
-      "images_per_second", "logged_img_s_median" (the trainer's own per-loop figures after
-      the first loop, which includes tracing), "curve" [[minutes, val MAE], ...],
-      "stopped_on_time_budget", "budget_stop_minutes" (the trainer's figure in its budget
-      line, None without one)}.
+      {"batch_size", "start_step", "train_steps", "final_step", "train_seconds" (start record
+      to last train record, validations excluded), "wall_seconds" (start record to last train
+      record), "images_per_second", "logged_img_s_median" (the trainer's own per-loop figures
+      after the first loop, which includes tracing), "curve" [[minutes, val MAE], ...],
+      "stopped_on_time_budget", "budget_stop_minutes" (the trainer's figure in its stop
+      record, None without one)}.
     """
-    start = None
-    excluded = 0.0
-    last_step_time = None
+    starts = [i for i, record in enumerate(records) if record["kind"] == "start"]
+    run = records[starts[-1] :] if starts else []
+    if not any(record["kind"] == "train" for record in run):
+        raise BenchError(
+            "the trainer wrote no start or train records to metrics.jsonl: see its log"
+        )
+    start = run[0]
     info: dict[str, Any] = {"curve": [], "stopped_on_time_budget": False, "final_step": None}
     info["budget_stop_minutes"] = None
+    info["batch_size"], info["train_steps"] = int(start["batch_size"]), int(start["train_steps"])
+    info["start_step"] = int(start["step"])
+    excluded = 0.0
+    last_step_time = None
     rates: list[float] = []
     train_seconds = wall_seconds = 0.0
-    for arrival, line in lines:
-        line = line.strip()
-        if (match := START_RE.match(line)) and start is None:
-            start = arrival
-            info["batch_size"] = int(match.group(1))
-            info["start_step"] = int(match.group(2) or 0)
-            info["train_steps"] = int(match.group(3))
-        elif start is None:
-            continue
-        elif match := STEP_RE.match(line):
-            last_step_time = arrival
-            train_seconds = arrival - start - excluded
-            wall_seconds = arrival - start
-            info["final_step"] = int(match.group(1))
-            rates.append(float(match.group(3)))
-        elif (match := VAL_RE.match(line)) and last_step_time is not None:
-            excluded += arrival - last_step_time
-            last_step_time = arrival
-            info["curve"].append([train_seconds / 60.0, float(match.group(2))])
-        elif match := BUDGET_RE.match(line):
+    for record in run[1:]:
+        seconds = float(record["seconds"]) - float(start["seconds"])
+        if record["kind"] == "train":
+            last_step_time = seconds
+            train_seconds, wall_seconds = seconds - excluded, seconds
+            info["final_step"] = int(record["step"])
+            rates.append(float(record["images_per_second"]))
+        elif record["kind"] == "val" and last_step_time is not None:
+            excluded += seconds - last_step_time
+            last_step_time = seconds
+            info["curve"].append([train_seconds / 60.0, float(record["mae_months"])])
+        elif record["kind"] == "stop" and record.get("reason") == "time_budget":
             info["stopped_on_time_budget"] = True
-            info["budget_stop_minutes"] = float(match.group(2))
-    if start is None or info["final_step"] is None:
-        raise BenchError("the trainer printed no start or step lines: see its log")
+            info["budget_stop_minutes"] = float(record["minutes"])
     info["train_seconds"], info["wall_seconds"] = train_seconds, wall_seconds
     done = (info["final_step"] - info["start_step"]) * info["batch_size"]
     info["images_per_second"] = done / train_seconds if train_seconds > 0 else None
@@ -241,6 +234,37 @@ def parse_trainer_log(lines: Sequence[tuple[float, str]]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------
 # Subprocesses and data folders.
+
+
+def read_training(model_dir: pathlib.Path) -> dict[str, Any]:
+    """`summarize_training` of the model directory's metrics.jsonl; BenchError when unreadable."""
+    from boneage_tpu.core import model_dir as model_dir_lib
+
+    try:
+        return summarize_training(model_dir_lib.read_metrics(str(model_dir)))
+    except model_dir_lib.ModelDirError as e:
+        raise BenchError(str(e)) from None
+    except (KeyError, TypeError, ValueError) as e:
+        # A record without a figure the trainer always writes: another trainer's file.
+        path = model_dir_lib.metrics_path(str(model_dir))
+        raise BenchError(f"{path}: a record has no usable {e}: see the trainer's log") from None
+
+
+def read_manifest(data_dir: pathlib.Path) -> dict[str, Any]:
+    """The data folder's manifest through `schema.read_manifest`; BenchError when unusable."""
+    from boneage_tpu.core import schema
+
+    try:
+        return schema.read_manifest(str(data_dir))
+    except schema.ManifestError as e:
+        raise BenchError(str(e)) from None
+
+
+def has_manifest(data_dir: pathlib.Path) -> bool:
+    """Whether the folder holds a manifest (a conversion finished there)."""
+    from boneage_tpu.core import schema
+
+    return (data_dir / schema.MANIFEST_NAME).is_file()
 
 
 def run_command(
@@ -289,10 +313,9 @@ def manifest_matches(data_dir: pathlib.Path, labels: str, image_size: int, split
     """Whether data_dir holds a finished conversion of `labels` with these options."""
     import hashlib
 
-    path = data_dir / "manifest.json"
-    if not path.is_file():
+    if not has_manifest(data_dir):
         return False
-    manifest = json.loads(path.read_text())
+    manifest = read_manifest(data_dir)
     options = manifest.get("options", {})
     with open(labels, "rb") as f:
         csv_sha = hashlib.sha256(f.read()).hexdigest()
@@ -432,12 +455,22 @@ def plain_mae(metrics: dict[str, Any]) -> float | None:
     return uncorrected if uncorrected is not None else metrics["mae_months"]
 
 
+def read_done(model_dir: pathlib.Path) -> dict[str, Any] | None:
+    """The trainer's DONE marker through `model_dir.read_done` (None: not finished)."""
+    from boneage_tpu.core import model_dir as model_dir_lib
+
+    try:
+        return model_dir_lib.read_done(str(model_dir))
+    except model_dir_lib.ModelDirError as e:
+        raise BenchError(str(e)) from None
+
+
 def trainer_minutes(model_dir: pathlib.Path) -> float | None:
     """The trainer's own training-time figure (DONE's metrics.train_minutes), when it has one."""
-    path = model_dir / "DONE"
-    if not path.is_file():
+    done = read_done(model_dir)
+    if done is None:
         return None
-    value = json.loads(path.read_text()).get("metrics", {}).get("train_minutes")
+    value = done.get("metrics", {}).get("train_minutes")
     return float(value) if value is not None else None
 
 
@@ -488,9 +521,9 @@ def run(config: BenchConfig) -> dict[str, Any]:
         raise BenchError(f"{model_dir} exists: remove it or use another --output (no resuming)")
     data_dir = pathlib.Path(config.data).resolve() if config.data else out / "data"
     convert_minutes: float | None = None
-    given = bool(config.data) and (data_dir / "manifest.json").is_file()
+    given = bool(config.data) and has_manifest(data_dir)
     if config.skip_convert or given:
-        if not (data_dir / "manifest.json").is_file():
+        if not has_manifest(data_dir):
             raise BenchError(f"--skip_convert: {data_dir} has no manifest.json")
         notes.append(f"data used as converted: {data_dir} (conversion time not measured)")
     else:
@@ -498,7 +531,7 @@ def run(config: BenchConfig) -> dict[str, Any]:
             config.labels, config.images, data_dir, image_size, logs, commands
         )
     # Shifted and test sets are stored like the training data, so that only the shift differs.
-    stored_size = int(json.loads((data_dir / "manifest.json").read_text())["image_size"])
+    stored_size = int(read_manifest(data_dir)["image_size"])
 
     # The same recipe for our trainer and the seed pipeline: flagfile, then these overrides.
     recipe = ["--flagfile", config.flagfile, "--data", str(data_dir)]
@@ -513,8 +546,8 @@ def run(config: BenchConfig) -> dict[str, Any]:
     if eval_every:
         recipe += ["--eval_every", str(eval_every)]
     train_args = ["-m", "boneage_tpu.train", *recipe, "--model_dir", str(model_dir)]
-    train_lines = run_command(train_args, logs / f"train-seed{config.seed}.log", commands)
-    train_log = parse_trainer_log(train_lines)
+    run_command(train_args, logs / f"train-seed{config.seed}.log", commands)
+    train_log = read_training(model_dir)
     if train_log["stopped_on_time_budget"]:
         notes.append(
             f"training stopped on the {config.minutes:g}-minute budget at step "
@@ -528,7 +561,9 @@ def run(config: BenchConfig) -> dict[str, Any]:
         )
     own_minutes = trainer_minutes(model_dir)
     if own_minutes is None:
-        notes.append("DONE has no train_minutes: train_minutes is the log's start-to-last-step")
+        notes.append(
+            "DONE has no train_minutes: train_minutes is metrics.jsonl's start-to-last-train"
+        )
 
     evals = model_dir / "eval"
     plain = evaluate(model_dir, data_dir, "val", "none", evals / "val", commands)
@@ -580,7 +615,7 @@ def run(config: BenchConfig) -> dict[str, Any]:
         "train_img_s": train_log["images_per_second"],
         "train_img_s_method": (
             "(final step - start step) x batch / training wall time; the time is taken from the "
-            "trainer's progress lines as they arrive: its start line to its last step line, "
+            "trainer's metrics.jsonl records: its start record to its last train record, "
             "validation passes excluded (first loop, with tracing, included)"
         ),
         "train_img_s_logged_median": train_log["logged_img_s_median"],

@@ -10,6 +10,10 @@ A model directory (local or gs://) holds:
                                 image_bytes: string[None] (PNG/JPEG bytes), male: float32[None]
                                 -> {"boneage_months": float32[None]}
   DONE                        JSON {"step": N, "metrics": {...}}; written last: the run finished
+  metrics.jsonl               JSON lines appended by the chief across resumes: "kind" start
+                                (each process), train (each loop), val, stop (time budget);
+                                "step", "time" (unix), "seconds" (since the process's start
+                                record) and the figures of the line the trainer prints
   eval/<split>-<step>/        evaluation outputs (metrics.json, predictions.csv, report.*)
   workers/<task>/             a non-chief multi-worker process's private folder while it runs:
                                 its LOCK and the checkpoint and export copies that collectives
@@ -23,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
 import typing
 from typing import Any
 
@@ -43,8 +48,12 @@ LOGS_SUBDIR = "logs"
 EVAL_SUBDIR = "eval"
 WORKERS_SUBDIR = "workers"
 LOCK_NAME = "LOCK"
+METRICS_NAME = "metrics.jsonl"
+METRICS_KINDS = ("start", "train", "val", "stop")
 
 MAX_CONFIG_BYTES = 2**20  # A config.json is ~3 KB.
+# A record is ~300 bytes: a million loops (steps_per_loop 1) fit, a stray huge file does not.
+MAX_METRICS_BYTES = 2**29
 # Keys every config.json written by boneage_tpu has; a JSON object without them is another
 # project's file.
 _IDENTIFYING_KEYS = ("backbone", "image_size", "label_mean", "label_std", "data_image_size")
@@ -302,3 +311,90 @@ def read_done(model_dir: str) -> dict[str, Any] | None:
         return json.loads(text) if text.strip() else {}
     except json.JSONDecodeError as e:
         raise ModelDirError(f"{path} is not valid JSON: {e}") from e
+
+
+def metrics_path(model_dir: str) -> str:
+    """Returns the path of the training metrics log (JSON lines)."""
+    return join(model_dir, METRICS_NAME)
+
+
+class MetricsLog:
+    """Appends the trainer's records to metrics.jsonl, one JSON object a line.
+
+    `model_dir` None writes nothing (a non-chief worker: only the chief writes, as with the
+    TensorBoard logs). "seconds" counts from this object's creation: the process's start.
+    """
+
+    def __init__(self, model_dir: str | None) -> None:
+        self.path = metrics_path(model_dir) if model_dir else None
+        self.origin = time.monotonic()
+        if self.path and tf.io.gfile.exists(self.path):
+            # A killed run's cut last line goes, so that this run's records start a new line.
+            with tf.io.gfile.GFile(self.path, "r") as f:
+                text = f.read()
+            if text and not text.endswith("\n"):
+                with tf.io.gfile.GFile(self.path, "w") as f:
+                    f.write(text[: text.rfind("\n") + 1])
+
+    def write(self, kind: str, step: int, **values: Any) -> None:
+        """Appends one record {"kind", "step", "time", "seconds", **values}."""
+        if self.path is None:
+            return
+        record = {"kind": kind, "step": int(step), "time": round(time.time(), 3)}
+        record["seconds"] = round(time.monotonic() - self.origin, 3)
+        record.update(values)
+        # One write per record, file closed after it: a kill loses at most a cut last line
+        # (which `read_metrics` skips), and a gs:// object is uploaded on close.
+        with tf.io.gfile.GFile(self.path, "a") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def read_metrics(model_dir: str) -> list[dict[str, Any]]:
+    """Returns the records of metrics.jsonl in order; [] when the file does not exist.
+
+    A last line without its newline that is not valid JSON is a record cut by a kill and is
+    skipped; any other line that is not a record is refused.
+
+    Raises:
+      ModelDirError: one line naming the file, the line number and the problem.
+    """
+    path = metrics_path(model_dir)
+    if not tf.io.gfile.exists(path):
+        return []
+    try:
+        text = guard.read_file(path, MAX_METRICS_BYTES, "a metrics log").decode("utf-8")
+    except guard.InputFileError as e:
+        raise ModelDirError(str(e)) from e
+    except UnicodeDecodeError:
+        raise ModelDirError(f"{path} is not text: it is not a boneage_tpu metrics log") from None
+    lines = text.split("\n")
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            if number == len(lines):  # No newline after it: the write was cut short.
+                break
+            raise ModelDirError(
+                f"{path} line {number} is not valid JSON ({' '.join(str(e).split())}): the file "
+                "was edited or is not a boneage_tpu metrics log"
+            ) from None
+        problem = _record_problem(record)
+        if problem:
+            raise ModelDirError(f"{path} line {number} is not a metrics record: {problem}")
+        records.append(record)
+    return records
+
+
+def _record_problem(record: Any) -> str:
+    """What makes a parsed line not a metrics record ("" when it is one)."""
+    if not isinstance(record, dict):
+        return f"a JSON {type(record).__name__}, not an object"
+    kind, step, seconds = record.get("kind"), record.get("step"), record.get("seconds")
+    if kind not in METRICS_KINDS:
+        return f"kind {json.dumps(kind)[:40]} is not one of {', '.join(METRICS_KINDS)}"
+    if not _has_type(step, int) or not _has_type(seconds, float):
+        return f"step {json.dumps(step)[:40]}, seconds {json.dumps(seconds)[:40]}: not numbers"
+    return ""

@@ -50,10 +50,15 @@ def _format_eta(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def _validate(session: Session, step: int, logs: train_state.ScalarLog) -> dict[str, float]:
+def _validate(
+    session: Session, step: int, logs: train_state.ScalarLog, records: model_dir_lib.MetricsLog
+) -> dict[str, float]:
     session.trainer.sync_batch_norm()
     metrics = session.trainer.evaluate(session.val_dataset)
     logs.write(step, {"mae_months": metrics.mae_months, "loss": metrics.loss})
+    records.write(
+        "val", step, mae_months=metrics.mae_months, loss=metrics.loss, count=int(metrics.count)
+    )
     log(
         f"val   step {step}: mae {metrics.mae_months:.2f} mo  loss {metrics.loss:.4f}  "
         f"n={int(metrics.count)}"
@@ -107,6 +112,7 @@ def _train(
     session: Session,
     train_log: train_state.ScalarLog,
     val_log: train_state.ScalarLog | None,
+    records: model_dir_lib.MetricsLog,
     after_loop: Callable[[int], None] | None,
 ) -> dict[str, Any]:
     """Runs loops up to train_steps; checkpoints and validates at their intervals."""
@@ -141,6 +147,10 @@ def _train(
         lr = float(keras.ops.convert_to_numpy(session.optimizer.learning_rate))
         scalars = {"loss": metrics.loss, "mae_months": metrics.mae_months, "learning_rate": lr}
         train_log.write(current, {**scalars, "images_per_second": rate})
+        records.write(
+            "train", current, **scalars, images_per_second=rate, steps=num_steps,
+            train_steps=config.train_steps, eta_seconds=eta,
+        )  # fmt: skip
         log(
             f"step {current}/{config.train_steps}  loss {metrics.loss:.4f}  "
             f"mae {metrics.mae_months:.2f} mo  lr {lr:.2e}  {rate:.0f} img/s  "
@@ -159,7 +169,7 @@ def _train(
             trainer.recalibrate_batch_norm(session.train_iterator, config.bn_recalibration_batches)
         if validate:
             with _data_errors_name_the_shard(config, [config.val_split]):
-                result.update(_validate(session, current, val_log))
+                result.update(_validate(session, current, val_log, records))
             if config.lr_schedule == "plateau" and session.plateau.update(result["val_mae_months"]):
                 log(f"plateau: learning rate x{config.plateau_factor} from step {current}")
         if current % config.checkpoint_every == 0:
@@ -174,6 +184,10 @@ def _train(
         elif config.max_train_minutes > 0:
             _fit_schedule_to_budget(session, current, minutes, mark)
         if 0 < config.max_train_minutes <= minutes and current < config.train_steps:
+            records.write(
+                "stop", current, reason="time_budget", minutes=minutes,
+                max_train_minutes=config.max_train_minutes, train_steps=config.train_steps,
+            )  # fmt: skip
             log(
                 f"time budget: stopping at step {current} of {config.train_steps} after "
                 f"{minutes:.1f} min (--max_train_minutes {config.max_train_minutes:g})"
@@ -251,6 +265,13 @@ def run(
 def _run_locked(session: Session, after_loop: Callable[[int], None] | None) -> dict[str, Any]:
     """`run` once the session holds the model directory's lease."""
     config, settings = session.config, session.settings
+    # Only the chief writes metrics.jsonl (as the TensorBoard logs); its clock starts here.
+    records = model_dir_lib.MetricsLog(config.model_dir if session.chief else None)
+    records.write(
+        "start", session.start_step, train_steps=config.train_steps,
+        batch_size=config.batch_size, per_replica_batch=session.per_replica_batch,
+        replicas=session.strategy.num_replicas_in_sync, steps_per_loop=settings["steps_per_loop"],
+    )  # fmt: skip
     log(
         f"train: {distribute.describe(session.strategy)}, batch {config.batch_size} "
         f"({session.per_replica_batch}/replica), {settings['precision']}, "
@@ -280,7 +301,7 @@ def _run_locked(session: Session, after_loop: Callable[[int], None] | None) -> d
     if session.val_dataset is not None:
         val_log = train_state.ScalarLog(logs_dir("val"))
     try:
-        result = _train(session, train_log, val_log, after_loop)
+        result = _train(session, train_log, val_log, records, after_loop)
         current = int(session.step.numpy())
         if session.checkpoints.saved_step != current:
             session.trainer.recalibrate_batch_norm(
@@ -292,7 +313,7 @@ def _run_locked(session: Session, after_loop: Callable[[int], None] | None) -> d
             session.checkpoints.save()
         if val_log is not None and "val_mae_months" not in result:
             with _data_errors_name_the_shard(config, [config.val_split]):
-                result.update(_validate(session, current, val_log))
+                result.update(_validate(session, current, val_log, records))
     finally:
         train_log.close()
         if val_log is not None:
