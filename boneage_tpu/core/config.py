@@ -1,15 +1,20 @@
-"""Training configuration: every setting of a run, saved as the model directory's config.json.
+"""Training configuration: the user's settings of a run, and the values derived from its data.
 
-The model directory's layout, and its readers and writers, are in `boneage_tpu.core.model_dir`.
+`TrainConfig` composes one dataclass per concern (data, model, augment, optim, schedule,
+runtime); each field declares its flag with `option`, and the flag names stay flat
+(`--learning_rate` sets `config.optim.learning_rate`). It is saved as the model directory's
+config.json and never changed by a run. `Derived` holds what the run derives from the data
+(label statistics, the stored image format) and fits after training (the bias correction);
+it is saved beside it as derived.json. Both files are written and read by
+`boneage_tpu.core.model_dir`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any
 
-from boneage_tpu.cli import option
+from boneage_tpu.cli import group, option
 from boneage_tpu.core.errors import UsageError
 
 # Choices of the string settings (model.py and optim.py build what they name).
@@ -37,29 +42,61 @@ AUTO_YES_NO = ("auto", "yes", "no")
 BIG = 10**9  # The upper bound of counts that have no natural one.
 
 
-# Tuple fields holding a (min, max) float range.
-FLOAT_PAIRS = ("aug_zoom", "aug_contrast", "aug_gamma")
-
-
 @dataclasses.dataclass
-class TrainConfig:
-    """Every setting of a training run; saved as config.json in the model directory.
+class DataConfig:
+    """The training data: where it is, which splits, sampling, the input size and batch."""
 
-    The `option` fields are the flags of `python -m boneage_tpu.train`; the others are filled
-    from the data manifest at the start of training.
-    """
-
-    data: str = option(
+    path: str = option(
         "",
         "TFRecord folder from boneage-make-tfrecords (local or gs://; holds manifest.json).",
         required=True,
+        flag="data",
     )
-    model_dir: str = option(
-        "",
-        "Output folder (local or gs://): config, checkpoints, TensorBoard logs, exports. "
-        "Rerunning with the same folder resumes from its latest checkpoint.",
+    image_size: int = option(
+        299,
+        "Square training size in pixels (images are resized to fit, then padded).",
+        min=8,
+        max=4096,
+    )
+    batch_size: int = option(
+        32,
+        "GLOBAL batch size over all replicas; must be divisible by the replica count (on TPU a "
+        "per-core batch that is a multiple of 8, ideally 128, keeps the MXUs full).",
+        min=1,
+        max=BIG,
+    )
+    eval_batch_size: int = option(
+        0, "Global validation batch size (0: same as --batch_size).", min=0, max=BIG
+    )
+    train_split: str = option(
+        "train",
+        "Split to train on ('a+b' trains on the union, e.g. train+val for a final model).",
         required=True,
     )
+    val_split: str = option("val", "Split validated during training ('' disables validation).")
+    fold: int = option(
+        -1,
+        "K-fold training on data converted with --num_folds K: train on the other folds, "
+        "validate on fold i (sets --train_split and --val_split); -1: off.",
+        min=-1,
+        max=BIG,
+    )
+    balance: str = option(
+        "none",
+        "Training sampling: none | age_sex (uniform over age band x sex strata).",
+        choices=("none", "age_sex"),
+    )
+    cache: str = option(
+        "auto",
+        "Cache decoded images in RAM: auto (when the split fits the budget) | yes | no.",
+        choices=AUTO_YES_NO,
+    )
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """The network: backbone, sex branch, head and the post-training bias fit."""
+
     backbone: str = option(
         "xception",
         "Image network: keras.applications backbones, or `tiny` (small CPU-fast CNN).",
@@ -69,12 +106,6 @@ class TrainConfig:
         "none",
         "Initial backbone weights: none | imagenet (downloads; needs internet) | PATH to a "
         "weights file (e.g. the keras.applications *_notop.h5; gs:// allowed).",
-    )
-    image_size: int = option(
-        299,
-        "Square training size in pixels (images are resized to fit, then padded).",
-        min=8,
-        max=4096,
     )
     use_sex: bool = option(
         True, "Feed the sex through a Dense(sex_units) branch (--nouse_sex: image only)."
@@ -113,16 +144,54 @@ class TrainConfig:
     num_bins: int = option(
         64, "Age bins of the bins head (evenly spaced over +-3.5 label std).", min=2, max=4096
     )
-    batch_size: int = option(
-        32,
-        "GLOBAL batch size over all replicas; must be divisible by the replica count (on TPU a "
-        "per-core batch that is a multiple of 8, ideally 128, keeps the MXUs full).",
-        min=1,
-        max=BIG,
+    fit_bias_correction: bool = option(
+        False,
+        "After training, fit true ~ slope * predicted + intercept on the --val_split "
+        "predictions (Deeplasia's linear bias correction); stored in config.json and applied "
+        "by evaluate, predict and the exports.",
     )
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    """The optimizer, the loss and the batch-norm recalibration."""
+
+    optimizer: str = option("adam", "adam | adamw.", choices=OPTIMIZERS)
+    learning_rate: float = option(1e-3, "Peak learning rate (after warmup).", min=0, max=100)
+    weight_decay: float = option(
+        0.0, "Decoupled weight decay (needs --optimizer adamw).", min=0, max=1
+    )
+    loss: str = option(
+        "l1", "Loss on the z-scored bone age: l1 | mse | huber (delta = 1 std).", choices=LOSSES
+    )
+    bn_recalibration_batches: int = option(
+        0,
+        "Before each checkpoint and validation, re-estimate the batch-norm moving statistics "
+        "at the current weights from N augmented training batches (forward only); the "
+        "running averages lag behind fast-moving weights. 0: off.",
+        min=0,
+        max=100000,
+    )
+
+
+@dataclasses.dataclass
+class ScheduleConfig:
+    """Steps, learning-rate schedule, loop, validation and checkpoint cadence, time budget."""
+
     train_steps: int = option(
         1000, "Total optimizer steps (a resumed run continues up to this step).", min=0, max=BIG
     )
+    warmup_steps: int = option(0, "Linear learning-rate warmup steps.", min=0, max=BIG)
+    lr_schedule: str = option(
+        "cosine",
+        "After warmup: cosine (to 0 at train_steps) | constant | plateau (cut by "
+        "--plateau_factor after --plateau_patience validations without improvement).",
+        choices=SCHEDULES,
+    )
+    plateau_patience: int = option(
+        3, "Validations without a better val MAE before a plateau cut.", min=1, max=BIG
+    )
+    plateau_factor: float = option(0.5, "Learning-rate multiplier of a plateau cut.", min=0, max=1)
     steps_per_loop: int = option(
         0,
         "Steps per compiled loop call and progress line (0: 100 on TPU, 10 else).",
@@ -136,24 +205,139 @@ class TrainConfig:
         500, "Save a checkpoint every N steps (and always at the end).", min=1, max=BIG
     )
     keep_checkpoints: int = option(3, "Number of checkpoints to keep.", min=1, max=BIG)
-    learning_rate: float = option(1e-3, "Peak learning rate (after warmup).", min=0, max=100)
-    warmup_steps: int = option(0, "Linear learning-rate warmup steps.", min=0, max=BIG)
-    weight_decay: float = option(
-        0.0, "Decoupled weight decay (needs --optimizer adamw).", min=0, max=1
+    max_train_minutes: float = option(
+        0.0,
+        "Stop at the first loop end after this much training wall time, then checkpoint, "
+        "validate and export as at the end (0: no limit). With the cosine schedule its end is "
+        "re-fitted after every loop so that it anneals with the budget.",
+        min=0,
+        max=BIG,
     )
-    optimizer: str = option("adam", "adam | adamw.", choices=OPTIMIZERS)
-    lr_schedule: str = option(
-        "cosine",
-        "After warmup: cosine (to 0 at train_steps) | constant | plateau (cut by "
-        "--plateau_factor after --plateau_patience validations without improvement).",
-        choices=SCHEDULES,
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentConfig:
+    """On-device augmentation: whether it runs, and the ranges each image draws its values from.
+
+    Attributes:
+      enabled: augment at all (the trainer passes no config to the step when off).
+      rotation_deg: rotation in [-r, r] degrees (positive = counter-clockwise on screen).
+      shift: translation in [-s, s] x width (x) and x height (y), drawn independently.
+      zoom: isotropic scale range (min, max); > 1 enlarges the content.
+      shear: x-shear coefficient (tan of the shear angle) in [-k, k]. Keras 3 `RandomShear`
+        reads 0.2 this way; the seed's tf_keras ImageDataGenerator read `shear_range=0.2` as
+        degrees, which is practically no shear.
+      flip: horizontal flip with probability 1/2.
+      brightness: additive shift in [-b, b] x 255.
+      contrast: factor range (min, max) applied about the per-image mean.
+      gamma: exponent range (min, max) applied to the 0..1 intensities.
+    """
+
+    # Field names are the ranges' own; the flags keep their aug_ prefix.
+    enabled: bool = option(
+        True,
+        "On-device random affine + intensity augmentation (--noaugment disables).",
+        flag="augment",
     )
-    plateau_patience: int = option(
-        3, "Validations without a better val MAE before a plateau cut.", min=1, max=BIG
+    rotation_deg: float = option(
+        20.0, "Augmentation: rotation range +-degrees.", min=0, max=180, flag="aug_rotation_deg"
     )
-    plateau_factor: float = option(0.5, "Learning-rate multiplier of a plateau cut.", min=0, max=1)
-    loss: str = option(
-        "l1", "Loss on the z-scored bone age: l1 | mse | huber (delta = 1 std).", choices=LOSSES
+    shift: float = option(
+        0.2,
+        "Augmentation: translation range +-fraction of the image side.",
+        min=0,
+        max=1,
+        flag="aug_shift",
+    )
+    zoom: tuple[float, ...] = option(
+        (0.8, 1.2),
+        "Augmentation: zoom range min,max (>1 enlarges).",
+        min=0.01,
+        max=100,
+        flag="aug_zoom",
+    )
+    shear: float = option(
+        0.2, "Augmentation: x-shear coefficient range +-k.", min=0, max=10, flag="aug_shear"
+    )
+    flip: bool = option(True, "Augmentation: random horizontal flip.", flag="aug_flip")
+    brightness: float = option(
+        0.1,
+        "Augmentation: additive brightness range +-fraction of 255.",
+        min=0,
+        max=1,
+        flag="aug_brightness",
+    )
+    contrast: tuple[float, ...] = option(
+        (0.8, 1.2),
+        "Augmentation: contrast factor range min,max (about the image mean).",
+        min=0.01,
+        max=100,
+        flag="aug_contrast",
+    )
+    gamma: tuple[float, ...] = option(
+        (0.8, 1.25),
+        "Augmentation: gamma range min,max (wide ranges teach export-window invariance).",
+        min=0.01,
+        max=100,
+        flag="aug_gamma",
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("zoom", "contrast", "gamma"):
+            pair = tuple(getattr(self, name))
+            if len(pair) != 2 or not 0 < pair[0] <= pair[1]:
+                raise UsageError(f"--aug_{name} must be min,max with 0 < min <= max, got {pair}")
+        for name in ("rotation_deg", "shift", "shear", "brightness"):
+            if getattr(self, name) < 0:
+                raise UsageError(f"--aug_{name} must be >= 0, got {getattr(self, name)}")
+
+    @classmethod
+    def none(cls) -> AugmentConfig:
+        """Returns the identity ranges (`augment_batch` == `to_float`), switched off."""
+        return cls(
+            enabled=False,
+            rotation_deg=0.0,
+            shift=0.0,
+            zoom=(1.0, 1.0),
+            shear=0.0,
+            flip=False,
+            brightness=0.0,
+            contrast=(1.0, 1.0),
+            gamma=(1.0, 1.0),
+        )
+
+    @property
+    def geometric(self) -> bool:
+        """Whether any geometric transform is enabled."""
+        return bool(self.rotation_deg or self.shift or self.shear or self.flip) or (
+            tuple(self.zoom) != (1.0, 1.0)
+        )
+
+    @property
+    def photometric(self) -> bool:
+        """Whether any intensity jitter is enabled."""
+        return (
+            bool(self.brightness)
+            or tuple(self.contrast) != (1.0, 1.0)
+            or (tuple(self.gamma) != (1.0, 1.0))
+        )
+
+
+@dataclasses.dataclass
+class RuntimeConfig:
+    """Where and how the computation runs: TPU or CPU devices, precision, XLA."""
+
+    tpu: str = option(
+        "",
+        "TPU: colab | local (TPU VM) | NAME | grpc://HOST:PORT. Empty: GPUs/CPU (TF_CONFIG -> "
+        "multi-worker).",
+    )
+    virtual_cpus: int = option(
+        0,
+        "Split the CPU into N logical devices under MirroredStrategy (multi-replica runs on a "
+        "laptop; 0/1: one device).",
+        min=0,
+        max=4096,
     )
     precision: str = option(
         "auto",
@@ -168,129 +352,62 @@ class TrainConfig:
         "slower) | yes | no.",
         choices=AUTO_YES_NO,
     )
-    augment: bool = option(
-        True, "On-device random affine + intensity augmentation (--noaugment disables)."
-    )
-    aug_rotation_deg: float = option(
-        20.0, "Augmentation: rotation range +-degrees.", min=0, max=180
-    )
-    aug_shift: float = option(
-        0.2, "Augmentation: translation range +-fraction of the image side.", min=0, max=1
-    )
-    aug_zoom: tuple[float, ...] = option(
-        (0.8, 1.2), "Augmentation: zoom range min,max (>1 enlarges).", min=0.01, max=100
-    )
-    aug_shear: float = option(0.2, "Augmentation: x-shear coefficient range +-k.", min=0, max=10)
-    aug_flip: bool = option(True, "Augmentation: random horizontal flip.")
-    aug_brightness: float = option(
-        0.1, "Augmentation: additive brightness range +-fraction of 255.", min=0, max=1
-    )
-    aug_contrast: tuple[float, ...] = option(
-        (0.8, 1.2),
-        "Augmentation: contrast factor range min,max (about the image mean).",
-        min=0.01,
-        max=100,
-    )
-    aug_gamma: tuple[float, ...] = option(
-        (0.8, 1.25),
-        "Augmentation: gamma range min,max (wide ranges teach export-window invariance).",
-        min=0.01,
-        max=100,
-    )
-    max_train_minutes: float = option(
-        0.0,
-        "Stop at the first loop end after this much training wall time, then checkpoint, "
-        "validate and export as at the end (0: no limit). With the cosine schedule its end is "
-        "re-fitted after every loop so that it anneals with the budget.",
-        min=0,
-        max=BIG,
-    )
-    bn_recalibration_batches: int = option(
-        0,
-        "Before each checkpoint and validation, re-estimate the batch-norm moving statistics "
-        "at the current weights from N augmented training batches (forward only); the "
-        "running averages lag behind fast-moving weights. 0: off.",
-        min=0,
-        max=100000,
-    )
-    fit_bias_correction: bool = option(
-        False,
-        "After training, fit true ~ slope * predicted + intercept on the --val_split "
-        "predictions (Deeplasia's linear bias correction); stored in config.json and applied "
-        "by evaluate, predict and the exports.",
-    )
-    balance: str = option(
-        "none",
-        "Training sampling: none | age_sex (uniform over age band x sex strata).",
-        choices=("none", "age_sex"),
-    )
-    cache: str = option(
-        "auto",
-        "Cache decoded images in RAM: auto (when the split fits the budget) | yes | no.",
-        choices=AUTO_YES_NO,
-    )
-    seed: int = option(0, "Seed for weights, data order and augmentation.", min=0, max=2**31 - 1)
-    train_split: str = option(
-        "train",
-        "Split to train on ('a+b' trains on the union, e.g. train+val for a final model).",
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Every setting of a training run, as the user gave it; saved as config.json.
+
+    The flags of `python -m boneage_tpu.train` are the `option` fields here and in the groups.
+    """
+
+    model_dir: str = option(
+        "",
+        "Output folder (local or gs://): config, checkpoints, TensorBoard logs, exports. "
+        "Rerunning with the same folder resumes from its latest checkpoint.",
         required=True,
     )
-    val_split: str = option("val", "Split validated during training ('' disables validation).")
-    fold: int = option(
-        -1,
-        "K-fold training on data converted with --num_folds K: train on the other folds, "
-        "validate on fold i (sets --train_split and --val_split); -1: off.",
-        min=-1,
-        max=BIG,
-    )
-    eval_batch_size: int = option(
-        0, "Global validation batch size (0: same as --batch_size).", min=0, max=BIG
-    )
-    tpu: str = option(
-        "",
-        "TPU: colab | local (TPU VM) | NAME | grpc://HOST:PORT. Empty: GPUs/CPU (TF_CONFIG -> "
-        "multi-worker).",
-    )
-    virtual_cpus: int = option(
-        0,
-        "Split the CPU into N logical devices under MirroredStrategy (multi-replica runs on a "
-        "laptop; 0/1: one device).",
-        min=0,
-        max=4096,
-    )
-    # Filled from the data manifest at the start of training (targets are z-scored with them).
+    seed: int = option(0, "Seed for weights, data order and augmentation.", min=0, max=2**31 - 1)
+    data: DataConfig = group(DataConfig)
+    model: ModelConfig = group(ModelConfig)
+    augment: AugmentConfig = group(AugmentConfig)
+    optim: OptimConfig = group(OptimConfig)
+    schedule: ScheduleConfig = group(ScheduleConfig)
+    runtime: RuntimeConfig = group(RuntimeConfig)
+
+    def to_json(self) -> str:
+        """Returns the config as pretty JSON, one object per group."""
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+
+@dataclasses.dataclass
+class Derived:
+    """What a run derives from its data and fits after training; saved as derived.json.
+
+    Attributes:
+      label_mean: mean bone age of the training labels (months); targets are z-scored with it.
+      label_std: their standard deviation (months), > 0.
+      data_image_size: the longest side the data was stored at (0: unknown, an old run).
+      data_encoding: the stored image encoding (jpeg | png | raw; "" unknown).
+      data_jpeg_quality: the stored JPEG quality.
+      schema_version: the record schema version of the data (0: unknown).
+      bias_slope: the linear bias correction fitted on the validation predictions
+        (`heads.fit_linear_correction`), applied by evaluate, predict and the exports.
+      bias_intercept: its intercept (months). Identity (1, 0) until fitted.
+    """
+
     label_mean: float = 0.0
     label_std: float = 1.0
     data_image_size: int = 0
     data_encoding: str = ""
     data_jpeg_quality: int = 95
     schema_version: int = 0
-    # Fitted on the validation predictions after training (heads.fit_linear_correction);
-    # applied by evaluate, predict and the exports. Identity until fitted.
     bias_slope: float = 1.0
     bias_intercept: float = 0.0
 
-    def __post_init__(self) -> None:
-        for name in FLOAT_PAIRS:
-            pair = tuple(getattr(self, name))
-            if len(pair) != 2 or not 0 < pair[0] <= pair[1]:
-                raise UsageError(f"--{name} must be min,max with 0 < min <= max, got {pair}")
-
     def to_json(self) -> str:
-        """Returns the config as pretty JSON."""
+        """Returns the values as pretty JSON."""
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        """Builds a config from a dict, ignoring keys that this version does not know."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in values.items() if k in names}
-        if "dense_units" in kwargs:
-            kwargs["dense_units"] = tuple(int(u) for u in kwargs["dense_units"])
-        for name in FLOAT_PAIRS:
-            if name in kwargs:
-                kwargs[name] = tuple(float(v) for v in kwargs[name])
-        return cls(**kwargs)
 
 
 def join(base: str, *parts: str) -> str:

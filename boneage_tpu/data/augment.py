@@ -15,69 +15,16 @@ the pixel grid. A matrix maps an OUTPUT pixel (x, y, 1) to the INPUT point it sa
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import tensorflow as tf
 
+from boneage_tpu.core.config import AugmentConfig
 from boneage_tpu.data.warp import warp_affine, warp_chunk, warp_transient_bytes
 
 # Column order of the per-image uniform draws in `sample_params`.
 _PARAM_NAMES = ("angle", "shift_x", "shift_y", "zoom", "shear", "flip", "brightness")
 _PARAM_NAMES += ("contrast", "gamma")
-
-
-@dataclasses.dataclass(frozen=True)
-class AugmentConfig:
-    """Ranges of the random augmentation; each image draws its values uniformly.
-
-    Attributes:
-      rotation_deg: rotation in [-r, r] degrees (positive = counter-clockwise on screen).
-      shift: translation in [-s, s] x width (x) and x height (y), drawn independently.
-      zoom: isotropic scale range (min, max); > 1 enlarges the content.
-      shear: x-shear coefficient (tan of the shear angle) in [-k, k]. Keras 3 `RandomShear`
-        reads 0.2 this way; the seed's tf_keras ImageDataGenerator read `shear_range=0.2` as
-        degrees, which is practically no shear.
-      flip: horizontal flip with probability 1/2.
-      brightness: additive shift in [-b, b] x 255.
-      contrast: factor range (min, max) applied about the per-image mean.
-      gamma: exponent range (min, max) applied to the 0..1 intensities.
-    """
-
-    rotation_deg: float = 20.0
-    shift: float = 0.2
-    zoom: tuple[float, float] = (0.8, 1.2)
-    shear: float = 0.2
-    flip: bool = True
-    brightness: float = 0.1
-    contrast: tuple[float, float] = (0.8, 1.2)
-    gamma: tuple[float, float] = (0.8, 1.25)
-
-    def __post_init__(self) -> None:
-        for name in ("rotation_deg", "shift", "shear", "brightness"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"AugmentConfig.{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("zoom", "contrast", "gamma"):
-            low, high = getattr(self, name)
-            if not 0 < low <= high:
-                raise ValueError(f"AugmentConfig.{name} must be (min, max) with 0 < min <= max")
-
-    @classmethod
-    def none(cls) -> AugmentConfig:
-        """Returns the disabled configuration (identity: `augment_batch` == `to_float`)."""
-        return cls(0.0, 0.0, (1.0, 1.0), 0.0, False, 0.0, (1.0, 1.0), (1.0, 1.0))
-
-    @property
-    def geometric(self) -> bool:
-        """Whether any geometric transform is enabled."""
-        return bool(self.rotation_deg or self.shift or self.shear or self.flip) or (
-            self.zoom != (1.0, 1.0)
-        )
-
-    @property
-    def photometric(self) -> bool:
-        """Whether any intensity jitter is enabled."""
-        return bool(self.brightness) or self.contrast != (1.0, 1.0) or self.gamma != (1.0, 1.0)
 
 
 def to_float(images: tf.Tensor) -> tf.Tensor:
