@@ -7,6 +7,7 @@ session-wide data fixtures (`toy_data`, `toy_dataset`, `phantom_images`, `phanto
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 import subprocess
 import sys
@@ -41,7 +42,7 @@ def train_config(data_dir: str, model_dir: pathlib.Path, **overrides) -> config_
         "learning_rate": 1e-3,
     }
     values.update(overrides)
-    return config_lib.TrainConfig(**values)
+    return config_lib.TrainConfig.from_flags(**values)
 
 
 # ---------------------------------------------------------------- converter
@@ -151,3 +152,15 @@ def phantom_command(tool: str, tmp_path: pathlib.Path, output: pathlib.Path) -> 
     cmd = [sys.executable, "-m", tool, "--labels", str(phantom / "boneage-training-dataset.csv")]
     cmd += ["--images", str(phantom / "boneage-training-dataset"), "--output", str(output)]
     return cmd + ["--flagfile", str(flagfile)]
+
+
+DERIVED_FIELDS = frozenset(f.name for f in dataclasses.fields(config_lib.Derived))
+
+
+def config_and_derived(**values) -> tuple[config_lib.TrainConfig, config_lib.Derived]:
+    """Splits flag values and derived values (label stats, stored format) into their two classes.
+
+    `build_model(*config_and_derived(backbone="tiny", image_size=32, label_std=40.0))`.
+    """
+    derived = {k: values.pop(k) for k in list(values) if k in DERIVED_FIELDS}
+    return config_lib.TrainConfig.from_flags(**values), config_lib.Derived(**derived)

@@ -45,12 +45,12 @@ def flip_sensitive_model(size: int = 32) -> keras.Model:
 def make_run(
     root: pathlib.Path, manifest: dict, *, seed: int = 0, steps=(1, 2), **overrides
 ) -> str:
-    """Writes a model directory like the trainer's: config.json, checkpoints, Keras export.
+    """Writes a model directory like the trainer's: config.json, derived.json, checkpoints, export.
 
-    `overrides` are further TrainConfig fields (e.g. head="bins").
+    `overrides` are further TrainConfig flags (e.g. head="bins").
     """
     stats = manifest["label_stats"]
-    config = config_lib.TrainConfig(
+    config = config_lib.TrainConfig.from_flags(
         data="toy",
         model_dir=str(root),
         backbone="tiny",
@@ -58,16 +58,19 @@ def make_run(
         dense_units=(8,),
         batch_size=BATCH,
         seed=seed,
+        **overrides,
+    )
+    derived = config_lib.Derived(
         label_mean=stats["mean_months"],
         label_std=stats["std_months"],
         data_image_size=manifest["image_size"],
         data_encoding=manifest["encoding"],
         schema_version=manifest["schema_version"],
-        **overrides,
     )
     model_dir_lib.save_config(config)
+    model_dir_lib.save_derived(str(root), derived)
     keras.utils.set_random_seed(seed)
-    model = model_lib.build_model(config)
+    model = model_lib.build_model(config, derived)
     step = tf.Variable(0, dtype=tf.int64)
     manager = tf.train.CheckpointManager(
         tf.train.Checkpoint(step=step, model=model),
@@ -75,7 +78,7 @@ def make_run(
         max_to_keep=5,
         checkpoint_name="ckpt",
     )
-    dense = model.get_layer("age_logits" if config.head == "bins" else "zscore")
+    dense = model.get_layer("age_logits" if config.model.head == "bins" else "zscore")
     for s in steps:
         step.assign(s)
         dense.kernel.assign(dense.kernel * 1.5)  # different weights at every step

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from boneage_tpu.core.errors import UsageError
 from boneage_tpu.data import augment, warp
 
 NEUTRAL = {
@@ -182,7 +183,7 @@ def test_batch_images_get_different_transforms():
     "kwargs", [{"rotation_deg": -1.0}, {"zoom": (1.2, 0.8)}, {"gamma": (0.0, 1.0)}]
 )
 def test_invalid_config_is_rejected(kwargs):
-    with pytest.raises(ValueError, match="AugmentConfig"):
+    with pytest.raises(UsageError, match=r"^--aug_\w+ must be "):
         augment.AugmentConfig(**kwargs)
 
 

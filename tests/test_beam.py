@@ -108,7 +108,7 @@ def test_beam_converter_equals_local_and_trains(inputs, local, tmp_path):
     _assert_same(*local, str(out), manifest)
     assert not (out / ".convert").exists()
     assert (out / "dataset_info.json").exists() and (out / "features.json").exists()
-    config = config_lib.TrainConfig(
+    config = config_lib.TrainConfig.from_flags(
         data=str(out),
         model_dir=str(tmp_path / "run"),
         backbone="tiny",
@@ -174,7 +174,7 @@ def trained_run(phantom_images, tmp_path_factory) -> dict[str, str]:
         **OPTIONS,
     )
     assert data["records_written"] == 50
-    config = config_lib.TrainConfig(
+    config = config_lib.TrainConfig.from_flags(
         data=str(root / "records"),
         model_dir=str(root / "run"),
         backbone="tiny",
@@ -208,7 +208,7 @@ def test_beam_predict_equals_local_predict_and_itemises_a_corrupt_file(
     paths = sorted(str(p) for p in pathlib.Path(trained_run["images"]).glob("*.png"))
     local = predict.run(
         predict.PredictConfig(
-            model=trained_run["run"], paths=tuple(paths), sex="M", skip_unreadable=True
+            model_dir=trained_run["run"], paths=tuple(paths), sex="M", skip_unreadable=True
         )
     )
     corrupt = f"{trained_run['images']}/corrupt.png"
@@ -253,7 +253,9 @@ def test_beam_predict_flags_without_beam_options_are_one_line_errors(trained_run
 def test_beam_predict_takes_each_images_sex_from_a_csv(trained_run, tmp_path):
     local = predict.run(
         predict.PredictConfig(
-            model=trained_run["run"], labels=trained_run["csv"], images_dir=trained_run["images"]
+            model_dir=trained_run["run"],
+            labels=trained_run["csv"],
+            images_dir=trained_run["images"],
         )
     )
     assert {item["male"] for item in local} == {0, 1}  # Both sexes, so a mix-up would show.

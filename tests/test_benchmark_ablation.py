@@ -49,9 +49,9 @@ def test_every_row_is_a_valid_trainer_command_line(name):
     argv = ["train", "--flagfile", str(REPO / "configs/rsna_cpu.flags"), *ablation.ROWS[name][1]]
     _, status = cli.parse_flags("train", fv, [*argv, "--data=d", "--model_dir=m"], None)
     assert status is None
-    config = cli.config_from_flags(TrainConfig, fv)
+    config = cli.flat(cli.config_from_flags(TrainConfig, fv))
     recipe = {"head": "bins", "input_norm": "zscore", "use_sex": True, "augment": True}
-    changed = {k for k, v in recipe.items() if getattr(config, k) != v}
+    changed = {k for k, v in recipe.items() if config[k] != v}
     expected = {
         "head_regression": {"head"},
         "input_norm_none": {"input_norm"},
@@ -59,8 +59,8 @@ def test_every_row_is_a_valid_trainer_command_line(name):
         "no_augment": {"augment"},
     }
     assert changed == expected.get(name, set())
-    assert (config.balance == "age_sex") == (name == "balance_age_sex")
-    assert config.image_size == {"size_160": 160, "size_192": 192}.get(name, 128)
+    assert (config["balance"] == "age_sex") == (name == "balance_age_sex")
+    assert config["image_size"] == {"size_160": 160, "size_192": 192}.get(name, 128)
 
 
 def test_sizes_keep_the_recipes_stored_to_trained_ratio():

@@ -72,7 +72,9 @@ def test_argument_errors_are_one_line(tmp_path, capsys):
 def test_seed_pipeline_takes_the_trainer_flags_and_the_flagfile(tmp_path, capsys):
     assert benchmark_real_seed.main(["benchmark_real_seed"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("benchmark_real_seed: error: missing required flag(s): --data")
+    assert err.startswith(
+        "benchmark_real_seed: error: missing required flag(s): --model_dir, --data"
+    )
     flagfile = tmp_path / "r.flags"
     flagfile.write_text(TINY_FLAGS)
     argv = ["benchmark_real_seed", f"--flagfile={flagfile}", "--data=d", "--model_dir=m"]

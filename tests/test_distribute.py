@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from boneage_tpu.core import config as config_lib
 from boneage_tpu.core import distribute
 from boneage_tpu.data import pipeline as data
 from boneage_tpu.modeling import model as model_lib
 from boneage_tpu.modeling import optim
 from boneage_tpu.train import loop
+from tests import helpers
 
 
 def _mirrored(replicas: int) -> tf.distribute.Strategy:
@@ -111,7 +111,7 @@ def _trainer(strategy: tf.distribute.Strategy, global_batch: int) -> loop.TrainL
     keras.utils.set_random_seed(3)
     with strategy.scope():
         model = model_lib.build_model(
-            config_lib.TrainConfig(
+            *helpers.config_and_derived(
                 backbone="tiny",
                 image_size=16,
                 norm="none",

@@ -116,6 +116,28 @@ def test_no_gallery_skips_the_heatmap_pass(toy, tmp_path, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("tta", ["none", "rotflip"])
+def test_runtime_flags_are_honoured_precision_and_xla(toy, tmp_path, capsys, tta):
+    """The trainer's runtime group: bf16 builds the restored model in bf16, --jit_compile yes
+    compiles the forward pass (TTA views included); both give the fp32 graph's predictions."""
+    common = {"model_dir": toy["a"], "data": toy["data"], "batch_size": BATCH, "tta": tta}
+    plain = _csv(evaluate.run(**common, output=str(tmp_path / "fp32"))["output"])
+    assert ", fp32, XLA off" in capsys.readouterr().out
+    runs = {
+        "xla": {"jit_compile": "yes"},
+        "bf16": {"precision": "bf16"},
+    }
+    for name, runtime in runs.items():
+        out = _csv(evaluate.run(**common, **runtime, output=str(tmp_path / name))["output"])
+        printed = capsys.readouterr().out
+        assert (", fp32, XLA on" if name == "xla" else ", bf16, XLA off") in printed
+        # bf16 keeps 8 bits of mantissa: months agree to ~1 % of the 0..228 range.
+        atol = 1e-3 if name == "xla" else 3.0
+        np.testing.assert_allclose(out["predicted"], plain["predicted"], atol=atol)
+        if name == "bf16":
+            assert not np.array_equal(out["predicted"], plain["predicted"])
+
+
 def test_default_output_and_checkpoint_choice(toy):
     m1 = evaluate.run(model_dir=toy["a"], data=toy["data"], checkpoint="1", batch_size=BATCH)
     m2 = evaluate.run(model_dir=toy["a"], data=toy["data"], checkpoint="latest", batch_size=BATCH)
@@ -221,7 +243,8 @@ def _write_manifest(data_dir: pathlib.Path, **changes) -> None:
 def bad_inputs(toy, tmp_path):
     empty = tmp_path / "no_ckpt"
     empty.mkdir()
-    shutil.copy(pathlib.Path(toy["a"]) / "config.json", empty / "config.json")
+    for name in ("config.json", "derived.json"):
+        shutil.copy(pathlib.Path(toy["a"]) / name, empty / name)
     big = tmp_path / "big"
     write_toy_dataset(big, splits={"train": 4, "val": 3}, height=48, width=32)
     v2 = tmp_path / "v2"

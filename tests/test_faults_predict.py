@@ -25,7 +25,7 @@ from boneage_tpu import cli
 from boneage_tpu.cli import predict as predict_cli
 from boneage_tpu.convert import plan
 from boneage_tpu.core import guard, model_dir
-from boneage_tpu.core.config import TrainConfig
+from boneage_tpu.core.config import Derived, TrainConfig
 from boneage_tpu.evaluate import report
 from boneage_tpu.inference import heatmap
 from boneage_tpu.modeling import export
@@ -251,17 +251,12 @@ def _config_text(phantom_run) -> str:
         (lambda c: "[]", "not a boneage_tpu config (a JSON list"),
         (lambda c: "\xff\xfe", "not valid JSON"),
         (lambda c: json.dumps({"image_size": [224, 224], "lr": 1}), "not a boneage_tpu config"),
-        (lambda c: _set(c, image_size=200000), "image_size must be <= 4096"),
-        (lambda c: _set(c, image_size="299"), 'image_size is "299", expected an integer'),
-        (lambda c: _set(c, data_image_size=10**6), "data_image_size must be in 0..16384"),
-        (lambda c: _set(c, data_encoding="webp"), "data_encoding must be one of"),
-        (lambda c: _set(c, data_jpeg_quality=1000), "data_jpeg_quality must be in 1..100"),
-        (lambda c: _set(c, backbone="resnet9000"), "backbone must be one of"),
-        (lambda c: _set(c, dense_units=["a"]), "expected a list of integers"),
-        (lambda c: _set(c, use_sex="yes"), "expected true or false"),
-        (lambda c: _set(c, label_std=0), "label_std must be > 0"),
-        (lambda c: _set(c, schema_version=99), "schema version 99"),
-        (lambda c: _set(c, aug_zoom=[2, 1]), "aug_zoom must be min,max"),
+        (lambda c: _set(c, "data.image_size", 200000), "image_size must be <= 4096"),
+        (lambda c: _set(c, "data.image_size", "299"), 'image_size is "299", expected an integer'),
+        (lambda c: _set(c, "model.backbone", "resnet9000"), "backbone must be one of"),
+        (lambda c: _set(c, "model.dense_units", ["a"]), "expected a list of integers"),
+        (lambda c: _set(c, "model.use_sex", "yes"), "expected true or false"),
+        (lambda c: _set(c, "augment.zoom", [2, 1]), "aug_zoom must be min,max"),
     ],
 )
 def test_bad_config_json_is_one_line(phantom_run, tmp_path, capsys, edit, message):
@@ -275,10 +270,56 @@ def test_bad_config_json_is_one_line(phantom_run, tmp_path, capsys, edit, messag
     assert "config.json" in _error_line(capsys)
 
 
-def _set(text: str, **values) -> str:
-    config = json.loads(text)
-    config.update(values)
-    return json.dumps(config)
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda d: "{", "is not valid JSON"),
+        (lambda d: _set(d, "data_image_size", 10**6), "data_image_size must be in 0..16384"),
+        (lambda d: _set(d, "data_encoding", "webp"), "data_encoding must be one of"),
+        (lambda d: _set(d, "data_jpeg_quality", 1000), "data_jpeg_quality must be in 1..100"),
+        (lambda d: _set(d, "label_std", 0), "label_std must be > 0"),
+        (lambda d: _set(d, "label_mean", "x"), 'label_mean is "x", expected a number'),
+        (lambda d: _set(d, "schema_version", 99), "schema version 99"),
+    ],
+)
+def test_bad_derived_json_is_one_line(phantom_run, tmp_path, capsys, edit, message):
+    run = tmp_path / "run"
+    shutil.copytree(phantom_run["model"], run)
+    derived = run / "derived.json"
+    derived.write_text(edit(derived.read_text()))
+    with pytest.raises(model_dir.ModelDirError, match=_escape(message)):
+        model_dir.load_derived(str(run))
+    image = next(phantom_run["images"].glob("*.png"))
+    assert predict_cli.main(["predict", f"--model_dir={run}", "--sex=M", str(image)]) == 1
+    assert "derived.json" in _error_line(capsys)
+
+
+def test_a_flat_config_json_of_an_older_run_still_loads(phantom_run, tmp_path):
+    """Runs before the groups wrote one flat object: flag names plus the derived values."""
+    run = tmp_path / "run"
+    shutil.copytree(phantom_run["model"], run)
+    config = model_dir.load_config(str(run))
+    derived = model_dir.load_derived(str(run))
+    # Its train_split/val_split were the splits trained on (a fold's, written back).
+    old = {**dataclasses.asdict(derived), **cli.flat(config)}
+    (run / "config.json").write_text(json.dumps(old))
+    (run / "derived.json").unlink()
+    assert model_dir.load_config(str(run)) == config
+    splits = {"train_split": config.data.train_split, "val_split": config.data.val_split}
+    assert model_dir.load_derived(str(run)) == dataclasses.replace(derived, **splits)
+    image = next(phantom_run["images"].glob("*.png"))
+    assert predict_cli.main(["predict", f"--model_dir={run}", "--sex=M", str(image)]) == 0
+
+
+def _set(text: str, key: str, value) -> str:
+    """Sets a (dotted, nested) key of a JSON object."""
+    values = json.loads(text)
+    *parents, last = key.split(".")
+    inner = values
+    for name in parents:
+        inner = inner[name]
+    inner[last] = value
+    return json.dumps(values)
 
 
 def _escape(text: str) -> str:
@@ -298,9 +339,9 @@ def test_foreign_checkpoints_without_config_are_not_a_model_directory(tmp_path, 
 def test_train_refuses_a_folder_holding_a_foreign_config(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model": "bert", "image_size": [1, 2]}))
     before = (tmp_path / "config.json").read_bytes()
-    config = TrainConfig(data="d", model_dir=str(tmp_path), backbone="tiny")
+    config = TrainConfig.from_flags(data="d", model_dir=str(tmp_path), backbone="tiny")
     with pytest.raises(model_dir.ModelDirError, match="not a boneage_tpu"):
-        train_state.check_resume(config)
+        train_state.check_resume(config, Derived())
     assert (tmp_path / "config.json").read_bytes() == before
 
 
@@ -378,7 +419,7 @@ def test_results_are_written_chunk_by_chunk(phantom_run, workdir, monkeypatch):
     images = sorted(str(p) for p in workdir["images"].glob("*.png"))
     chunks = []
     config = predict.PredictConfig(
-        model=phantom_run["model"], paths=tuple(images[:5]), sex="F", batch_size=1
+        model_dir=phantom_run["model"], paths=tuple(images[:5]), sex="F", batch_size=1
     )
     monkeypatch.setattr(predict, "CHUNK_BATCHES", 2)
     rows = predict.run(config, lambda part, labeled: chunks.append([r["id"] for r in part]))

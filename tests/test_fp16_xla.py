@@ -29,6 +29,7 @@ def run_steps(kind: str) -> dict[str, object]:
     from boneage_tpu.modeling import model as model_lib
     from boneage_tpu.modeling import optim
     from boneage_tpu.train import loop, setup
+    from tests import helpers
 
     strategy = (
         tf.distribute.get_strategy()
@@ -36,12 +37,12 @@ def run_steps(kind: str) -> dict[str, object]:
         else tf.distribute.MultiWorkerMirroredStrategy()
     )
     assert strategy.num_replicas_in_sync == 1
-    config = config_lib.TrainConfig(precision="fp16", jit_compile="yes")
+    config = config_lib.TrainConfig.from_flags(precision="fp16", jit_compile="yes")
     settings = setup.resolve_settings(config, "gpu", 1)
     assert settings["jit_compile"] and settings["xla"] == "whole step"
     with strategy.scope():
         model = model_lib.build_model(
-            config_lib.TrainConfig(
+            *helpers.config_and_derived(
                 backbone="tiny", image_size=SIZE, dense_units=(8,), dropout=0.0, norm="none",
                 label_mean=100.0, label_std=50.0,
             ),

@@ -414,7 +414,9 @@ def test_idle_continuous_polls_only_list_the_gcs_checkpoint_folder(
     gcs_emulator, gcs_dir, monkeypatch
 ):
     model_dir = f"{gcs_dir}/run"
-    model_dir_lib.save_config(config_lib.TrainConfig(model_dir=model_dir, backbone="tiny"))
+    model_dir_lib.save_config(
+        config_lib.TrainConfig.from_flags(model_dir=model_dir, backbone="tiny")
+    )
     step = tf.Variable(0, dtype=tf.int64)
     manager = tf.train.CheckpointManager(
         tf.train.Checkpoint(step=step),

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from boneage_tpu.core.config import BACKBONES, TrainConfig
+from boneage_tpu.core.config import BACKBONES
 from boneage_tpu.inference import heatmap
 from boneage_tpu.modeling import heads
 from boneage_tpu.modeling import model as model_lib
+from tests import helpers
 
 SIZE = 32
 POOL = 4  # analytic backbone: 32 px -> 8 x 8 cells
@@ -104,7 +105,7 @@ def test_feature_tensor_finds_the_backbone_whatever_its_name():
 def test_tiny_model_maps_with_and_without_attention(attention):
     keras.utils.set_random_seed(0)
     model = model_lib.build_model(
-        TrainConfig(
+        *helpers.config_and_derived(
             backbone="tiny", image_size=64, dense_units=(8,), attention=attention, label_std=40.0
         )
     )
@@ -135,12 +136,13 @@ def test_bins_head_gives_its_spread_with_the_map(attention):
     """A bins model (with input normalisation and a bias correction): the map pass returns
     the months of the model and the spread of `heads.with_spread`, shown in the title."""
     keras.utils.set_random_seed(0)
-    config = TrainConfig(
-        backbone="tiny", image_size=64, dense_units=(8,), attention=attention, head="bins",
-        num_bins=16, input_norm="zscore", label_mean=100.0, label_std=40.0, bias_slope=1.1,
-        bias_intercept=-3.0,
+    model = model_lib.build_model(
+        *helpers.config_and_derived(
+            backbone="tiny", image_size=64, dense_units=(8,), attention=attention, head="bins",
+            num_bins=16, input_norm="zscore", label_mean=100.0, label_std=40.0, bias_slope=1.1,
+            bias_intercept=-3.0,
+        )
     )  # fmt: skip
-    model = model_lib.build_model(config)
     images = _images(2).repeat(2, axis=1).repeat(2, axis=2)
     male = np.array([1.0, 0.0], np.float32)
     out = heatmap.map_fn(model)(images, male)
@@ -159,7 +161,9 @@ def test_bins_head_gives_its_spread_with_the_map(attention):
 @pytest.mark.parametrize("backbone", [b for b in BACKBONES if b != "tiny"])
 def test_grad_cam_on_every_other_backbone(backbone):
     size = model_lib.min_image_size(backbone)
-    model = model_lib.build_model(TrainConfig(backbone=backbone, image_size=size, dense_units=(4,)))
+    model = model_lib.build_model(
+        *helpers.config_and_derived(backbone=backbone, image_size=size, dense_units=(4,))
+    )
     features = heatmap.feature_tensor(model)
     maps = heatmap.map_fn(model)(np.full((1, size, size, 1), 128, np.uint8), np.ones(1))["map"]
     assert maps.shape == (1, *features.shape[1:3])
@@ -252,7 +256,7 @@ def test_trained_tiny_model_looks_at_the_informative_region():
     keras.utils.set_random_seed(0)
     rng = np.random.default_rng(0)
     model = model_lib.build_model(
-        TrainConfig(
+        *helpers.config_and_derived(
             backbone="tiny", image_size=64, dense_units=(16,), use_sex=False, label_mean=100.0,
             label_std=60.0,
         )

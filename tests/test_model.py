@@ -8,7 +8,9 @@ import pytest
 from keras.src.utils import file_utils
 
 from boneage_tpu.core import config as config_lib
+from boneage_tpu.core.errors import UsageError
 from boneage_tpu.modeling import model as model_lib
+from tests import helpers
 
 
 def _inputs(batch: int, size: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -37,7 +39,7 @@ def _inputs(batch: int, size: int, seed: int = 0) -> dict[str, np.ndarray]:
 )
 def test_every_backbone_builds_and_runs_one_forward_pass(backbone: str, size: int) -> None:
     model = model_lib.build_model(
-        config_lib.TrainConfig(
+        *helpers.config_and_derived(
             backbone=backbone, image_size=size, label_mean=100.0, label_std=40.0
         ),
         weights="none",
@@ -67,7 +69,7 @@ def test_backbone_list_is_complete() -> None:
 
 def test_output_is_months_from_the_stored_label_stats() -> None:
     model = model_lib.build_model(
-        config_lib.TrainConfig(
+        *helpers.config_and_derived(
             backbone="tiny", image_size=32, dense_units=(8,), label_mean=120.0, label_std=40.0
         )
     )
@@ -81,7 +83,7 @@ def test_output_is_months_from_the_stored_label_stats() -> None:
 
 def test_uint8_and_float_images_give_the_same_months() -> None:
     model = model_lib.build_model(
-        config_lib.TrainConfig(backbone="tiny", image_size=32, dense_units=(8,))
+        *helpers.config_and_derived(backbone="tiny", image_size=32, dense_units=(8,))
     )
     x = _inputs(2, 32)
     as_float = {"image": x["image"].astype(np.float32), "male": x["male"]}
@@ -125,9 +127,9 @@ def test_masked_average_pooling_weights_features_by_the_mask() -> None:
 
 
 def test_attention_head_is_built_when_asked() -> None:
-    plain = model_lib.build_model(config_lib.TrainConfig(backbone="tiny", image_size=32))
+    plain = model_lib.build_model(*helpers.config_and_derived(backbone="tiny", image_size=32))
     attn = model_lib.build_model(
-        config_lib.TrainConfig(backbone="tiny", image_size=32, attention=True)
+        *helpers.config_and_derived(backbone="tiny", image_size=32, attention=True)
     )
     names = {layer.name for layer in attn.layers}
     assert {"attention_mask", "attention_pool"} <= names
@@ -139,10 +141,10 @@ def test_sex_input_is_used_only_with_use_sex() -> None:
     x = _inputs(2, 32)
     x["image"][1] = x["image"][0]
     with_sex = model_lib.build_model(
-        config_lib.TrainConfig(backbone="tiny", image_size=32, dense_units=(8,), dropout=0)
+        *helpers.config_and_derived(backbone="tiny", image_size=32, dense_units=(8,), dropout=0)
     )
     without = model_lib.build_model(
-        config_lib.TrainConfig(
+        *helpers.config_and_derived(
             backbone="tiny", image_size=32, dense_units=(8,), dropout=0, use_sex=False
         )
     )
@@ -156,7 +158,9 @@ def test_sex_input_is_used_only_with_use_sex() -> None:
 
 def test_dense_units_and_dropout_are_configurable() -> None:
     model = model_lib.build_model(
-        config_lib.TrainConfig(backbone="tiny", image_size=32, dense_units=(24, 12, 6), dropout=0.5)
+        *helpers.config_and_derived(
+            backbone="tiny", image_size=32, dense_units=(24, 12, 6), dropout=0.5
+        )
     )
     dense = [model.get_layer(f"dense{i}").units for i in range(3)]
     assert dense == [24, 12, 6]
@@ -165,13 +169,13 @@ def test_dense_units_and_dropout_are_configurable() -> None:
 
 def test_tiny_norm_options() -> None:
     none = model_lib.build_model(
-        config_lib.TrainConfig(backbone="tiny", image_size=32, norm="none")
+        *helpers.config_and_derived(backbone="tiny", image_size=32, norm="none")
     )
     batch = model_lib.build_model(
-        config_lib.TrainConfig(backbone="tiny", image_size=32, norm="batch")
+        *helpers.config_and_derived(backbone="tiny", image_size=32, norm="batch")
     )
     group = model_lib.build_model(
-        config_lib.TrainConfig(backbone="tiny", image_size=32, norm="group")
+        *helpers.config_and_derived(backbone="tiny", image_size=32, norm="group")
     )
 
     def layer_types(model: keras.Model) -> set[str]:
@@ -186,7 +190,7 @@ def test_tiny_norm_options() -> None:
 def test_mixed_precision_keeps_a_float32_output_and_restores_the_policy() -> None:
     before = keras.config.dtype_policy().name
     model = model_lib.build_model(
-        config_lib.TrainConfig(backbone="tiny", image_size=32), precision="bf16"
+        *helpers.config_and_derived(backbone="tiny", image_size=32), precision="bf16"
     )
     assert keras.config.dtype_policy().name == before
     assert model.get_layer("tiny").get_layer("conv0").compute_dtype == "bfloat16"
@@ -196,7 +200,7 @@ def test_mixed_precision_keeps_a_float32_output_and_restores_the_policy() -> Non
 
 def test_keras_export_round_trip(tmp_path) -> None:
     model = model_lib.build_model(
-        config_lib.TrainConfig(
+        *helpers.config_and_derived(
             backbone="tiny", image_size=32, attention=True, label_mean=90.0, label_std=30.0
         )
     )
@@ -209,10 +213,11 @@ def test_keras_export_round_trip(tmp_path) -> None:
 
 
 def test_build_model_uses_the_config() -> None:
-    config = config_lib.TrainConfig(
-        backbone="tiny", image_size=32, dense_units=(16,), label_mean=50.0, label_std=10.0
+    model = model_lib.build_model(
+        *helpers.config_and_derived(
+            backbone="tiny", image_size=32, dense_units=(16,), label_mean=50.0, label_std=10.0
+        )
     )
-    model = model_lib.build_model(config)
     assert model.get_layer("months").label_std == 10.0
     assert model.get_layer("dense0").units == 16
     assert model.input["image"].shape == (None, 32, 32, 1)
@@ -220,9 +225,13 @@ def test_build_model_uses_the_config() -> None:
 
 def test_too_small_image_and_unknown_backbone_read_well() -> None:
     with pytest.raises(ValueError, match="too small for xception .min 71"):
-        model_lib.build_model(config_lib.TrainConfig(backbone="xception", image_size=64))
+        model_lib.build_model(*helpers.config_and_derived(backbone="xception", image_size=64))
+    with pytest.raises(UsageError, match="--backbone must be one of .*, got 'resnet18'"):
+        config_lib.TrainConfig.from_flags(backbone="resnet18", image_size=64)
+    # A config built around the flags' check (Python callers) meets build_model's own.
+    config = config_lib.TrainConfig(model=config_lib.ModelConfig(backbone="resnet18"))
     with pytest.raises(ValueError, match="unknown backbone 'resnet18'; choose one of"):
-        model_lib.build_model(config_lib.TrainConfig(backbone="resnet18", image_size=64))
+        model_lib.build_model(config, config_lib.Derived())
 
 
 def test_offline_imagenet_fails_with_one_clear_line(monkeypatch) -> None:
@@ -235,7 +244,7 @@ def test_offline_imagenet_fails_with_one_clear_line(monkeypatch) -> None:
     monkeypatch.setattr(file_utils, "get_file", offline)
     with pytest.raises(model_lib.WeightsError) as info:
         model_lib.build_model(
-            config_lib.TrainConfig(backbone="vgg19", image_size=32), weights="imagenet"
+            *helpers.config_and_derived(backbone="vgg19", image_size=32), weights="imagenet"
         )
     message = str(info.value)
     assert "\n" not in message
@@ -246,17 +255,17 @@ def test_offline_imagenet_fails_with_one_clear_line(monkeypatch) -> None:
 def test_tiny_has_no_imagenet_weights() -> None:
     with pytest.raises(model_lib.WeightsError, match="tiny backbone has no ImageNet weights"):
         model_lib.build_model(
-            config_lib.TrainConfig(backbone="tiny", image_size=32), weights="imagenet"
+            *helpers.config_and_derived(backbone="tiny", image_size=32), weights="imagenet"
         )
 
 
 def test_weights_path_loads_backbone_weights(tmp_path) -> None:
-    source = model_lib.build_model(config_lib.TrainConfig(backbone="tiny", image_size=32))
+    source = model_lib.build_model(*helpers.config_and_derived(backbone="tiny", image_size=32))
     path = tmp_path / "tiny.weights.h5"
     source.get_layer("tiny").save_weights(path)
     keras.utils.set_random_seed(123)  # a different initialisation
     loaded = model_lib.build_model(
-        config_lib.TrainConfig(backbone="tiny", image_size=32), weights=str(path)
+        *helpers.config_and_derived(backbone="tiny", image_size=32), weights=str(path)
     )
     for a, b in zip(
         source.get_layer("tiny").get_weights(), loaded.get_layer("tiny").get_weights(), strict=True
@@ -268,7 +277,7 @@ def test_missing_weights_file_reads_well(tmp_path) -> None:
     missing = tmp_path / "nope.h5"
     with pytest.raises(model_lib.WeightsError, match="nope.h5: file not found"):
         model_lib.build_model(
-            config_lib.TrainConfig(backbone="tiny", image_size=32), weights=str(missing)
+            *helpers.config_and_derived(backbone="tiny", image_size=32), weights=str(missing)
         )
 
 
@@ -277,5 +286,5 @@ def test_weights_of_another_network_read_well(tmp_path) -> None:
     model_lib.tiny_backbone(32, norm="none").save_weights(path)
     with pytest.raises(model_lib.WeightsError, match="does not fit the tiny backbone"):
         model_lib.build_model(
-            config_lib.TrainConfig(backbone="tiny", image_size=32), weights=str(path)
+            *helpers.config_and_derived(backbone="tiny", image_size=32), weights=str(path)
         )

@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import pathlib
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -55,13 +56,13 @@ def test_predict_matches_evaluate_on_converted_records(phantom_run, tmp_path):
         output=str(tmp_path / "eval"),  # not into the session's shared model directory
     )
     # A converted test set has no train split: the naive baseline uses the training mean.
-    assert metrics["train_mean_source"].startswith("config.json")
+    assert metrics["train_mean_source"].startswith("derived.json")
     evaluated = pd.read_csv(
         pathlib.Path(metrics["output"]) / report.PREDICTIONS_NAME, dtype={"id": str}
     )
     rows = predict.run(
         predict.PredictConfig(
-            model=phantom_run["model"],
+            model_dir=phantom_run["model"],
             labels=phantom_run["labels"],
             images_dir=str(phantom_run["images"]),
         )
@@ -142,9 +143,10 @@ def test_tta_flip_averages_mirror(phantom_run, tmp_path):
     (run / "export").mkdir(parents=True)
     # PNG data at the model's size: no resampling or lossy coding, so mirroring the file
     # mirrors the model input exactly.
-    config = json.loads(pathlib.Path(phantom_run["model"], "config.json").read_text())
-    config.update(data_encoding="png", data_image_size=32)
-    (run / "config.json").write_text(json.dumps(config))
+    shutil.copy(pathlib.Path(phantom_run["model"], "config.json"), run / "config.json")
+    derived = json.loads(pathlib.Path(phantom_run["model"], "derived.json").read_text())
+    derived.update(data_encoding="png", data_image_size=32)
+    (run / "derived.json").write_text(json.dumps(derived))
     flip_sensitive_model().save(run / "export" / "model.keras")
     image = np.zeros((32, 32), np.uint8)
     image[5:30, 3:9] = 200  # a bar on the left only
@@ -183,9 +185,8 @@ def bad_files(phantom_run, tmp_path):
     bare.write_bytes(b"x")
     no_ckpt = tmp_path / "no_ckpt"
     no_ckpt.mkdir()
-    (no_ckpt / "config.json").write_text(
-        pathlib.Path(phantom_run["model"], "config.json").read_text()
-    )
+    for name in ("config.json", "derived.json"):
+        shutil.copy(pathlib.Path(phantom_run["model"], name), no_ckpt / name)
     good = str(next(phantom_run["images"].glob("*.png")))
     return {"dir": tmp_path, "good": good, "bare": str(bare), "no_ckpt": str(no_ckpt)}
 
@@ -258,11 +259,13 @@ def test_skip_unreadable_predicts_the_rest(phantom_run, bad_files, capsys):
 
 
 def test_missing_data_encoding_is_reported(phantom_run, tmp_path):
-    assert schema.SCHEMA_VERSION == 1  # config.json below mimics a run without data stats
+    assert schema.SCHEMA_VERSION == 1  # derived.json below mimics a run without data stats
     run = tmp_path / "run"
     run.mkdir()
-    text = pathlib.Path(phantom_run["model"], "config.json").read_text()
-    (run / "config.json").write_text(text.replace('"data_encoding": "jpeg"', '"data_encoding": ""'))
+    shutil.copy(pathlib.Path(phantom_run["model"], "config.json"), run / "config.json")
+    derived = json.loads(pathlib.Path(phantom_run["model"], "derived.json").read_text())
+    assert derived["data_encoding"] == "jpeg"
+    (run / "derived.json").write_text(json.dumps({**derived, "data_encoding": ""}))
     (run / "export").mkdir()
     flip_sensitive_model().save(run / "export" / "model.keras")
     with pytest.raises(predict.PredictError, match="data_image_size/data_encoding"):

@@ -21,6 +21,7 @@ from boneage_tpu.inference import runner as inference
 from boneage_tpu.modeling import backbones, heads
 from boneage_tpu.modeling import model as model_lib
 from boneage_tpu.train import job as train
+from tests import helpers
 from tests.helpers import train_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -95,7 +96,7 @@ def test_soft_targets_are_distributions_peaked_at_the_true_age() -> None:
 
 def test_bins_model_exposes_logits_and_spread() -> None:
     model = model_lib.build_model(
-        config_lib.TrainConfig(
+        *helpers.config_and_derived(
             backbone="tiny",
             image_size=32,
             dense_units=(8,),
@@ -112,7 +113,7 @@ def test_bins_model_exposes_logits_and_spread() -> None:
     _, spread = heads.with_spread(model)(inputs)
     assert np.all(np.asarray(spread) > 0)
     regression = model_lib.build_model(
-        config_lib.TrainConfig(backbone="tiny", image_size=32, dense_units=(8,))
+        *helpers.config_and_derived(backbone="tiny", image_size=32, dense_units=(8,))
     )
     assert heads.with_logits(regression) is None and heads.with_spread(regression) is None
 
@@ -216,7 +217,7 @@ def test_run_with_bins_head_fits_and_exports_the_bias_correction(
     )
     result = train.run(config)
     assert fitted == [10]  # every val record of the session's toy data, none of the padding
-    saved = model_dir.load_config(config.model_dir)
+    saved = model_dir.load_derived(config.model_dir)
     assert (saved.bias_slope, saved.bias_intercept) == (1.1, -3.0)
     assert (result["bias_slope"], result["bias_intercept"]) == (1.1, -3.0)
     exported = keras.models.load_model(result["exports"]["keras"])
@@ -249,7 +250,7 @@ def test_schedule_end_follows_the_measured_rate() -> None:
 
     end = optim.ScheduleEnd(10_000)
     session = type("S", (), {})()
-    session.config = config_lib.TrainConfig(train_steps=10_000, max_train_minutes=60.0)
+    session.config = config_lib.TrainConfig.from_flags(train_steps=10_000, max_train_minutes=60.0)
     session.schedule_end = end
     # 1,000 steps in the 10 minutes since the mark at (100 steps, 2 min): 100 steps/min,
     # 48 minutes left -> 4,800 more steps.
@@ -270,10 +271,10 @@ def test_recipe_flagfiles_name_only_real_flags_and_build_a_config(name: str) -> 
     cli.define_flags(config_lib.TrainConfig, flag_values)
     flag_values(["train", f"--flagfile={REPO / 'configs' / name}", "--data=D", "--model_dir=M"])
     config = cli.config_from_flags(config_lib.TrainConfig, flag_values)
-    assert config.data == "D" and config.head in config_lib.HEADS
+    assert config.data.path == "D" and config.model.head in config_lib.HEADS
     # Flags after the flagfile override it.
     flag_values(["train", f"--flagfile={REPO / 'configs' / name}", "--image_size=64"])
-    assert cli.config_from_flags(config_lib.TrainConfig, flag_values).image_size == 64
+    assert cli.config_from_flags(config_lib.TrainConfig, flag_values).data.image_size == 64
     assert dataclasses.asdict(config)  # every value is a plain type
 
 
@@ -397,8 +398,9 @@ def test_fold_training_uses_the_other_folds_and_their_stats(tmp_path) -> None:
     assert sorted(manifest["splits"]) == ["fold0", "fold1", "fold2"]
     config = _config(data_dir, tmp_path / "fold1", fold=1, train_steps=2)
     result = train.run(config)
-    saved = model_dir.load_config(config.model_dir)
+    saved = model_dir.load_derived(config.model_dir)
     assert (saved.train_split, saved.val_split) == ("fold0+fold2", "fold1")
+    assert model_dir.load_config(config.model_dir).data.train_split == "train"  # the flag's
     ages = [(i * 37) % 229 + 3 for i in range(30)]
     fold1 = {r["id"].decode() for r in _read_ids(data_dir, manifest, "fold1")}
     train_ages = [a for i, a in enumerate(ages) if str(i) not in fold1]

@@ -17,6 +17,7 @@ from boneage_tpu.data import augment
 from boneage_tpu.modeling import model as model_lib
 from boneage_tpu.modeling import optim
 from boneage_tpu.train import job, loop, setup
+from tests import helpers
 
 SIZE = 16
 
@@ -59,7 +60,7 @@ def _local(strategy: tf.distribute.Strategy, variable) -> list[np.ndarray]:
 def _trainer(strategy, *, precision="fp32", norm="none", dropout=0.0, loss="l1"):
     with strategy.scope():
         model = model_lib.build_model(
-            config_lib.TrainConfig(
+            *helpers.config_and_derived(
                 backbone="tiny",
                 image_size=SIZE,
                 dense_units=(8,),
@@ -147,20 +148,20 @@ def test_loop_statistics_sum_every_replica_and_name_the_first_non_finite_step():
 )
 def test_auto_precision_picks_bf16_on_ampere_and_newer(monkeypatch, platform, capability, expected):
     monkeypatch.setattr(distribute, "gpu_compute_capability", lambda: capability)
-    settings = setup.resolve_settings(config_lib.TrainConfig(), platform)
+    settings = setup.resolve_settings(config_lib.TrainConfig.from_flags(), platform)
     assert settings["precision"] == expected
 
 
 def test_fp16_on_tpu_is_refused_in_one_line():
     with pytest.raises(UsageError, match=r"^--precision fp16 is not supported on TPU"):
-        setup.resolve_settings(config_lib.TrainConfig(precision="fp16"), "tpu")
-    assert setup.resolve_settings(config_lib.TrainConfig(precision="fp16"), "gpu")["precision"] == (
-        "fp16"
-    )
+        setup.resolve_settings(config_lib.TrainConfig.from_flags(precision="fp16"), "tpu")
+    assert setup.resolve_settings(config_lib.TrainConfig.from_flags(precision="fp16"), "gpu")[
+        "precision"
+    ] == ("fp16")
 
 
 def test_tpu_uses_the_matmul_warp_and_others_the_gather_warp():
-    config = config_lib.TrainConfig()
+    config = config_lib.TrainConfig.from_flags()
     assert setup.resolve_settings(config, "tpu")["warp"] == "matmul"
     assert setup.resolve_settings(config, "gpu")["warp"] == "gather"
     assert setup.resolve_settings(config, "cpu")["warp"] == "gather"
@@ -171,7 +172,7 @@ def test_replica_step_with_the_matmul_warp_compiles_with_xla():
     strategy = tf.distribute.get_strategy()
     with strategy.scope():
         model = model_lib.build_model(
-            config_lib.TrainConfig(
+            *helpers.config_and_derived(
                 backbone="tiny", image_size=SIZE, dense_units=(8,), label_mean=100.0, label_std=50.0
             )
         )
@@ -220,7 +221,7 @@ def test_checkpointed_and_exported_batch_norm_statistics_are_the_replica_mean(
             np.testing.assert_allclose(copies[1], copies[0], rtol=0, atol=0)
 
     monkeypatch.setattr(loop.TrainLoop, "sync_batch_norm", recording_sync)
-    config = config_lib.TrainConfig(
+    config, derived = helpers.config_and_derived(
         model_dir=str(tmp_path / "run"),
         backbone="tiny",
         image_size=SIZE,
@@ -239,7 +240,7 @@ def test_checkpointed_and_exported_batch_norm_statistics_are_the_replica_mean(
     # Two differently bright batches: the replicas' batch statistics differ.
     batches = [_batch(0, 120.0), _batch(1, 60.0)]
     batches[1]["image"] = (batches[1]["image"] // 4).astype(np.uint8)
-    job.run(config, strategy, datasets={"train": _varied_input(batches)})
+    job.run(config, strategy, datasets={"train": _varied_input(batches)}, derived=derived)
     name = "norm0/moving_mean"
     diverged = [r[name] for r in recorded if np.abs(r[name][0] - r[name][1]).max() > 1e-3]
     # The sync before the step-2 checkpoint found the replicas diverged; the later ones (final

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import pathlib
@@ -26,6 +27,7 @@ from boneage_tpu.modeling import model as model_lib
 from boneage_tpu.train import job as train
 from boneage_tpu.train import loop
 from boneage_tpu.train import state as train_state
+from tests import helpers
 from tests.helpers import train_config
 from tests.records import toy_image, write_toy_dataset
 
@@ -58,9 +60,12 @@ def test_two_step_run_writes_checkpoints_logs_config_and_both_exports(toy_data, 
 
     manifest = json.loads((pathlib.Path(toy_data) / "manifest.json").read_text())
     saved = model_dir_lib.load_config(str(model_dir))
-    assert saved.label_mean == pytest.approx(manifest["label_stats"]["mean_months"])
-    assert saved.label_std == pytest.approx(manifest["label_stats"]["std_months"])
-    assert saved.backbone == "tiny" and saved.schema_version == manifest["schema_version"]
+    derived = model_dir_lib.load_derived(str(model_dir))
+    assert saved == train_config(toy_data, model_dir, eval_every=1)  # the flags, unchanged
+    assert derived.label_mean == pytest.approx(manifest["label_stats"]["mean_months"])
+    assert derived.label_std == pytest.approx(manifest["label_stats"]["std_months"])
+    assert derived.schema_version == manifest["schema_version"]
+    assert (derived.train_split, derived.val_split) == ("train", "val")
 
     ckpts = train_state.Checkpointing(
         str(model_dir), 3, step=tf.Variable(0, dtype=tf.int64), model=keras.Model()
@@ -96,7 +101,7 @@ def test_two_step_run_writes_checkpoints_logs_config_and_both_exports(toy_data, 
 
     # The evaluator's way to restore a checkpoint: keys `model` and `step`.
     config = model_dir_lib.load_config(str(model_dir))
-    restored = model_lib.build_model(config)
+    restored = model_lib.build_model(config, model_dir_lib.load_derived(str(model_dir)))
     step = tf.Variable(0, dtype=tf.int64)
     checkpoint = tf.train.Checkpoint(model=restored, step=step)
     checkpoint.restore(str(model_dir / "checkpoints" / "ckpt-2")).expect_partial()
@@ -269,12 +274,12 @@ def test_eight_replicas_equal_one_replica(tmp_path):
             augment=False,
             norm="none",
             dropout=0.0,
-            label_mean=110.0,
-            label_std=50.0,
             virtual_cpus=replicas,
         )
         results[replicas] = train.run(
-            config, datasets={"train": make(8, True), "val": make(8, False)}
+            config,
+            datasets={"train": make(8, True), "val": make(8, False)},
+            derived=config_lib.Derived(label_mean=110.0, label_std=50.0),
         )
         assert contexts == [(replicas, 8 // replicas)] * 2  # train and val: per-replica batch
         path = str(tmp_path / f"r{replicas}" / "checkpoints" / "ckpt-1")
@@ -318,7 +323,7 @@ def test_whole_replica_step_compiles_with_xla_and_trains_like_the_graph_step(str
         keras.utils.set_random_seed(0)
         with strategy.scope():
             model = model_lib.build_model(
-                config_lib.TrainConfig(
+                *helpers.config_and_derived(
                     backbone="tiny",
                     image_size=32,
                     dense_units=(8,),
@@ -389,10 +394,9 @@ def test_nan_loss_stops_with_the_step_named(tmp_path):
 @pytest.mark.slow
 def test_fp16_loss_scaling_path_runs(tmp_path):
     make, _ = _fixed_input(8)
-    config = train_config(
-        "", tmp_path / "run", image_size=16, precision="fp16", label_mean=100.0, label_std=50.0
-    )
-    result = train.run(config, datasets={"train": make(4, True)})
+    config = train_config("", tmp_path / "run", image_size=16, precision="fp16")
+    derived = config_lib.Derived(label_mean=100.0, label_std=50.0)
+    result = train.run(config, datasets={"train": make(4, True)}, derived=derived)
     assert result["step"] == 2 and np.isfinite(result["train_loss"])
     exported = keras.models.load_model(tmp_path / "run" / "export" / "model.keras")
     assert exported.get_layer("tiny").get_layer("conv0").compute_dtype == "float32"
@@ -415,15 +419,21 @@ def test_flags_cover_every_config_field_and_parse():
         ]
     )
     config = cli.config_from_flags(config_lib.TrainConfig, values)
-    assert config.dense_units == (64, 32)
-    assert not config.use_sex and not config.augment
-    assert config.balance == "age_sex" and config.virtual_cpus == 8
-    assert config.backbone == "inception_v3"
-    manifest_fields = {"label_mean", "label_std", "data_image_size", "data_encoding"}
-    manifest_fields |= {"data_jpeg_quality", "schema_version"}
-    manifest_fields |= {"bias_slope", "bias_intercept"}  # fitted after training
-    flag_names = {f.name for f in cli.flag_fields(config_lib.TrainConfig)}
-    assert flag_names == set(config_lib.TrainConfig.__dataclass_fields__) - manifest_fields
+    assert config.model.dense_units == (64, 32)
+    assert not config.model.use_sex and not config.augment.enabled
+    assert config.data.balance == "age_sex" and config.runtime.virtual_cpus == 8
+    assert config.model.backbone == "inception_v3" and config.data.path == "gs://b/d"
+    assert cli.flat(config)["dense_units"] == (64, 32)  # flag names stay flat
+    # Every field of every group is a flag; the values derived from the data are not.
+    groups = [f for f in dataclasses.fields(config_lib.TrainConfig) if f.metadata.get("group")]
+    fields = {f.name for g in groups for f in dataclasses.fields(getattr(config, g.name))}
+    fields |= {"model_dir", "seed"}
+    paths = {f.path[-1] for f in cli.flags_of(config_lib.TrainConfig)}
+    assert paths == fields
+    flag_names = {f.name for f in cli.flags_of(config_lib.TrainConfig)}
+    derived = {f.name for f in dataclasses.fields(config_lib.Derived)}
+    # Only the splits are both: the flags', and the ones trained on (a fold's under --fold).
+    assert flag_names & derived == {"train_split", "val_split"}
     for name in flag_names:
         assert values[name].help, name
 
@@ -487,7 +497,7 @@ def test_cli_helpfull_and_a_bad_data_error(tmp_path):
 def test_two_step_run_on_gcs_and_resume(gcs_dir):
     data_dir, model_dir = f"{gcs_dir}/data", f"{gcs_dir}/run"
     write_toy_dataset(data_dir, splits={"train": 24, "val": 10}, height=40, width=32)
-    config = config_lib.TrainConfig(
+    config = config_lib.TrainConfig.from_flags(
         data=data_dir,
         model_dir=model_dir,
         backbone="tiny",
@@ -499,7 +509,7 @@ def test_two_step_run_on_gcs_and_resume(gcs_dir):
         checkpoint_every=1,
     )
     train.run(config)
-    result = train.run(config_lib.TrainConfig(**{**config.__dict__, "train_steps": 2}))
+    result = train.run(config_lib.TrainConfig.from_flags(**{**config.__dict__, "train_steps": 2}))
     assert result["step"] == 2
     assert model_dir_lib.latest_checkpoint(model_dir).endswith("ckpt-2")
     for name in ("config.json", "DONE", "export/model.keras", "export/saved_model/saved_model.pb"):

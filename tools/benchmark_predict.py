@@ -41,21 +41,20 @@ def make_model(folder: str) -> str:
     from boneage_tpu.core import model_dir as model_dir_lib
     from boneage_tpu.modeling import model as model_lib
 
-    config = config_lib.TrainConfig(
+    config = config_lib.TrainConfig.from_flags(
         data="benchmark",
         model_dir=folder,
         backbone="tiny",
         image_size=32,
         dense_units=(8,),
-        label_mean=120.0,
-        label_std=40.0,
-        data_image_size=40,
-        data_encoding="png",
-        schema_version=1,
+    )
+    derived = config_lib.Derived(
+        label_mean=120.0, label_std=40.0, data_image_size=40, data_encoding="png", schema_version=1
     )
     model_dir_lib.save_config(config)
+    model_dir_lib.save_derived(folder, derived)
     keras.utils.set_random_seed(0)
-    model = model_lib.build_model(config)
+    model = model_lib.build_model(config, derived)
     os.makedirs(model_dir_lib.export_dir(folder), exist_ok=True)
     model.save(model_dir_lib.keras_export_path(folder))
     return folder

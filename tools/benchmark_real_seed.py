@@ -6,9 +6,9 @@
 
 The training settings are those of `boneage_tpu.train` (`TrainConfig`, the same flags, the same
 flagfile and overrides as the compared run); --data gives the label stats (its manifest) and
---model_dir receives the settings as config.json. The CSVs have columns path,boneage,male (the
+--model_dir receives the settings as config.json and derived.json. The CSVs have columns path,boneage,male (the
 converter's train and val splits, pointing at the source images). The model is
-`boneage_tpu.modeling.model.build_model(config)`, as the trainer builds it, so only the training
+`boneage_tpu.modeling.model.build_model(config, derived)`, as the trainer builds it, so only the training
 pipeline differs. The input is the seed notebook's: tf_keras `ImageDataGenerator` (rotation
 20, width/height shift 0.2, zoom 0.2, shear 0.2, horizontal flip, no samplewise
 normalisation) `.flow_from_dataframe(color_mode="grayscale", class_mode="raw")` at the
@@ -88,11 +88,12 @@ class SeedConfig:
     curve: str = option("", "Where to write the curve JSON.", required=True)
 
 
-def run(config: Any, seed_config: SeedConfig) -> dict[str, Any]:
+def run(config: Any, derived: Any, seed_config: SeedConfig) -> dict[str, Any]:
     """Trains the seed's way within the budget; returns {"curve", "steps", ...}.
 
     Args:
-      config: the run's TrainConfig (label stats filled from its data manifest).
+      config: the run's TrainConfig.
+      derived: its Derived (label stats from the data manifest, `train.setup.derive`).
       seed_config: the CSVs of the split.
     """
     import keras
@@ -102,10 +103,14 @@ def run(config: Any, seed_config: SeedConfig) -> dict[str, Any]:
     from boneage_tpu.modeling import heads, optim
     from boneage_tpu.modeling.model import build_model
 
-    size, batch, eval_every = config.image_size, config.batch_size, max(config.eval_every, 1)
+    size, batch, eval_every = (
+        config.data.image_size,
+        config.data.batch_size,
+        max(config.schedule.eval_every, 1),
+    )
     train_frame, val_frame = _frame(seed_config.train_csv), _frame(seed_config.val_csv)
     keras.utils.set_random_seed(config.seed)
-    model = build_model(config, weights=config.weights)
+    model = build_model(config, derived, weights=config.model.weights)
 
     # The val images are decoded once, before the clock starts (the seed kept its val in RAM).
     val_flow = _flow(val_frame, ImageDataGenerator(), size, 256, False, config.seed)
@@ -115,18 +120,20 @@ def run(config: Any, seed_config: SeedConfig) -> dict[str, Any]:
     val_inputs, val_true = _inputs(val_x, val_y)
 
     # The plateau schedule needs validation-driven cuts the seed's fit does not make: constant.
-    schedule = "constant" if config.lr_schedule == "plateau" else config.lr_schedule
-    end = optim.ScheduleEnd(config.train_steps)
+    schedule = (
+        "constant" if config.schedule.lr_schedule == "plateau" else config.schedule.lr_schedule
+    )
+    end = optim.ScheduleEnd(config.schedule.train_steps)
     optimizer = optim.make_optimizer(
-        name=config.optimizer,
-        learning_rate=config.learning_rate,
-        warmup_steps=config.warmup_steps,
-        total_steps=config.train_steps,
+        name=config.optim.optimizer,
+        learning_rate=config.optim.learning_rate,
+        warmup_steps=config.schedule.warmup_steps,
+        total_steps=config.schedule.train_steps,
         schedule=schedule,
-        weight_decay=config.weight_decay,
+        weight_decay=config.optim.weight_decay,
         end=end,
     )
-    label_mean, label_std, loss_name = config.label_mean, config.label_std, config.loss
+    label_mean, label_std, loss_name = derived.label_mean, derived.label_std, config.optim.loss
 
     def loss(y_true: Any, y_pred: Any) -> Any:
         z = (tf.reshape(y_pred, [-1]) - tf.reshape(y_true, [-1])) / label_std
@@ -146,7 +153,7 @@ def run(config: Any, seed_config: SeedConfig) -> dict[str, Any]:
         fitted = model
     fitted.compile(optimizer=optimizer, loss=losses if len(losses) > 1 else loss, jit_compile=False)
     two_outputs = len(losses) > 1
-    budget = config.max_train_minutes * 60.0
+    budget = config.schedule.max_train_minutes * 60.0
 
     class Clock(keras.callbacks.Callback):
         """Wall clock (budget, cosine end), curve clock (validation paused), val curve."""
@@ -177,8 +184,8 @@ def run(config: Any, seed_config: SeedConfig) -> dict[str, Any]:
             elif self.mark is not None and schedule == "cosine" and self.steps % 10 == 0:
                 rate = (self.steps - self.mark[0]) / max(wall - self.mark[1], 1e-9)
                 reachable = self.steps + int(rate * max(budget - wall, 0.0))
-                end.steps.assign(min(max(reachable, self.steps), config.train_steps))
-            if wall >= budget or self.steps >= config.train_steps:
+                end.steps.assign(min(max(reachable, self.steps), config.schedule.train_steps))
+            if wall >= budget or self.steps >= config.schedule.train_steps:
                 self.model.stop_training = True
             if self.steps % eval_every == 0 or self.model.stop_training:
                 self.measure()
@@ -225,17 +232,17 @@ def run(config: Any, seed_config: SeedConfig) -> dict[str, Any]:
         "settings": {
             "augmentation": SEED_AUGMENTATION,
             "interpolation": INTERPOLATION,
-            "backbone": config.backbone,
+            "backbone": config.model.backbone,
             "image_size": size,
             "batch_size": batch,
-            "optimizer": config.optimizer,
-            "learning_rate": config.learning_rate,
-            "warmup_steps": config.warmup_steps,
+            "optimizer": config.optim.optimizer,
+            "learning_rate": config.optim.learning_rate,
+            "warmup_steps": config.schedule.warmup_steps,
             "lr_schedule": schedule,
             "cosine_end_step": int(end.steps.numpy()),
             "loss": loss_name,
-            "head": config.head,
-            "input_norm": config.input_norm,
+            "head": config.model.head,
+            "input_norm": config.model.input_norm,
             "n_train": len(train_frame),
             "n_val": len(val_frame),
         },
@@ -246,11 +253,12 @@ def _job(train_config: Any, seed_config: SeedConfig) -> None:
     from boneage_tpu.core import model_dir as model_dir_lib
     from boneage_tpu.train import setup
 
-    if train_config.max_train_minutes <= 0:
+    if train_config.schedule.max_train_minutes <= 0:
         raise UsageError("--max_train_minutes must be > 0 (the budget of the comparison)")
-    setup.fill_from_manifest(train_config)
+    _, derived = setup.derive(train_config)
     model_dir_lib.save_config(train_config)
-    result = run(train_config, seed_config)
+    model_dir_lib.save_derived(train_config.model_dir, derived)
+    result = run(train_config, derived, seed_config)
     with open(seed_config.curve, "w", encoding="utf-8") as f:
         json.dump(result, f, indent=2)
     print(f"seed pipeline: {result['steps']} steps, {result['images_per_second']:.1f} img/s")

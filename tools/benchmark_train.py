@@ -71,7 +71,7 @@ def bench_one(config: BenchConfig, backbone: str, precision: str, xla: str) -> d
     import tensorflow as tf
 
     from boneage_tpu.core import schema
-    from boneage_tpu.core.config import TrainConfig
+    from boneage_tpu.core.config import Derived, TrainConfig
     from boneage_tpu.data import augment
     from boneage_tpu.data import pipeline as data
     from boneage_tpu.modeling import optim
@@ -83,12 +83,8 @@ def bench_one(config: BenchConfig, backbone: str, precision: str, xla: str) -> d
     keras.utils.set_random_seed(0)
     strategy = tf.distribute.get_strategy()
     model = build_model(
-        TrainConfig(
-            backbone=backbone,
-            image_size=config.image_size,
-            label_mean=float(stats["mean_months"]),
-            label_std=float(stats["std_months"]),
-        ),
+        TrainConfig.from_flags(backbone=backbone, image_size=config.image_size),
+        Derived(label_mean=float(stats["mean_months"]), label_std=float(stats["std_months"])),
         weights="none",
         precision=precision,
     )

@@ -1,12 +1,9 @@
 """Every command's command line: flags declared by a config dataclass, one error path.
 
-A command's settings are one dataclass whose fields declare their flag with `option(...)`:
-help text, choices, the valid range of a number, whether it is required. A field declared
-with `group(SubConfig)` holds a nested settings dataclass whose flags join the command's
-(flag names stay flat and unique: `--learning_rate` sets `config.optim.learning_rate`).
-`define_flags` turns the class into absl flags, `config_from_flags` builds (and checks) the
-config from the parsed flags, `from_flat`/`flat`/`replace` build, list and change a config by
-flag names, and `main` runs a command:
+A command's settings are one dataclass whose fields declare their flag with `option(...)`
+(`boneage_tpu.core.options`, re-exported here). `define_flags` turns the class into absl
+flags, `config_from_flags` builds (and checks) the config from the parsed flags, and `main`
+runs a command:
 
   prog: error: <one line>   exit 2: bad command line (unknown flag, bad or out-of-range value)
                             exit 1: the run failed on a `boneage_tpu.Error` or an I/O error
@@ -21,213 +18,61 @@ import dataclasses
 import os
 import sys
 import traceback
-import types
 import typing
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from absl import flags
 
 from boneage_tpu.core import guard
 from boneage_tpu.core.errors import Error, UsageError
+from boneage_tpu.core.options import (
+    Flag,
+    base_type,
+    build,
+    check,
+    flag_fields,
+    flag_name,
+    flags_of,
+    flat,
+    from_flat,
+    group,
+    option,
+    range_text,
+    replace,
+)
+
+__all__ = [
+    "Flag",
+    "base_type",
+    "check",
+    "config_from_flags",
+    "define_flags",
+    "flag_fields",
+    "flag_name",
+    "flags_of",
+    "flat",
+    "from_flat",
+    "group",
+    "keras_backend",
+    "main",
+    "option",
+    "parse_flags",
+    "replace",
+]
 
 HELP_ARGS = ("-h", "-help", "--help", "--helpfull", "--helpshort")
 
 
-def option(
-    default: Any,
-    help: str,  # noqa: A002 - the word absl uses
-    *,
-    choices: Sequence[str] = (),
-    min: float | None = None,  # noqa: A002
-    max: float | None = None,  # noqa: A002
-    required: bool = False,
-    flag: str = "",
-    aliases: Sequence[str] = (),
-    positional: bool = False,
-) -> Any:
-    """Declares a config field that is a command-line flag.
-
-    Args:
-      default: the field's default (and the flag's).
-      help: the flag's help text.
-      choices: the allowed values of a string setting.
-      min: smallest valid value of a number (inclusive).
-      max: largest valid value of a number (inclusive).
-      required: the flag must be given a non-empty value.
-      flag: the flag's name when it differs from the field's.
-      aliases: other names the flag also answers to (older spellings).
-      positional: the field takes the command's positional arguments instead of a flag.
-
-    Returns:
-      A `dataclasses.field`.
-    """
-    metadata = {
-        "help": help,
-        "choices": tuple(choices),
-        "min": min,
-        "max": max,
-        "required": required,
-        "flag": flag,
-        "aliases": tuple(aliases),
-        "positional": positional,
-    }
-    return dataclasses.field(default=default, metadata=metadata)
-
-
-def group(config_cls: type) -> Any:
-    """Declares a config field that holds a nested settings dataclass (a group of flags).
-
-    Args:
-      config_cls: the group's dataclass; its `option` fields become flags of the command.
-
-    Returns:
-      A `dataclasses.field` defaulting to `config_cls()`.
-    """
-    return dataclasses.field(default_factory=config_cls, metadata={"group": True})
-
-
-@dataclasses.dataclass(frozen=True)
-class Flag:
-    """One `option` field of a (possibly nested) config class.
-
-    Attributes:
-      path: attribute names from the top config to the field (`("optim", "learning_rate")`).
-      field: the dataclass field (its metadata holds help, choices and range).
-      kind: the field's type, `X | None` reduced to X.
-    """
-
-    path: tuple[str, ...]
-    field: dataclasses.Field
-    kind: Any
-
-    @property
-    def name(self) -> str:
-        """The command-line name."""
-        return flag_name(self.field)
-
-    def get(self, config: Any) -> Any:
-        """Returns this field's value in `config` (an instance of the top class)."""
-        for name in self.path:
-            config = getattr(config, name)
-        return config
-
-
-def flags_of(config_cls: type) -> list[Flag]:
-    """Returns every `option` field of `config_cls` and of its groups, in declaration order.
-
-    Raises:
-      TypeError: two fields declare the same flag name (a bug in the config classes).
-    """
-    found: list[Flag] = []
-
-    def visit(cls: type, path: tuple[str, ...]) -> None:
-        hints = typing.get_type_hints(cls)
-        for field in dataclasses.fields(cls):
-            if field.metadata.get("group"):
-                visit(hints[field.name], (*path, field.name))
-            elif "help" in field.metadata:
-                found.append(Flag((*path, field.name), field, base_type(hints[field.name])))
-
-    visit(config_cls, ())
-    names = [f.name for f in found]
-    repeated = sorted({n for n in names if names.count(n) > 1})
-    if repeated:
-        raise TypeError(f"{config_cls.__name__}: flag names declared twice: {repeated}")
-    return found
-
-
-def flag_fields(config_cls: type) -> list[dataclasses.Field]:
-    """Returns the fields declared with `option`, groups included (the others are not flags)."""
-    return [f.field for f in flags_of(config_cls)]
-
-
-def flag_name(field: dataclasses.Field) -> str:
-    """Returns the command-line name of a field."""
-    return field.metadata["flag"] or field.name
-
-
-def _build(config_cls: type, value_of: Callable[[Flag], Any]) -> Any:
-    """Builds `config_cls` and its groups, each flag's value from `value_of(flag)`."""
-    by_path = {f.path: f for f in flags_of(config_cls)}
-
-    def make(cls: type, path: tuple[str, ...]) -> Any:
-        hints = typing.get_type_hints(cls)
-        kwargs = {}
-        for field in dataclasses.fields(cls):
-            here = (*path, field.name)
-            if field.metadata.get("group"):
-                kwargs[field.name] = make(hints[field.name], here)
-            elif here in by_path:
-                kwargs[field.name] = value_of(by_path[here])
-        return cls(**kwargs)
-
-    return make(config_cls, ())
-
-
-def from_flat(config_cls: type, values: Mapping[str, Any] | None = None, **more: Any) -> Any:
-    """Builds a config from flag names and Python values (defaults for the others), checked.
-
-    `from_flat(TrainConfig, data="d", model_dir="m", learning_rate=0.1)` is the config of the
-    command line `--data=d --model_dir=m --learning_rate=0.1`.
-
-    Raises:
-      UsageError: a name is not a flag of `config_cls`, or a value is out of its range.
-    """
-    values = {**(values or {}), **more}
-    flags_by_name = {f.name: f for f in flags_of(config_cls)}
-    unknown = sorted(set(values) - set(flags_by_name))
-    if unknown:
-        raise UsageError(f"unknown setting(s) of {config_cls.__name__}: {', '.join(unknown)}")
-    defaults = _build(config_cls, lambda f: f.field.default)
-
-    def value_of(flag: Flag) -> Any:
-        if flag.name not in values:
-            return flag.get(defaults)
-        value = values[flag.name]
-        if typing.get_origin(flag.kind) is tuple:
-            item = typing.get_args(flag.kind)[0]
-            return tuple(item(v) for v in value)
-        return value
-
-    config = _build(config_cls, value_of)
-    check(config)
-    return config
-
-
-def flat(config: Any) -> dict[str, Any]:
-    """Returns {flag name: value} of every `option` field of a config, groups included."""
-    return {f.name: f.get(config) for f in flags_of(type(config))}
-
-
-def replace(config: Any, **changes: Any) -> Any:
-    """Returns a copy of a config with the named flags changed (checked like a command line)."""
-    return from_flat(type(config), {**flat(config), **changes})
-
-
-def base_type(hint: Any) -> Any:
-    """Reduces `X | None` to X."""
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return next(a for a in typing.get_args(hint) if a is not type(None))
-    return hint
-
-
-def _range_text(meta: dict[str, Any]) -> str:
-    low, high = meta["min"], meta["max"]
-    if low is not None and high is not None:
-        return f"{low}..{high}"
-    return f">= {low}" if low is not None else f"<= {high}" if high is not None else ""
-
-
 def define_flags(config_cls: type, flag_values: flags.FlagValues) -> None:
     """Defines one absl flag per `option` field of `config_cls` (and its groups)."""
-    defaults = _build(config_cls, lambda f: f.field.default)
+    defaults = build(config_cls, lambda f: f.field.default)
     for flag in flags_of(config_cls):
         meta, name, kind = flag.field.metadata, flag.name, flag.kind
         if meta["positional"]:
             continue
         default = flag.get(defaults)
-        text = meta["help"] + (f" Valid: {_range_text(meta)}." if _range_text(meta) else "")
+        text = meta["help"] + (f" Valid: {range_text(meta)}." if range_text(meta) else "")
         fv = {"flag_values": flag_values}
         if meta["choices"]:
             flags.DEFINE_enum(name, default, meta["choices"], text, **fv)
@@ -260,31 +105,6 @@ def _flag_value(field: dataclasses.Field, kind: Any, value: Any) -> Any:
         ) from None
 
 
-def check(config: Any) -> None:
-    """Checks every `option` field of a config (and its groups) against its choices and range.
-
-    Raises:
-      UsageError: one line naming the flag, its valid range and the value.
-    """
-    fields = flags_of(type(config))
-    missing = [f"--{f.name}" for f in fields if f.field.metadata["required"] and not f.get(config)]
-    if missing:
-        raise UsageError(f"missing required flag(s): {', '.join(missing)}")
-    for flag in fields:
-        meta, value, name = flag.field.metadata, flag.get(config), flag.name
-        if meta["choices"] and value not in meta["choices"]:
-            raise UsageError(f"--{name} must be one of {', '.join(meta['choices'])}, got {value!r}")
-        numbers = value if isinstance(value, tuple) else (value,)
-        for number in numbers:
-            if not isinstance(number, (int, float)) or isinstance(number, bool):
-                continue
-            low, high = meta["min"], meta["max"]
-            if low is not None and number < low:
-                raise UsageError(f"--{name} must be >= {low}, got {number}")
-            if high is not None and number > high:
-                raise UsageError(f"--{name} must be <= {high}, got {number}")
-
-
 def config_from_flags(
     config_cls: type, flag_values: flags.FlagValues, positional: Sequence[str] = ()
 ) -> Any:
@@ -299,7 +119,7 @@ def config_from_flags(
             return tuple(positional)
         return _flag_value(flag.field, flag.kind, flag_values[flag.name].value)
 
-    config = _build(config_cls, value_of)
+    config = build(config_cls, value_of)
     check(config)
     return config
 

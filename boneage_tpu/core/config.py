@@ -6,16 +6,19 @@ runtime); each field declares its flag with `option`, and the flag names stay fl
 config.json and never changed by a run. `Derived` holds what the run derives from the data
 (label statistics, the stored image format) and fits after training (the bias correction);
 it is saved beside it as derived.json. Both files are written and read by
-`boneage_tpu.core.model_dir`.
+`boneage_tpu.core.model_dir`. The module is ~430 lines because it is where each of the
+trainer's ~60 flags declares its help text, choices and range, once.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from typing import Any
 
-from boneage_tpu.cli import group, option
+from boneage_tpu.core import options
 from boneage_tpu.core.errors import UsageError
+from boneage_tpu.core.options import group, option
 
 # Choices of the string settings (model.py and optim.py build what they name).
 BACKBONES = (
@@ -379,6 +382,18 @@ class TrainConfig:
         """Returns the config as pretty JSON, one object per group."""
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
+    @classmethod
+    def from_flags(cls, **values: Any) -> TrainConfig:
+        """Builds a config from flag names: `from_flags(data="d", learning_rate=0.1)`.
+
+        Values are checked against their flags' ranges and choices; required flags may be
+        left empty (a config that only builds a model needs no --data or --model_dir).
+
+        Raises:
+          UsageError: an unknown name or a value out of its flag's range.
+        """
+        return options.from_flat(cls, values, required=False)
+
 
 @dataclasses.dataclass
 class Derived:
@@ -394,6 +409,8 @@ class Derived:
       bias_slope: the linear bias correction fitted on the validation predictions
         (`heads.fit_linear_correction`), applied by evaluate, predict and the exports.
       bias_intercept: its intercept (months). Identity (1, 0) until fitted.
+      train_split: the split(s) trained on (the other folds' under --fold; "" unknown).
+      val_split: the split validated on (the fold's under --fold).
     """
 
     label_mean: float = 0.0
@@ -404,6 +421,8 @@ class Derived:
     schema_version: int = 0
     bias_slope: float = 1.0
     bias_intercept: float = 0.0
+    train_split: str = ""
+    val_split: str = ""
 
     def to_json(self) -> str:
         """Returns the values as pretty JSON."""

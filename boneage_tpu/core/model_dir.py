@@ -1,7 +1,9 @@
 """The model directory: the one owner of its layout, with its writers and its readers.
 
 A model directory (local or gs://) holds:
-  config.json                 every TrainConfig field + the data manifest's label stats
+  config.json                 the user's settings: TrainConfig, one object per group
+  derived.json                what the run derived from the data (label stats, stored image
+                                format, splits) and fitted after training (bias correction)
   checkpoints/ckpt-<step>.*   tf.train.CheckpointManager output (model, optimizer, step, rng)
   logs/train, logs/val        TensorBoard event files of training
   logs/eval[_<split>][_flip]  TensorBoard event files of the continuous evaluator
@@ -24,6 +26,7 @@ A model directory (local or gs://) holds:
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -33,12 +36,12 @@ from typing import Any
 
 import tensorflow as tf
 
-from boneage_tpu import cli
-from boneage_tpu.core import guard, schema
-from boneage_tpu.core.config import TrainConfig, join
+from boneage_tpu.core import guard, options, schema
+from boneage_tpu.core.config import Derived, TrainConfig, join
 from boneage_tpu.core.errors import Error, UsageError
 
 CONFIG_NAME = "config.json"
+DERIVED_NAME = "derived.json"
 DONE_NAME = "DONE"
 CHECKPOINT_SUBDIR = "checkpoints"
 EXPORT_SUBDIR = "export"
@@ -54,9 +57,9 @@ METRICS_KINDS = ("start", "train", "val", "stop")
 MAX_CONFIG_BYTES = 2**20  # A config.json is ~3 KB.
 # A record is ~300 bytes: a million loops (steps_per_loop 1) fit, a stray huge file does not.
 MAX_METRICS_BYTES = 2**29
-# Keys every config.json written by boneage_tpu has; a JSON object without them is another
+# Keys every flat config.json (before the groups) has; a JSON object without them is another
 # project's file.
-_IDENTIFYING_KEYS = ("backbone", "image_size", "label_mean", "label_std", "data_image_size")
+_OLD_KEYS = ("backbone", "image_size", "label_mean", "label_std", "data_image_size")
 # The fields filled from the data manifest (no flag declares their range): stored image size
 # (0: unknown, an old run; at most the side of an 8-bit image of images.MAX_DECODED_BYTES) and
 # JPEG quality.
@@ -76,10 +79,16 @@ def lock_path(model_dir: str) -> str:
 
 
 def save_config(config: TrainConfig) -> None:
-    """Writes config.json into `config.model_dir`."""
+    """Writes config.json (the user's settings, one object per group) into `config.model_dir`."""
     tf.io.gfile.makedirs(config.model_dir)
     with tf.io.gfile.GFile(join(config.model_dir, CONFIG_NAME), "w") as f:
         f.write(config.to_json())
+
+
+def save_derived(model_dir: str, derived: Derived) -> None:
+    """Writes derived.json: what the run derived from its data and fitted after training."""
+    with tf.io.gfile.GFile(join(model_dir, DERIVED_NAME), "w") as f:
+        f.write(derived.to_json())
 
 
 def has_config(model_dir: str) -> bool:
@@ -90,11 +99,11 @@ def has_config(model_dir: str) -> bool:
 def load_config(model_dir: str) -> TrainConfig:
     """Reads and checks config.json, as `schema.read_manifest` checks a manifest.
 
-    The file must be a JSON object written by boneage_tpu (its identifying keys present), every
-    known key of the right type, and every field that builds the model or prepares its inputs
-    within its valid range (the flags' ranges and choices, and those of the fields filled from
-    the data manifest): a tampered image size, encoding or JPEG quality is refused here with
-    one line, before it can exhaust memory or fail deep inside Keras.
+    The file must be a JSON object written by boneage_tpu: nested by group (this version) or
+    flat (runs before the groups, whose keys are the flag names). Every known key must have
+    the right type and every setting must be within its flag's range and choices: a tampered
+    image size is refused here with one line, before it can exhaust memory or fail deep inside
+    Keras. Keys this version does not know are ignored.
 
     Raises:
       ModelDirError: one line naming the file and the problem; "not a boneage_tpu model
@@ -102,6 +111,24 @@ def load_config(model_dir: str) -> TrainConfig:
         with another project's config.json.
     """
     path = join(model_dir, CONFIG_NAME)
+    return config_from_dict(_read_json(model_dir, path), path)
+
+
+def load_derived(model_dir: str) -> Derived:
+    """Reads and checks derived.json (runs before it: the same keys in the flat config.json).
+
+    Raises:
+      ModelDirError: one line naming the file and the problem (a stored image size, encoding
+        or JPEG quality out of range, a non-finite or non-positive label statistic).
+    """
+    path = join(model_dir, DERIVED_NAME)
+    if not tf.io.gfile.exists(path):
+        path = join(model_dir, CONFIG_NAME)
+    return derived_from_dict(_read_json(model_dir, path), path)
+
+
+def _read_json(model_dir: str, path: str) -> Any:
+    """Returns the parsed JSON file `path` of `model_dir` (one-line errors)."""
     if not tf.io.gfile.exists(path):
         if not tf.io.gfile.isdir(model_dir):
             raise ModelDirError(f"model directory not found: {guard.printable(model_dir)}")
@@ -111,7 +138,7 @@ def load_config(model_dir: str) -> TrainConfig:
         )
     try:
         text = guard.read_file(path, MAX_CONFIG_BYTES, "a config.json")
-        values = json.loads(text.decode("utf-8"))
+        return json.loads(text.decode("utf-8"))
     except guard.InputFileError as e:
         raise ModelDirError(str(e)) from e
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -119,7 +146,41 @@ def load_config(model_dir: str) -> TrainConfig:
             f"{path} is not valid JSON ({' '.join(str(e).split())}): the file was cut short or "
             "edited; restore it from the training run"
         ) from None
-    return config_from_dict(values, path)
+
+
+def _flat_settings(values: dict[str, Any], path: str) -> dict[str, Any]:
+    """Returns {flag name: value} of a nested or a flat (older) config.json object."""
+    nested = isinstance(values.get("model"), dict)
+    identifying = (
+        [("model", "backbone"), ("data", "image_size")] if nested else [(k,) for k in _OLD_KEYS]
+    )
+    missing = [".".join(keys) for keys in identifying if not _has_keys(values, keys)]
+    if missing:
+        raise ModelDirError(
+            f"{path} is not a boneage_tpu config (no {', '.join(missing)}): this is not a "
+            "boneage_tpu model directory"
+        )
+    settings = {}
+    for flag in options.flags_of(TrainConfig):
+        keys = flag.path if nested else (flag.name,)
+        if not _has_keys(values, keys):
+            continue
+        value = functools.reduce(lambda d, k: d[k], keys, values)
+        if not _has_type(value, flag.kind):
+            raise ModelDirError(
+                f"{path}: {'.'.join(keys)} is {json.dumps(value)[:80]}, expected "
+                f"{_type_name(flag.kind)}"
+            )
+        settings[flag.name] = value
+    return settings
+
+
+def _has_keys(values: Any, keys: tuple[str, ...]) -> bool:
+    for key in keys:
+        if not isinstance(values, dict) or key not in values:
+            return False
+        values = values[key]
+    return True
 
 
 def config_from_dict(values: Any, path: str = CONFIG_NAME) -> TrainConfig:
@@ -132,49 +193,54 @@ def config_from_dict(values: Any, path: str = CONFIG_NAME) -> TrainConfig:
         raise ModelDirError(
             f"{path} is not a boneage_tpu config (a JSON {type(values).__name__}, not an object)"
         )
-    missing = [k for k in _IDENTIFYING_KEYS if k not in values]
-    if missing:
-        raise ModelDirError(
-            f"{path} is not a boneage_tpu config (no {', '.join(missing)}): this is not a "
-            "boneage_tpu model directory"
-        )
-    hints = typing.get_type_hints(TrainConfig)
+    settings = _flat_settings(values, path)
+    try:
+        return options.from_flat(TrainConfig, settings)
+    except (UsageError, ValueError, TypeError) as e:
+        text = " ".join(str(e).split()).replace("--", "")
+        raise ModelDirError(f"{path}: {text}") from None
+
+
+def derived_from_dict(values: Any, path: str = DERIVED_NAME) -> Derived:
+    """Checks the parsed contents of a derived.json (or an older config.json) and builds it.
+
+    Raises:
+      ModelDirError: see `load_derived`.
+    """
+    if not isinstance(values, dict) or "label_std" not in values:
+        raise ModelDirError(f"{path} has no label_std: not a boneage_tpu model directory's file")
+    hints = typing.get_type_hints(Derived)
     for key, value in values.items():
         if key in hints and not _has_type(value, hints[key]):
             raise ModelDirError(
                 f"{path}: {key} is {json.dumps(value)[:80]}, expected {_type_name(hints[key])}"
             )
-    try:
-        config = TrainConfig.from_dict(values)
-        cli.check(config)
-    except (UsageError, ValueError, TypeError) as e:
-        text = " ".join(str(e).split()).replace("--", "")
-        raise ModelDirError(f"{path}: {text}") from None
+    derived = Derived(**{k: v for k, v in values.items() if k in hints})
     for name, low, high in _MANIFEST_FIELD_RANGES:
-        value = getattr(config, name)
+        value = getattr(derived, name)
         if not low <= value <= high:
             raise ModelDirError(f"{path}: {name} must be in {low}..{high}, got {value}")
-    if config.data_encoding not in ("", *schema.ENCODINGS):
+    if derived.data_encoding not in ("", *schema.ENCODINGS):
         raise ModelDirError(
             f"{path}: data_encoding must be one of {', '.join(schema.ENCODINGS)}, got "
-            f"{config.data_encoding!r}"
+            f"{derived.data_encoding!r}"
         )
-    if config.schema_version not in (0, schema.SCHEMA_VERSION):
+    if derived.schema_version not in (0, schema.SCHEMA_VERSION):
         raise ModelDirError(
-            f"{path} was trained on data of schema version {config.schema_version}; this "
+            f"{path} was trained on data of schema version {derived.schema_version}; this "
             f"boneage_tpu reads version {schema.SCHEMA_VERSION}"
         )
     for name in ("label_mean", "label_std", "bias_slope", "bias_intercept"):
-        if not math.isfinite(getattr(config, name)):
+        if not math.isfinite(getattr(derived, name)):
             raise ModelDirError(f"{path}: {name} is not a finite number")
-    if config.label_std <= 0:
-        raise ModelDirError(f"{path}: label_std must be > 0, got {config.label_std}")
-    return config
+    if derived.label_std <= 0:
+        raise ModelDirError(f"{path}: label_std must be > 0, got {derived.label_std}")
+    return derived
 
 
 def _has_type(value: Any, hint: Any) -> bool:
     """Whether a JSON value fits a TrainConfig field's type (ints count as floats)."""
-    hint = cli.base_type(hint)
+    hint = options.base_type(hint)
     origin = typing.get_origin(hint)
     if origin is tuple:
         item = typing.get_args(hint)[0]
@@ -191,7 +257,7 @@ def _has_type(value: Any, hint: Any) -> bool:
 
 
 def _type_name(hint: Any) -> str:
-    hint = cli.base_type(hint)
+    hint = options.base_type(hint)
     if typing.get_origin(hint) is tuple:
         item = typing.get_args(hint)[0]
         return f"a list of {({int: 'integers', float: 'numbers', str: 'strings'}).get(item, item)}"

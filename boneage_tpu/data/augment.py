@@ -155,7 +155,7 @@ def adjust_intensity(images: tf.Tensor, params: dict[str, tf.Tensor]) -> tf.Tens
 def augment_batch(
     images: tf.Tensor,
     seed: tf.Tensor,
-    config: AugmentConfig = AugmentConfig(),
+    config: AugmentConfig | None = None,
     warp: str = "gather",
 ) -> tf.Tensor:
     """Randomly augments a batch on the device; XLA-compilable, stateless.
@@ -163,12 +163,14 @@ def augment_batch(
     Args:
       images: uint8 [B, H, W, C] with static H, W, C (B may be dynamic).
       seed: int32/int64 [2], e.g. `replica_seed(global_seed, step, replica_id)`.
-      config: the ranges; `AugmentConfig.none()` returns `to_float(images)` exactly.
+      config: the ranges (None: the defaults); `AugmentConfig.none()` returns
+        `to_float(images)` exactly.
       warp: `warp_affine`'s method: "gather" (CPU, GPU) or "matmul" (TPU).
 
     Returns:
       float32 [B, H, W, C] in 0..255.
     """
+    config = config or AugmentConfig()
     if not (config.geometric or config.photometric):
         return to_float(images)
     _, height, width, _ = images.shape

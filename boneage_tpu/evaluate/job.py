@@ -45,7 +45,7 @@ def run(
     Args:
       config: the settings; or pass EvalConfig's fields as keyword arguments instead
         (`model_dir="..."` is accepted for a single model).
-      strategy: where to run; default: built from config.tpu / config.virtual_cpus.
+      strategy: where to run; default: built from config.runtime (tpu, virtual_cpus).
 
     Returns:
       The metrics (as in metrics.json); with `continuous`, the summary of
@@ -56,9 +56,11 @@ def run(
     if strategy is None:
         for model_dir in config.model_dirs:
             paths = {"--data": config.data, "--model_dir": model_dir}
-            for warning in distribute.check_paths(config.tpu, paths):
+            for warning in distribute.check_paths(config.runtime.tpu, paths):
                 print(f"warning: {warning}", file=sys.stderr)
-        strategy = distribute.make_strategy(tpu=config.tpu, virtual_cpus=config.virtual_cpus)
+        strategy = distribute.make_strategy(
+            tpu=config.runtime.tpu, virtual_cpus=config.runtime.virtual_cpus
+        )
         print(f"evaluating on {distribute.describe(strategy)}")
     if config.continuous:
         return continuous.run_continuous(config, strategy)

@@ -20,12 +20,12 @@ import numpy as np
 import tensorflow as tf
 
 from boneage_tpu import __version__
-from boneage_tpu.cli import check, option
 from boneage_tpu.core import config as config_lib
+from boneage_tpu.core import distribute, schema
 from boneage_tpu.core import model_dir as model_dir_lib
-from boneage_tpu.core import schema
 from boneage_tpu.core.config import BIG
 from boneage_tpu.core.errors import Error, UsageError
+from boneage_tpu.core.options import check, from_flat, group, option
 from boneage_tpu.data import verify
 from boneage_tpu.evaluate import gallery, metrics, report
 from boneage_tpu.inference import heatmap, restore
@@ -77,10 +77,8 @@ class EvalConfig:
     poll_interval: float = option(
         10.0, "Continuous: seconds between looks at the model directory.", min=0, max=BIG
     )
-    tpu: str = option("", "TPU as in training: colab, local, a name or grpc:// address.")
-    virtual_cpus: int = option(
-        0, "Split the CPU into N replicas (as in training).", min=0, max=4096
-    )
+    # The trainer's runtime flags: --tpu, --virtual_cpus, --precision, --jit_compile.
+    runtime: config_lib.RuntimeConfig = group(config_lib.RuntimeConfig)
     gallery_size: int = option(
         gallery.DEFAULT_SIZE,
         "Worst and best cases shown with heatmaps in report.html (each).",
@@ -98,12 +96,11 @@ def make_config(config: EvalConfig | None, kwargs: dict[str, Any]) -> EvalConfig
         raise TypeError("pass either an EvalConfig or keyword arguments, not both")
     if config is not None:
         return config
-    if "model_dir" in kwargs:
-        kwargs["model_dirs"] = (kwargs.pop("model_dir"),)
-    if isinstance(kwargs.get("model_dirs"), str):
-        kwargs["model_dirs"] = (kwargs["model_dirs"],)
-    kwargs["model_dirs"] = tuple(kwargs.get("model_dirs", ()))
-    return EvalConfig(**kwargs)
+    # Keyword arguments are flag names (model_dir, tpu, precision...); model_dirs and a
+    # single folder as a string are accepted too.
+    dirs = kwargs.pop("model_dirs", kwargs.pop("model_dir", ()))
+    kwargs["model_dir"] = (dirs,) if isinstance(dirs, str) else tuple(dirs)
+    return from_flat(EvalConfig, kwargs, required=False)
 
 
 def validate(config: EvalConfig) -> None:
@@ -137,17 +134,17 @@ def output_name(split: str, steps: Sequence[int | None], tta: str) -> str:
     return name if tta == "none" else f"{name}-{tta}"
 
 
-def _train_mean(manifest: dict[str, Any], config: config_lib.TrainConfig) -> tuple[float, str]:
+def _train_mean(manifest: dict[str, Any], derived: config_lib.Derived) -> tuple[float, str]:
     """Returns the training label mean for the naive baseline, and where it came from.
 
     The data manifest's stats when they are a train split's (the usual case: evaluating the
     val split of the training data); else, e.g. for a separately converted test set, the
-    training data's mean that the trainer stored in config.json.
+    training data's mean that the trainer stored in derived.json.
     """
     stats = manifest.get("label_stats") or {}
     if stats.get("split") == "train" and stats.get("mean_months") is not None:
         return float(stats["mean_months"]), "data manifest label_stats (train split)"
-    return float(config.label_mean), "config.json label_mean (the model's training data)"
+    return float(derived.label_mean), "derived.json label_mean (the model's training data)"
 
 
 def correction_metrics(
@@ -196,17 +193,27 @@ def evaluate_once(
     """
     checkpoint = checkpoint or config.checkpoint or "latest"
     manifest, checksum = read_data_manifest(config.data, config.split)
+    runtime = distribute.resolve_runtime(
+        config.runtime, distribute.platform(strategy), strategy.num_replicas_in_sync
+    )
     runs, members, corrections, train_mean, first = [], [], [], None, None
     for model_dir in config.model_dirs:
-        # config.json alone tells whether the data fits: fail before building the model.
-        restore.check_data_compatible(model_dir_lib.load_config(model_dir), manifest)
+        # derived.json alone tells whether the data fits: fail before building the model.
+        restore.check_data_compatible(model_dir_lib.load_derived(model_dir), manifest, model_dir)
         reuse = models.get(model_dir) if models is not None and checkpoint != "export" else None
         with strategy.scope():
-            loaded = restore.load_model(model_dir, checkpoint, model=reuse)
+            loaded = restore.load_model(
+                model_dir, checkpoint, model=reuse, precision=runtime["precision"]
+            )
         if models is not None and checkpoint != "export":
             models[model_dir] = loaded.model
-        print(f"evaluating {loaded.source} (step {loaded.step}) on {config.data} [{config.split}]")
-        batch_size = config.batch_size or loaded.config.eval_batch_size or loaded.config.batch_size
+        print(
+            f"evaluating {loaded.source} (step {loaded.step}) on {config.data} [{config.split}]"
+            f", {runtime['precision']}, XLA {'on' if runtime['jit_compile'] else 'off'}"
+        )
+        batch_size = (
+            config.batch_size or loaded.config.data.eval_batch_size or loaded.config.data.batch_size
+        )
         try:
             predictions = inference.predict_split(
                 loaded.model,
@@ -217,6 +224,7 @@ def evaluate_once(
                 batch_size=batch_size,
                 tta=config.tta,
                 strategy=strategy,
+                jit_compile=runtime["jit_compile"],
             )
         except tf.errors.DataLossError as e:  # Names no file: find the shard by its checksum.
             raise EvalError(
@@ -224,9 +232,9 @@ def evaluate_once(
             ) from None
         runs.append(predictions)
         members.append({"model_dir": model_dir, "source": loaded.source, "step": loaded.step})
-        corrections.append((loaded.config.bias_slope, loaded.config.bias_intercept))
+        corrections.append((loaded.derived.bias_slope, loaded.derived.bias_intercept))
         first = first or (loaded, batch_size)
-        train_mean = train_mean or _train_mean(manifest, loaded.config)
+        train_mean = train_mean or _train_mean(manifest, loaded.derived)
     result = inference.average(runs)
     expected = int(schema.split_info(manifest, config.split)["count"])
     if len(result.ids) != expected or len(set(result.ids)) != expected:

@@ -23,6 +23,7 @@ class LoadedModel:
 
     model: Any  # keras.Model: {"image": float32 [B,S,S,1] 0..255, "male": float32 [B]} -> [B]
     config: config_lib.TrainConfig
+    derived: config_lib.Derived  # label stats, stored image format and the bias correction
     model_dir: str
     step: int | None  # training step of the weights; None for an export without DONE
     source: str  # checkpoint path or export path
@@ -60,28 +61,32 @@ def resolve_checkpoint(model_dir: str, checkpoint: str) -> tuple[str, int | None
     raise ModelDirError(f"no checkpoint at step {checkpoint} in {model_dir}; available: {steps}")
 
 
-def check_data_compatible(config: config_lib.TrainConfig, manifest: Mapping[str, Any]) -> None:
+def check_data_compatible(
+    derived: config_lib.Derived, manifest: Mapping[str, Any], model_dir: str = ""
+) -> None:
     """Raises ModelDirError when the data was prepared differently from the model's training data.
 
     The model saw images stored at `data_image_size` px and then fitted to `image_size`; data
     stored at another size would be resampled differently, so its results would not be valid.
     """
     version = manifest.get("schema_version")
-    if config.schema_version and version != config.schema_version:
+    if derived.schema_version and version != derived.schema_version:
         raise ModelDirError(
-            f"data has schema version {version} but {config.model_dir or 'the model'} was "
-            f"trained on schema version {config.schema_version}: reconvert the data"
+            f"data has schema version {version} but {model_dir or 'the model'} was "
+            f"trained on schema version {derived.schema_version}: reconvert the data"
         )
     size = manifest.get("image_size")
-    if config.data_image_size and size != config.data_image_size:
+    if derived.data_image_size and size != derived.data_image_size:
         raise ModelDirError(
             f"data images are stored at {size} px but the model was trained on "
-            f"{config.data_image_size} px data: reconvert with "
-            f"boneage-make-tfrecords --image_size {config.data_image_size}"
+            f"{derived.data_image_size} px data: reconvert with "
+            f"boneage-make-tfrecords --image_size {derived.data_image_size}"
         )
 
 
-def load_model(model_dir: str, checkpoint: str = "latest", model: Any = None) -> LoadedModel:
+def load_model(
+    model_dir: str, checkpoint: str = "latest", model: Any = None, precision: str = "fp32"
+) -> LoadedModel:
     """Restores the model of `model_dir` at `checkpoint` (latest | export | STEP).
 
     Call it under `strategy.scope()` so the variables are placed for that strategy.
@@ -91,10 +96,14 @@ def load_model(model_dir: str, checkpoint: str = "latest", model: Any = None) ->
       checkpoint: latest, export or a training step.
       model: a model built earlier from the same config.json to restore into (the continuous
         evaluator reuses one model instead of building one per checkpoint); None builds one.
+      precision: fp32 | bf16 | fp16, the compute precision of a model built from a checkpoint
+        (its variables stay float32, so any checkpoint restores); the Keras export keeps the
+        fp32 it was saved with.
     """
     from boneage_tpu.modeling import model as model_lib  # Heavy (Keras); only needed here.
 
     config = model_dir_lib.load_config(model_dir)
+    derived = model_dir_lib.load_derived(model_dir)
     path, step = resolve_checkpoint(model_dir, checkpoint)
     if checkpoint == "export":
         import keras
@@ -103,9 +112,9 @@ def load_model(model_dir: str, checkpoint: str = "latest", model: Any = None) ->
             model = keras.models.load_model(path)
         except (OSError, ValueError, TypeError) as e:
             raise ModelDirError(f"cannot load {path}: {str(e).splitlines()[0]}") from e
-        return LoadedModel(model, config, model_dir, step, path)
+        return LoadedModel(model, config, derived, model_dir, step, path)
     if model is None:
-        model = model_lib.build_model(config)
+        model = model_lib.build_model(config, derived, precision=precision)
     try:
         status = tf.train.Checkpoint(model=model).restore(path).expect_partial()
         status.assert_existing_objects_matched()
@@ -114,7 +123,7 @@ def load_model(model_dir: str, checkpoint: str = "latest", model: Any = None) ->
             f"checkpoint {path} does not fit the model described by {model_dir}/config.json: "
             f"{str(e).splitlines()[0]}"
         ) from e
-    return LoadedModel(model, config, model_dir, step, path)
+    return LoadedModel(model, config, derived, model_dir, step, path)
 
 
 def model_image_size(loaded: LoadedModel) -> int:
@@ -123,4 +132,4 @@ def model_image_size(loaded: LoadedModel) -> int:
         shape = tuple(tensor.shape)
         if len(shape) == 4 and shape[1] is not None:
             return int(shape[1])
-    return int(loaded.config.image_size)
+    return int(loaded.config.data.image_size)

@@ -20,9 +20,11 @@ from boneage_tpu.data import pipeline as data
 from boneage_tpu.modeling.model import build_model
 
 
-def serving_model(trained: keras.Model, config: config_lib.TrainConfig) -> keras.Model:
+def serving_model(
+    trained: keras.Model, config: config_lib.TrainConfig, derived: config_lib.Derived
+) -> keras.Model:
     """Returns an fp32 copy of `trained`, built outside any strategy scope."""
-    model = build_model(config, weights="none", precision="fp32")
+    model = build_model(config, derived, weights="none", precision="fp32")
     model.set_weights(trained.get_weights())
     return model
 
@@ -70,19 +72,30 @@ def export_saved_model(model: keras.Model, image_size: int, path: str) -> None:
     archive.write_out(path, verbose=False)
 
 
-def export_all(trained: keras.Model, config: config_lib.TrainConfig) -> dict[str, str]:
-    """Writes `export/model.keras` and `export/saved_model/` into the model directory.
+def export_all(
+    trained: keras.Model,
+    config: config_lib.TrainConfig,
+    derived: config_lib.Derived,
+    model_dir: str,
+) -> dict[str, str]:
+    """Writes `export/model.keras` and `export/saved_model/` into `model_dir`.
+
+    Args:
+      trained: the trained model (any strategy, any precision).
+      config: the run's settings (the exported copy is built from them).
+      derived: the label stats and the bias correction the exported model applies.
+      model_dir: the model directory (a non-chief worker's private folder for its copy).
 
     Returns:
       {"keras": path, "saved_model": path}.
     """
-    tf.io.gfile.makedirs(model_dir_lib.export_dir(config.model_dir))
-    model = serving_model(trained, config)
-    keras_path = model_dir_lib.keras_export_path(config.model_dir)
-    saved_model_path = model_dir_lib.saved_model_path(config.model_dir)
+    tf.io.gfile.makedirs(model_dir_lib.export_dir(model_dir))
+    model = serving_model(trained, config, derived)
+    keras_path = model_dir_lib.keras_export_path(model_dir)
+    saved_model_path = model_dir_lib.saved_model_path(model_dir)
     model.save(keras_path)
     if tf.io.gfile.exists(saved_model_path):
         # A resumed run re-exports; stale files from an older export must not mix in.
         tf.io.gfile.rmtree(saved_model_path)
-    export_saved_model(model, config.image_size, saved_model_path)
+    export_saved_model(model, config.data.image_size, saved_model_path)
     return {"keras": keras_path, "saved_model": saved_model_path}

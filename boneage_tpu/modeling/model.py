@@ -19,7 +19,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from boneage_tpu.core.config import BACKBONES, NORMS, TrainConfig
+from boneage_tpu.core.config import BACKBONES, NORMS, Derived, TrainConfig
 from boneage_tpu.core.errors import ConfigError, Error
 from boneage_tpu.modeling import backbones, heads
 
@@ -270,17 +270,23 @@ def _build_backbone(backbone: str, image_size: int, weights: str, norm: str) -> 
 
 
 def build_model(
-    config: TrainConfig, *, weights: str = "none", precision: str = "fp32"
+    config: TrainConfig,
+    derived: Derived,
+    *,
+    weights: str = "none",
+    precision: str = "fp32",
 ) -> keras.Model:
     """Builds the bone-age model.
 
     Args:
-      config: the run's settings: backbone, image_size, use_sex, sex_units, dense_units,
-        dropout, attention, norm, input_norm (per-image intensity normalisation before the
-        backbone, `backbones.NormalizeIntensity`), head and num_bins (regression of one
-        z-score, or a softmax over age bins whose expectation is the age, see `heads`), the
-        label stats (label_mean, label_std: the head predicts z-scores) and the fitted bias
-        correction (bias_slope, bias_intercept; the identity adds no layer) are used.
+      config: the run's settings: `config.model` (backbone, use_sex, sex_units, dense_units,
+        dropout, attention, norm, input_norm: per-image intensity normalisation before the
+        backbone, `backbones.NormalizeIntensity`; head and num_bins: regression of one
+        z-score, or a softmax over age bins whose expectation is the age, see `heads`) and
+        `config.data.image_size`.
+      derived: the label stats (label_mean, label_std: the head predicts z-scores) and the
+        fitted bias correction (bias_slope, bias_intercept; the identity adds no layer).
+        Required: a model built without its run's stats would silently output z-scores.
       weights: "none" (the default: callers that restore a checkpoint or an export need no
         initial weights, and downloading ImageNet's would be wasted or fail offline),
         "imagenet" (downloads; needs internet) or a path (local or gs://) to a backbone
@@ -290,60 +296,70 @@ def build_model(
     Returns:
       A functional keras.Model named `boneage_<backbone>`.
     """
-    if config.backbone not in BACKBONES:
+    if config.model.backbone not in BACKBONES:
         raise ConfigError(
-            f"unknown backbone {config.backbone!r}; choose one of {', '.join(BACKBONES)}"
+            f"unknown backbone {config.model.backbone!r}; choose one of {', '.join(BACKBONES)}"
         )
-    smallest = min_image_size(config.backbone)
-    if config.image_size < smallest:
+    smallest = min_image_size(config.model.backbone)
+    if config.data.image_size < smallest:
         raise ConfigError(
-            f"--image_size {config.image_size} is too small for {config.backbone} (min {smallest})"
+            f"--image_size {config.data.image_size} is too small for {config.model.backbone} (min {smallest})"
         )
-    if config.label_std <= 0:
-        raise ConfigError(f"label_std must be > 0, got {config.label_std}")
-    mode = "unit" if config.backbone in _OWN_BACKBONES else _APPLICATIONS[config.backbone][1]
+    if derived.label_std <= 0:
+        raise ConfigError(f"label_std must be > 0, got {derived.label_std}")
+    mode = (
+        "unit"
+        if config.model.backbone in _OWN_BACKBONES
+        else _APPLICATIONS[config.model.backbone][1]
+    )
     with precision_policy(precision):
-        image = keras.Input((config.image_size, config.image_size, 1), name="image")
+        image = keras.Input((config.data.image_size, config.data.image_size, 1), name="image")
         male = keras.Input((), name="male")
         x = image
-        if config.input_norm != "none":
+        if config.model.input_norm != "none":
             # float32: the image statistics need more than bf16's 8 bits of mantissa.
-            x = backbones.NormalizeIntensity(config.input_norm, dtype="float32", name="input_norm")(
-                x
-            )
+            x = backbones.NormalizeIntensity(
+                config.model.input_norm, dtype="float32", name="input_norm"
+            )(x)
         x = GrayscaleToBackbone(mode, name="to_backbone_input")(x)
-        features = _build_backbone(config.backbone, config.image_size, weights, config.norm)(x)
-        if config.attention:
+        features = _build_backbone(
+            config.model.backbone, config.data.image_size, weights, config.model.norm
+        )(x)
+        if config.model.attention:
             a = keras.layers.Conv2D(64, 1, activation="relu", name="attention_conv1")(features)
             a = keras.layers.Conv2D(16, 1, activation="relu", name="attention_conv2")(a)
             mask = keras.layers.Conv2D(1, 1, activation="sigmoid", name="attention_mask")(a)
             x = MaskedAveragePooling(name="attention_pool")([features, mask])
         else:
             x = keras.layers.GlobalAveragePooling2D(name="pool")(features)
-        if config.use_sex:
+        if config.model.use_sex:
             s = keras.layers.Reshape((1,), name="male_column")(male)
-            s = keras.layers.Dense(config.sex_units, activation="relu", name="sex_dense")(s)
+            s = keras.layers.Dense(config.model.sex_units, activation="relu", name="sex_dense")(s)
             x = keras.layers.Concatenate(name="image_and_sex")([x, s])
-        for i, units in enumerate(tuple(config.dense_units)):
+        for i, units in enumerate(tuple(config.model.dense_units)):
             x = keras.layers.Dense(units, activation="relu", name=f"dense{i}")(x)
-            if config.dropout > 0:
-                x = ReplicaDropout(config.dropout, name=f"dropout{i}")(x)
+            if config.model.dropout > 0:
+                x = ReplicaDropout(config.model.dropout, name=f"dropout{i}")(x)
         # float32 at the top: z-scores and months need more precision than bf16's 8 bits.
-        if config.head == "bins":
-            logits = keras.layers.Dense(config.num_bins, dtype="float32", name=heads.LOGITS_LAYER)(
-                x
-            )
+        if config.model.head == "bins":
+            logits = keras.layers.Dense(
+                config.model.num_bins, dtype="float32", name=heads.LOGITS_LAYER
+            )(x)
             months = heads.BinsToMonths(
-                config.num_bins, config.label_mean, config.label_std, dtype="float32", name="months"
+                config.model.num_bins,
+                derived.label_mean,
+                derived.label_std,
+                dtype="float32",
+                name="months",
             )(logits)
         else:
             z = keras.layers.Dense(1, dtype="float32", name="zscore")(x)
             months = ZScoreToMonths(
-                config.label_mean, config.label_std, dtype="float32", name="months"
+                derived.label_mean, derived.label_std, dtype="float32", name="months"
             )(z)
-        correction = (config.bias_slope, config.bias_intercept)
+        correction = (derived.bias_slope, derived.bias_intercept)
         if correction != (1.0, 0.0):
             months = heads.LinearCorrection(*correction, dtype="float32", name="corrected")(months)
         return keras.Model(
-            {"image": image, "male": male}, months, name=f"boneage_{config.backbone}"
+            {"image": image, "male": male}, months, name=f"boneage_{config.model.backbone}"
         )

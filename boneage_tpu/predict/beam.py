@@ -1,6 +1,6 @@
 """Batch prediction on Apache Beam (`predict --runner beam`): RunInference over the SavedModel.
 
-    python -m boneage_tpu.predict --runner beam --model RUN --input 'gs://b/xrays/**.png' \
+    python -m boneage_tpu.predict --runner beam --model_dir RUN --input 'gs://b/xrays/**.png' \
         --output gs://b/scores [--sex_csv CSV | --sex M|F] [--beam_options '--runner=...']
 
 The pipeline: the pattern -> its files (`tf.io.gfile.glob`) -> Reshuffle -> each file read and
@@ -92,16 +92,17 @@ def _glob(pattern: str) -> list[str]:
 def _settings(model_dir: str, sex: float | None, sex_csv: str) -> dict[str, Any]:
     """The run's data settings and the sex of each image id; read once per worker process."""
     config = model_dir_lib.load_config(model_dir)
+    derived = model_dir_lib.load_derived(model_dir)
     males: dict[str, float] = {}
     if sex_csv:
         _, rows, _, _, _ = layouts.parse_labels(layouts.read_csv_bytes(sex_csv))
         males = {row.image_id: float(row.male) for row in rows}
     return {
-        "size": config.data_image_size,
+        "size": derived.data_image_size,
         # The SavedModel decodes PNG or JPEG: raw records' pixels travel as lossless PNG.
-        "encoding": "png" if config.data_encoding == "raw" else config.data_encoding,
-        "quality": config.data_jpeg_quality,
-        "use_sex": config.use_sex,
+        "encoding": "png" if derived.data_encoding == "raw" else derived.data_encoding,
+        "quality": derived.data_jpeg_quality,
+        "use_sex": config.model.use_sex,
         "sex": sex,
         "males": males,
     }
@@ -230,7 +231,7 @@ def run(
             "when training finishes)"
         )
     config = model_dir_lib.load_config(model_dir)
-    if config.use_sex and sex is None and not sex_csv:
+    if config.model.use_sex and sex is None and not sex_csv:
         raise BeamPredictError(
             f"the model in {model_dir} uses the sex input: give --sex M|F or --sex_csv CSV"
         )

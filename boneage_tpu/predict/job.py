@@ -1,14 +1,15 @@
 """Predicts bone age (months) for new hand radiographs with a trained model.
 
-  python -m boneage_tpu.predict --model MODEL_DIR [--sex M|F] IMAGE...
-  python -m boneage_tpu.predict --model MODEL_DIR --labels CSV --images DIR [--output CSV]
+  python -m boneage_tpu.predict --model_dir MODEL_DIR [--sex M|F] IMAGE...
+  python -m boneage_tpu.predict --model_dir MODEL_DIR --labels CSV --images DIR [--output CSV]
   ... [--heatmaps DIR]  # also writes DIR/<id>.png: where the model looks (boneage_tpu.inference.heatmap)
-  python -m boneage_tpu.predict --runner beam --model MODEL_DIR --input 'PATTERN' --output DIR
+  python -m boneage_tpu.predict --runner beam --model_dir MODEL_DIR --input 'PATTERN' --output DIR
       [--sex M|F | --sex_csv CSV] [--beam_options '...']  # batch: boneage_tpu.predict.beam
 
-IMAGEs are PNG (8/16-bit, palette, RGB), JPEG or DICOM files, local or gs://. `--model` is a
-training run's folder (its export/model.keras when present, else its latest checkpoint; pick
-with --checkpoint) or the path of that folder's export/model.keras. Each image is prepared
+IMAGEs are PNG (8/16-bit, palette, RGB), JPEG or DICOM files, local or gs://. `--model_dir`
+(`--model` is the same flag) is a training run's folder (its export/model.keras when present,
+else its latest checkpoint; pick with --checkpoint) or the path of that folder's
+export/model.keras. Each image is prepared
 exactly as the converter and the input pipeline prepared the training data, with their code:
 decode to 8-bit grayscale -> resize the longest side to the training data's size -> encode as
 the training data was -> the input pipeline's decode + fit to the model's square input.
@@ -46,7 +47,7 @@ def resolve_model(model_path: str, checkpoint: str = "auto") -> tuple[str, str]:
     if path.endswith(".keras"):
         if not path.endswith(suffix):
             raise PredictError(
-                f"--model {model_path}: give the training run's folder (or its "
+                f"--model_dir {model_path}: give the training run's folder (or its "
                 f"{suffix[1:]}); a bare .keras file lacks the preprocessing settings"
             )
         return path[: -len(suffix)], "export"
@@ -57,13 +58,13 @@ def resolve_model(model_path: str, checkpoint: str = "auto") -> tuple[str, str]:
 
 
 def prepare_image(
-    path: str, config: config_lib.TrainConfig, image_size: int, force: bool = False
+    path: str, derived: config_lib.Derived, image_size: int, force: bool = False
 ) -> np.ndarray:
     """Returns the model input uint8 [S, S, 1] for one image file, as training data was made.
 
     Args:
       path: the image file.
-      config: the model's training config (the data's stored size and encoding).
+      derived: the model's derived values (its training data's stored size and encoding).
       image_size: the model's square input size.
       force: predict an implausible image (tiny, blank, noise) too, with a warning on stderr.
 
@@ -71,17 +72,17 @@ def prepare_image(
       images.ImageError: the file is missing or cannot be decoded;
         `images.ImplausibleImageError` when it does not look like a radiograph (unless forced).
     """
-    if not config.data_image_size or not config.data_encoding:
+    if not derived.data_image_size or not derived.data_encoding:
         raise PredictError(
-            f"{config.model_dir}/config.json has no data_image_size/data_encoding: the training "
-            "data's preprocessing is unknown"
+            "the model directory has no data_image_size/data_encoding: the training data's "
+            "preprocessing is unknown"
         )
     stored, height, width = images.prepare(
         images.read_bytes(path),
         path,
-        config.data_image_size,
-        config.data_encoding,
-        config.data_jpeg_quality,
+        derived.data_image_size,
+        derived.data_encoding,
+        derived.data_jpeg_quality,
         warn=(lambda reason: print(f"warning: {path}: {reason}", file=sys.stderr))
         if force
         else None,
@@ -93,22 +94,22 @@ def prepare_image(
         image=stored,
         height=height,
         width=width,
-        encoding=config.data_encoding,
+        encoding=derived.data_encoding,
         boneage=None,
         male=False,
     )
-    batch = data.parse_records(tf.constant([record]), image_size, config.data_encoding)
+    batch = data.parse_records(tf.constant([record]), image_size, derived.data_encoding)
     return batch["image"][0].numpy()
 
 
 def _read_all(
-    paths: Sequence[str], config: Any, size: int, force: bool = False
+    paths: Sequence[str], derived: config_lib.Derived, size: int, force: bool = False
 ) -> tuple[np.ndarray, list[tuple[str, str]]]:
     """Prepares every image; returns the batch of readable ones and (path, reason) for the rest."""
     arrays, problems = [], []
     for path in paths:
         try:
-            arrays.append(prepare_image(path, config, size, force))
+            arrays.append(prepare_image(path, derived, size, force))
         except images.ImplausibleImageError as e:
             problems.append(
                 (path, f"does not look like a hand radiograph: {e} (--force predicts it)")
@@ -121,7 +122,7 @@ def _read_all(
 
 def _sex_array(males: Any, count: int, loaded: restore.LoadedModel) -> np.ndarray:
     if males is None:
-        if loaded.config.use_sex:
+        if loaded.config.model.use_sex:
             raise PredictError(
                 f"the model in {loaded.model_dir} uses the sex input: give --sex M or F"
             )
@@ -196,7 +197,7 @@ def predict_images(
     model_dir, checkpoint = resolve_model(model_path, checkpoint)
     loaded = restore.load_model(model_dir, checkpoint)
     male = _sex_array(males, len(paths), loaded)
-    batch, problems = _read_all(paths, loaded.config, restore.model_image_size(loaded), force)
+    batch, problems = _read_all(paths, loaded.derived, restore.model_image_size(loaded), force)
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise images.ImageError(f"cannot read {problems[0][0]}: {problems[0][1]}{more}")
@@ -208,8 +209,11 @@ def predict_images(
 class PredictConfig:
     """Settings of the predict command (its flags and positional IMAGE arguments)."""
 
-    model: str = option(
-        "", "Training run folder (local or gs://) or its export/model.keras.", required=True
+    model_dir: str = option(
+        "",
+        "Training run folder (local or gs://) or its export/model.keras (--model: the same).",
+        required=True,
+        aliases=("model",),
     )
     paths: tuple[str, ...] = option((), "Image files.", positional=True)
     sex: str = option("", "M or F, for every IMAGE (needed when the model uses sex).")
@@ -261,7 +265,7 @@ def run_beam(config: PredictConfig) -> dict[str, int]:
     beam_runtime.import_beam()  # A missing extra is one line naming it.
     from boneage_tpu.predict import beam
 
-    return beam.run_config(config, resolve_model(config.model)[0])
+    return beam.run_config(config, resolve_model(config.model_dir)[0])
 
 
 # Inputs prepared per chunk (a multiple of the batch size): memory stays bounded by the chunk,
@@ -274,7 +278,7 @@ def check_outputs(config: PredictConfig, items: Sequence[dict[str, Any]]) -> Non
     """Refuses --output and --heatmaps paths that would overwrite an input (`guard`)."""
     if not (config.output or config.heatmaps):
         return
-    model_dir, _ = resolve_model(config.model, "export")
+    model_dir, _ = resolve_model(config.model_dir, "export")
     guard.check_outputs(
         {"--output": (config.output, "file"), "--heatmaps": (config.heatmaps, "folder")},
         {
@@ -308,7 +312,7 @@ def run(
         )
     items = predict_io.list_inputs(config.paths, config.sex, config.labels, config.images_dir)
     check_outputs(config, items)
-    model_dir, checkpoint = resolve_model(config.model, config.checkpoint)
+    model_dir, checkpoint = resolve_model(config.model_dir, config.checkpoint)
     loaded = restore.load_model(model_dir, checkpoint)
     males = [i["male"] for i in items]
     sex = _sex_array(None if None in males else males, len(items), loaded)
@@ -323,7 +327,7 @@ def run(
     for start in range(0, len(items), chunk):
         part, part_sex = items[start : start + chunk], sex[start : start + chunk]
         part_names = names[start : start + chunk]
-        batch, problems = _read_all([i["path"] for i in part], loaded.config, size, config.force)
+        batch, problems = _read_all([i["path"] for i in part], loaded.derived, size, config.force)
         if len(problems) == 1 and len(items) == 1 and not config.skip_unreadable:
             raise PredictError(f"cannot use {guard.printable(problems[0][0])}: {problems[0][1]}")
         for path, reason in problems:

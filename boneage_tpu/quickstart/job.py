@@ -104,7 +104,7 @@ def train_model(config: QuickstartConfig, data: str) -> str:
     from boneage_tpu.train import job as train
 
     model_dir = os.path.join(config.output, config.model_name)
-    train_config = config_lib.TrainConfig(
+    train_config = config_lib.TrainConfig.from_flags(
         data=data,
         model_dir=model_dir,
         backbone="tiny",

@@ -33,7 +33,7 @@ from boneage_tpu.data import (
 from boneage_tpu.inference import runner as inference  # noqa: E402
 from boneage_tpu.modeling import export, heads  # noqa: E402
 from boneage_tpu.train import state as train_state  # noqa: E402
-from boneage_tpu.train.setup import DatasetFn, Session, augment_config, prepare  # noqa: E402
+from boneage_tpu.train.setup import DatasetFn, Session, prepare  # noqa: E402
 
 
 class TrainingError(Error, RuntimeError):
@@ -72,9 +72,12 @@ def _validate(
 
 def _loop_length(config: config_lib.TrainConfig, current: int, steps_per_loop: int) -> int:
     """Steps of the next loop: it ends at the next checkpoint, validation or the last step."""
-    ends = [config.train_steps, (current // config.checkpoint_every + 1) * config.checkpoint_every]
-    if config.eval_every > 0:
-        ends.append((current // config.eval_every + 1) * config.eval_every)
+    ends = [
+        config.schedule.train_steps,
+        (current // config.schedule.checkpoint_every + 1) * config.schedule.checkpoint_every,
+    ]
+    if config.schedule.eval_every > 0:
+        ends.append((current // config.schedule.eval_every + 1) * config.schedule.eval_every)
     return min(min(ends) - current, steps_per_loop)
 
 
@@ -90,8 +93,8 @@ def _fit_schedule_to_budget(
     steps, span = current - mark[0], minutes - mark[1]
     if steps <= 0 or span <= 0:
         return
-    reachable = current + int(steps / span * (config.max_train_minutes - minutes))
-    session.schedule_end.steps.assign(min(max(reachable, current), config.train_steps))
+    reachable = current + int(steps / span * (config.schedule.max_train_minutes - minutes))
+    session.schedule_end.steps.assign(min(max(reachable, current), config.schedule.train_steps))
 
 
 @contextlib.contextmanager
@@ -103,9 +106,11 @@ def _data_errors_name_the_shard(
     try:
         yield
     except tf.errors.DataLossError as e:
-        if not config.data:
+        if not config.data.path:
             raise
-        raise TrainingError(verify.describe_read_failure(config.data, None, splits, e)) from None
+        raise TrainingError(
+            verify.describe_read_failure(config.data.path, None, splits, e)
+        ) from None
 
 
 def _train(
@@ -122,7 +127,7 @@ def _train(
     current = session.start_step
     started = time.perf_counter()
     mark: tuple[int, float] | None = None
-    while current < config.train_steps:
+    while current < config.schedule.train_steps:
         num_steps = _loop_length(config, current, session.settings["steps_per_loop"])
         began = time.perf_counter()
         with _data_errors_name_the_shard(config, ["train"]):
@@ -139,20 +144,25 @@ def _train(
                 "lower --learning_rate or check the data"
             )
         current = int(session.step.numpy())
-        rate = num_steps * config.batch_size / elapsed
+        rate = num_steps * config.data.batch_size / elapsed
         rates.append(rate)
         # The first loop includes tracing and compilation: leave it out of the ETA when possible.
         steady = rates[1:] or rates
-        eta = (config.train_steps - current) * config.batch_size * len(steady) / sum(steady)
+        eta = (
+            (config.schedule.train_steps - current)
+            * config.data.batch_size
+            * len(steady)
+            / sum(steady)
+        )
         lr = float(keras.ops.convert_to_numpy(session.optimizer.learning_rate))
         scalars = {"loss": metrics.loss, "mae_months": metrics.mae_months, "learning_rate": lr}
         train_log.write(current, {**scalars, "images_per_second": rate})
         records.write(
             "train", current, **scalars, images_per_second=rate, steps=num_steps,
-            train_steps=config.train_steps, eta_seconds=eta,
+            train_steps=config.schedule.train_steps, eta_seconds=eta,
         )  # fmt: skip
         log(
-            f"step {current}/{config.train_steps}  loss {metrics.loss:.4f}  "
+            f"step {current}/{config.schedule.train_steps}  loss {metrics.loss:.4f}  "
             f"mae {metrics.mae_months:.2f} mo  lr {lr:.2e}  {rate:.0f} img/s  "
             f"eta {_format_eta(eta)}"
         )
@@ -162,17 +172,23 @@ def _train(
             "images_per_second": rate,
         }
         validate = (
-            val_log is not None and config.eval_every > 0 and current % config.eval_every == 0
+            val_log is not None
+            and config.schedule.eval_every > 0
+            and current % config.schedule.eval_every == 0
         )
-        if validate or current % config.checkpoint_every == 0:
+        if validate or current % config.schedule.checkpoint_every == 0:
             # Checkpoints and validations get moving statistics of the current weights.
-            trainer.recalibrate_batch_norm(session.train_iterator, config.bn_recalibration_batches)
+            trainer.recalibrate_batch_norm(
+                session.train_iterator, config.optim.bn_recalibration_batches
+            )
         if validate:
-            with _data_errors_name_the_shard(config, [config.val_split]):
+            with _data_errors_name_the_shard(config, [session.derived.val_split]):
                 result.update(_validate(session, current, val_log, records))
-            if config.lr_schedule == "plateau" and session.plateau.update(result["val_mae_months"]):
-                log(f"plateau: learning rate x{config.plateau_factor} from step {current}")
-        if current % config.checkpoint_every == 0:
+            if config.schedule.lr_schedule == "plateau" and session.plateau.update(
+                result["val_mae_months"]
+            ):
+                log(f"plateau: learning rate x{config.schedule.plateau_factor} from step {current}")
+        if current % config.schedule.checkpoint_every == 0:
             trainer.sync_batch_norm()
             session.lease.check_held()  # Never write after another trainer took over.
             ckpt.save()
@@ -181,16 +197,19 @@ def _train(
         minutes = (time.perf_counter() - started) / 60.0
         if mark is None:
             mark = (current, minutes)
-        elif config.max_train_minutes > 0:
+        elif config.schedule.max_train_minutes > 0:
             _fit_schedule_to_budget(session, current, minutes, mark)
-        if 0 < config.max_train_minutes <= minutes and current < config.train_steps:
+        if (
+            0 < config.schedule.max_train_minutes <= minutes
+            and current < config.schedule.train_steps
+        ):
             records.write(
                 "stop", current, reason="time_budget", minutes=minutes,
-                max_train_minutes=config.max_train_minutes, train_steps=config.train_steps,
+                max_train_minutes=config.schedule.max_train_minutes, train_steps=config.schedule.train_steps,
             )  # fmt: skip
             log(
-                f"time budget: stopping at step {current} of {config.train_steps} after "
-                f"{minutes:.1f} min (--max_train_minutes {config.max_train_minutes:g})"
+                f"time budget: stopping at step {current} of {config.schedule.train_steps} after "
+                f"{minutes:.1f} min (--max_train_minutes {config.schedule.max_train_minutes:g})"
             )
             break
     result["train_minutes"] = (time.perf_counter() - started) / 60.0
@@ -198,27 +217,29 @@ def _train(
 
 
 def _fit_bias_correction(session: Session) -> dict[str, float]:
-    """Fits the linear bias correction on the validation predictions; saves it in config.json."""
-    config = session.config
+    """Fits the linear bias correction on the validation predictions; saves it in derived.json."""
+    config, val_split = session.config, session.derived.val_split
     predictions = inference.predict_split(
         session.model,
-        config.data,
-        config.val_split,
-        schema.read_manifest(config.data),
-        image_size=config.image_size,
-        batch_size=config.eval_batch_size or config.batch_size,
+        config.data.path,
+        val_split,
+        schema.read_manifest(config.data.path),
+        image_size=config.data.image_size,
+        batch_size=config.data.eval_batch_size or config.data.batch_size,
         strategy=session.strategy,
     )
     slope, intercept = heads.fit_linear_correction(predictions.boneage, predictions.predicted)
-    config.bias_slope, config.bias_intercept = slope, intercept
+    session.derived = dataclasses.replace(
+        session.derived, bias_slope=slope, bias_intercept=intercept
+    )
     if session.chief:
-        model_dir_lib.save_config(config)
+        model_dir_lib.save_derived(config.model_dir, session.derived)
     labeled = predictions.boneage >= 0
     corrected = slope * predictions.predicted + intercept
     mae = float(np.mean(np.abs(corrected - predictions.boneage)[labeled]))
     log(
         f"bias correction: months = {slope:.4f} x prediction + {intercept:.2f} "
-        f"(fitted on {config.val_split}: mae {mae:.2f} mo, in-sample)"
+        f"(fitted on {val_split}: mae {mae:.2f} mo, in-sample)"
     )
     return {"bias_slope": slope, "bias_intercept": intercept, "val_mae_corrected_months": mae}
 
@@ -229,31 +250,32 @@ def run(
     datasets: Mapping[str, DatasetFn] | None = None,
     *,
     after_loop: Callable[[int], None] | None = None,
+    derived: config_lib.Derived | None = None,
 ) -> dict[str, Any]:
     """Trains (or resumes) a run, validates, exports it and writes DONE.
 
     Args:
-      config: the run's settings (not modified). With `config.data` set, the label stats come
-        from its manifest; without (tests with `datasets`), the given label_mean/std are used.
-      strategy: the distribution strategy; None builds it from `config.tpu`/`virtual_cpus`.
+      config: the run's settings (never modified). With `config.data.path` set, the label
+        stats and splits are derived from its manifest.
+      strategy: the distribution strategy; None builds it from `config.runtime.tpu`/`virtual_cpus`.
       datasets: optional input functions replacing `data.build_dataset`:
         {"train": fn(input_context) -> dataset, "val": fn(input_context) -> dataset}; "val"
         is optional. Each yields batches of the PER-REPLICA size
-        (`input_context.get_per_replica_batch_size(config.batch_size)`; `eval_batch_size` for
+        (`input_context.get_per_replica_batch_size(config.data.batch_size)`; `eval_batch_size` for
         "val") of {"image": uint8 [B,S,S,1], "male": float32 [B], "boneage": float32 [B],
         "mask": float32 [B] (optional)}; "train" is infinite, "val" finite.
       after_loop: called with the step after each loop's validation and checkpoint (tests use
         it to stop a run the way a kill would).
+      derived: the label stats and splits to use with `datasets` (without `config.data.path`).
 
     Returns:
       {"step", "train_loss", "train_mae_months", "images_per_second", "val_mae_months",
        "val_loss", "val_count", "exports"}; the train keys are those of the last loop (absent
       when the run was already finished), the val keys need a validation split.
     """
-    if config.fit_bias_correction and not (config.data and config.val_split):
+    if config.model.fit_bias_correction and not (config.data.path and config.data.val_split):
         raise UsageError("--fit_bias_correction needs --data and a --val_split to fit on")
-    config = dataclasses.replace(config)
-    session = prepare(config, strategy, datasets, log)
+    session = prepare(config, strategy, datasets, log, derived)
     try:
         return _run_locked(session, after_loop)
     finally:
@@ -268,24 +290,24 @@ def _run_locked(session: Session, after_loop: Callable[[int], None] | None) -> d
     # Only the chief writes metrics.jsonl (as the TensorBoard logs); its clock starts here.
     records = model_dir_lib.MetricsLog(config.model_dir if session.chief else None)
     records.write(
-        "start", session.start_step, train_steps=config.train_steps,
-        batch_size=config.batch_size, per_replica_batch=session.per_replica_batch,
+        "start", session.start_step, train_steps=config.schedule.train_steps,
+        batch_size=config.data.batch_size, per_replica_batch=session.per_replica_batch,
         replicas=session.strategy.num_replicas_in_sync, steps_per_loop=settings["steps_per_loop"],
     )  # fmt: skip
     log(
-        f"train: {distribute.describe(session.strategy)}, batch {config.batch_size} "
+        f"train: {distribute.describe(session.strategy)}, batch {config.data.batch_size} "
         f"({session.per_replica_batch}/replica), {settings['precision']}, "
         f"XLA: {settings['xla']}, warp: {settings['warp']}, {settings['steps_per_loop']} steps/loop, "
         + (f"resuming at step {session.start_step}" if session.start_step else "from step 0")
-        + f" of {config.train_steps}"
+        + f" of {config.schedule.train_steps}"
     )
-    if config.augment:
+    if config.augment.enabled:
         transients = augment.batch_transient_bytes(
-            config.image_size,
-            config.image_size,
+            config.data.image_size,
+            config.data.image_size,
             1,
             settings["warp"],
-            augment_config(config),
+            config.augment,
             session.per_replica_batch,
         )
         log(
@@ -305,26 +327,25 @@ def _run_locked(session: Session, after_loop: Callable[[int], None] | None) -> d
         current = int(session.step.numpy())
         if session.checkpoints.saved_step != current:
             session.trainer.recalibrate_batch_norm(
-                session.train_iterator, config.bn_recalibration_batches
+                session.train_iterator, config.optim.bn_recalibration_batches
             )
         session.trainer.sync_batch_norm()
         if session.checkpoints.saved_step != current:
             session.lease.check_held()
             session.checkpoints.save()
         if val_log is not None and "val_mae_months" not in result:
-            with _data_errors_name_the_shard(config, [config.val_split]):
+            with _data_errors_name_the_shard(config, [session.derived.val_split]):
                 result.update(_validate(session, current, val_log, records))
     finally:
         train_log.close()
         if val_log is not None:
             val_log.close()
     result["step"] = current
-    if config.fit_bias_correction:
+    if config.model.fit_bias_correction:
         result.update(_fit_bias_correction(session))
     # Every worker exports (saving reads distributed variables); a non-chief into its private
     # folder, deleted when the run ends. Only the chief writes DONE.
-    exported = dataclasses.replace(config, model_dir=session.write_dir)
-    result["exports"] = export.export_all(session.model, exported)
+    result["exports"] = export.export_all(session.model, config, session.derived, session.write_dir)
     if not session.chief:
         log(f"done: step {current} (worker {session.write_dir}: the chief writes the results)")
         return result

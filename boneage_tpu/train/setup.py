@@ -1,7 +1,8 @@
 """Everything a training run sets up before its first step: settings, model, optimizer, state.
 
 `prepare` checks the flags against the devices (batch divisibility, paths on a remote TPU),
-reads the manifest's label stats into the config, writes config.json, builds the model and
+derives the label stats and splits from the manifest (`derive`; the config is never changed),
+writes config.json and derived.json, builds the model and
 the optimizer inside the strategy scope, restores the latest checkpoint and distributes the
 input pipelines.
 """
@@ -19,7 +20,6 @@ from boneage_tpu.core import config as config_lib
 from boneage_tpu.core import distribute, schema
 from boneage_tpu.core import model_dir as model_dir_lib
 from boneage_tpu.core.errors import ConfigError, UsageError
-from boneage_tpu.data import augment
 from boneage_tpu.data import pipeline as data
 from boneage_tpu.modeling import optim
 from boneage_tpu.modeling.model import build_model
@@ -29,8 +29,6 @@ from boneage_tpu.train import state as train_state
 
 DatasetFn = Callable[[tf.distribute.InputContext], tf.data.Dataset]
 DEFAULT_STEPS_PER_LOOP = {"tpu": 100, "gpu": 10, "cpu": 10}
-# GPUs of compute capability >= 8.0 get bf16 instead of fp16 (`resolve_settings`).
-DEFAULT_PRECISION = {"tpu": "bf16", "gpu": "fp16", "cpu": "fp32"}
 
 
 def per_replica_batch(global_batch: int, replicas: int, flag: str = "--batch_size") -> int:
@@ -57,123 +55,89 @@ def resolve_settings(
       {"precision", "jit_compile" (wrap the replica step in jit_compile=True), "xla" (what
       runs under XLA, for the log), "steps_per_loop", "warp" (augmentation warp method)}.
     """
-    precision = DEFAULT_PRECISION[platform] if config.precision == "auto" else config.precision
-    if config.precision == "auto" and platform == "gpu":
-        # Ampere (8.0) and newer run bf16 at fp16 speed with fp32's range: no loss scaling,
-        # hence no overflow-skipped steps.
-        capability = distribute.gpu_compute_capability()
-        if capability is not None and capability >= (8, 0):
-            precision = "bf16"
-    if platform == "tpu" and precision == "fp16":
-        raise UsageError(
-            "--precision fp16 is not supported on TPU (no fp16 matrix units): use bf16 (auto) "
-            "or fp32"
-        )
-    if platform == "tpu":
-        # A TPU compiles the whole replica step with XLA anyway; no extra jit wrapper.
-        jit, xla = False, "whole step (TPU)"
-    else:
-        # auto: on for GPUs; off on CPU, where XLA is slower than TF's oneDNN kernels (tiny at
-        # 128 px: 238 vs 375 img/s) and compiles every virtual device separately.
-        jit = platform == "gpu" if config.jit_compile == "auto" else config.jit_compile == "yes"
-        # One replica compiles its optimizer update too; several all-reduce the gradients in
-        # the optimizer, outside XLA (`train.loop`).
-        xla = ("whole step" if replicas == 1 else "augment to gradients") if jit else "off"
-    steps = config.steps_per_loop or DEFAULT_STEPS_PER_LOOP[platform]
+    runtime = distribute.resolve_runtime(config.runtime, platform, replicas)
+    steps = config.schedule.steps_per_loop or DEFAULT_STEPS_PER_LOOP[platform]
     # TPUs run per-element gathers one element at a time; CPUs and GPUs gather cheaply and
     # would pay for the matmul warp's extra arithmetic (warp.warp_affine).
     warp = "matmul" if platform == "tpu" else "gather"
-    return {
-        "precision": precision,
-        "jit_compile": jit,
-        "xla": xla,
-        "steps_per_loop": steps,
-        "warp": warp,
-    }
+    return {**runtime, "steps_per_loop": steps, "warp": warp}
 
 
-def resolve_splits(config: config_lib.TrainConfig, manifest: Mapping[str, Any]) -> None:
-    """Sets the train/val splits of a K-fold run (`--fold i`: train on the other folds)."""
-    if config.fold < 0:
-        return
-    folds = schema.fold_count(manifest)
+def resolve_splits(config: config_lib.TrainConfig, manifest: Mapping[str, Any]) -> tuple[str, str]:
+    """Returns the (train, val) splits: the flags', or under `--fold i` the other folds and i."""
+    if config.data.fold < 0:
+        return config.data.train_split, config.data.val_split
+    fold, folds = config.data.fold, schema.fold_count(manifest)
     if folds == 0:
         raise UsageError(
-            f"--fold {config.fold}: {config.data} has no folds (convert with --num_folds K)"
+            f"--fold {fold}: {config.data.path} has no folds (convert with --num_folds K)"
         )
-    if config.fold >= folds:
-        raise UsageError(f"--fold {config.fold}: the data has folds 0..{folds - 1}")
-    config.train_split = "+".join(schema.fold_split(k) for k in range(folds) if k != config.fold)
-    config.val_split = schema.fold_split(config.fold)
+    if fold >= folds:
+        raise UsageError(f"--fold {fold}: the data has folds 0..{folds - 1}")
+    train = "+".join(schema.fold_split(k) for k in range(folds) if k != fold)
+    return train, schema.fold_split(fold)
 
 
-def fill_from_manifest(config: config_lib.TrainConfig) -> dict[str, Any]:
-    """Reads the data manifest and copies its label stats and image facts into `config`."""
-    manifest = schema.read_manifest(config.data)
-    resolve_splits(config, manifest)
-    train_info = schema.split_info(manifest, config.train_split)
-    if config.val_split:
-        schema.split_info(manifest, config.val_split)
+def derive(config: config_lib.TrainConfig) -> tuple[dict[str, Any], config_lib.Derived]:
+    """Reads the data manifest; returns it and what the run derives from it (label stats...)."""
+    manifest = schema.read_manifest(config.data.path)
+    train_split, val_split = resolve_splits(config, manifest)
+    train_info = schema.split_info(manifest, train_split)
+    if val_split:
+        schema.split_info(manifest, val_split)
     # The train split's own stats (pooled over folds); older manifests only have global ones.
     stats = train_info.get("label_stats") or manifest.get("label_stats", {})
     if not stats.get("std_months"):
-        raise schema.ManifestError(f"{config.data}: manifest has no training label stats")
-    config.label_mean = float(stats["mean_months"])
-    config.label_std = float(stats["std_months"])
-    config.data_image_size = int(manifest.get("image_size", 0))
-    config.data_encoding = str(manifest.get("encoding", ""))
-    config.data_jpeg_quality = int(manifest.get("jpeg_quality") or 95)
-    config.schema_version = int(manifest["schema_version"])
-    return manifest
+        raise schema.ManifestError(f"{config.data.path}: manifest has no training label stats")
+    derived = config_lib.Derived(
+        label_mean=float(stats["mean_months"]),
+        label_std=float(stats["std_months"]),
+        data_image_size=int(manifest.get("image_size", 0)),
+        data_encoding=str(manifest.get("encoding", "")),
+        data_jpeg_quality=int(manifest.get("jpeg_quality") or 95),
+        schema_version=int(manifest["schema_version"]),
+        train_split=train_split,
+        val_split=val_split,
+    )
+    return manifest, derived
 
 
 def input_fns(
-    config: config_lib.TrainConfig, manifest: Mapping[str, Any], data_seed: int
+    config: config_lib.TrainConfig,
+    derived: config_lib.Derived,
+    manifest: Mapping[str, Any],
+    data_seed: int,
 ) -> dict[str, DatasetFn]:
     """The default input functions: `data.build_dataset` on the train and val splits."""
-    eval_batch = config.eval_batch_size or config.batch_size
+    eval_batch = config.data.eval_batch_size or config.data.batch_size
 
     def train_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
         return data.build_dataset(
-            config.data,
-            config.train_split,
+            config.data.path,
+            derived.train_split,
             training=True,
-            batch_size=context.get_per_replica_batch_size(config.batch_size),
-            image_size=config.image_size,
+            batch_size=context.get_per_replica_batch_size(config.data.batch_size),
+            image_size=config.data.image_size,
             input_context=context,
             seed=data_seed,
-            balance=config.balance,
-            cache=config.cache,
+            balance=config.data.balance,
+            cache=config.data.cache,
             manifest=dict(manifest),
         )
 
     def val_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
         return data.build_dataset(
-            config.data,
-            config.val_split,
+            config.data.path,
+            derived.val_split,
             training=False,
             batch_size=context.get_per_replica_batch_size(eval_batch),
-            image_size=config.image_size,
+            image_size=config.data.image_size,
             input_context=context,
             cache="no",
             manifest=dict(manifest),
         )
 
-    return {"train": train_fn, "val": val_fn} if config.val_split else {"train": train_fn}
-
-
-def augment_config(config: config_lib.TrainConfig) -> augment.AugmentConfig:
-    """Returns the augmentation ranges of the run's aug_* settings."""
-    return augment.AugmentConfig(
-        rotation_deg=config.aug_rotation_deg,
-        shift=config.aug_shift,
-        zoom=tuple(config.aug_zoom),
-        shear=config.aug_shear,
-        flip=config.aug_flip,
-        brightness=config.aug_brightness,
-        contrast=tuple(config.aug_contrast),
-        gamma=tuple(config.aug_gamma),
-    )
+    return {"train": train_fn, "val": val_fn} if derived.val_split else {"train": train_fn}
 
 
 @dataclasses.dataclass
@@ -181,6 +145,7 @@ class Session:
     """A prepared run: the objects the training loop drives."""
 
     config: config_lib.TrainConfig
+    derived: config_lib.Derived
     strategy: tf.distribute.Strategy
     settings: dict[str, Any]
     per_replica_batch: int
@@ -206,21 +171,24 @@ class Session:
 
 
 def _build_objects(
-    config: config_lib.TrainConfig, settings: dict[str, Any], weights: str
+    config: config_lib.TrainConfig,
+    derived: config_lib.Derived,
+    settings: dict[str, Any],
+    weights: str,
 ) -> tuple[
     keras.Model, keras.optimizers.Optimizer, tf.Variable, optim.PlateauState, optim.ScheduleEnd
 ]:
     """Builds model, optimizer, step, plateau state and schedule end (inside `strategy.scope()`)."""
-    model = build_model(config, weights=weights, precision=settings["precision"])
-    plateau = optim.PlateauState(config.plateau_patience, config.plateau_factor)
-    end = optim.ScheduleEnd(config.train_steps)
+    model = build_model(config, derived, weights=weights, precision=settings["precision"])
+    plateau = optim.PlateauState(config.schedule.plateau_patience, config.schedule.plateau_factor)
+    end = optim.ScheduleEnd(config.schedule.train_steps)
     optimizer = optim.make_optimizer(
-        name=config.optimizer,
-        learning_rate=config.learning_rate,
-        warmup_steps=config.warmup_steps,
-        total_steps=config.train_steps,
-        schedule=config.lr_schedule,
-        weight_decay=config.weight_decay,
+        name=config.optim.optimizer,
+        learning_rate=config.optim.learning_rate,
+        warmup_steps=config.schedule.warmup_steps,
+        total_steps=config.schedule.train_steps,
+        schedule=config.schedule.lr_schedule,
+        weight_decay=config.optim.weight_decay,
         plateau=plateau,
         loss_scale=settings["precision"] == "fp16",
         end=end,
@@ -237,25 +205,42 @@ def prepare(
     strategy: tf.distribute.Strategy | None,
     datasets: Mapping[str, DatasetFn] | None,
     log: Callable[[str], None],
+    derived: config_lib.Derived | None = None,
 ) -> Session:
-    """Validates, builds and restores everything for `config` (which gets the label stats)."""
+    """Validates, builds and restores everything for `config`.
+
+    Args:
+      config: the run's settings (not modified).
+      strategy: the distribution strategy; None builds it from `config.runtime`.
+      datasets: input functions {"train", "val"?}; None reads `config.data.path`.
+      log: prints one progress line.
+      derived: the label stats and splits with `datasets` (derived from the manifest
+        otherwise; the default Derived() without either).
+    """
     if not config.model_dir:
         raise ConfigError("--model_dir is required")
-    if config.train_steps < 1 or config.checkpoint_every < 1:
+    if config.schedule.train_steps < 1 or config.schedule.checkpoint_every < 1:
         raise ConfigError("--train_steps and --checkpoint_every must be >= 1")
-    if config.lr_schedule == "plateau" and (config.eval_every < 1 or not config.val_split):
+    if config.schedule.lr_schedule == "plateau" and (
+        config.schedule.eval_every < 1 or not config.data.val_split
+    ):
         raise ConfigError("--lr_schedule plateau needs --eval_every > 0 and a --val_split")
-    paths = {"--data": config.data, "--model_dir": config.model_dir}
-    for warning in distribute.check_paths(config.tpu, paths):
+    paths = {"--data": config.data.path, "--model_dir": config.model_dir}
+    for warning in distribute.check_paths(config.runtime.tpu, paths):
         log(f"warning: {warning}")
-    manifest = fill_from_manifest(config) if config.data else None
-    if datasets is None and manifest is None:
+    manifest = None
+    if config.data.path:
+        manifest, derived = derive(config)
+    elif datasets is None:
         raise ConfigError("--data is required")
-    strategy = strategy or distribute.make_strategy(config.tpu, config.virtual_cpus)
+    derived = derived or config_lib.Derived(
+        train_split=config.data.train_split, val_split=config.data.val_split
+    )
+    strategy = strategy or distribute.make_strategy(config.runtime.tpu, config.runtime.virtual_cpus)
     platform = distribute.platform(strategy)
     replicas = strategy.num_replicas_in_sync
-    batch = per_replica_batch(config.batch_size, replicas)
-    eval_global = config.eval_batch_size or config.batch_size
+    batch = per_replica_batch(config.data.batch_size, replicas)
+    eval_global = config.data.eval_batch_size or config.data.batch_size
     eval_batch = per_replica_batch(eval_global, replicas, "--eval_batch_size")
     if platform == "tpu" and batch % 8:
         log(f"hint: per-core batch {batch}: a multiple of 8 (ideally 128) keeps the MXUs full")
@@ -270,7 +255,16 @@ def prepare(
     lease.acquire(log)
     try:
         return _prepare_locked(
-            config, strategy, datasets, manifest, settings, batch, eval_batch, lease, write_dir
+            config,
+            derived,
+            strategy,
+            datasets,
+            manifest,
+            settings,
+            batch,
+            eval_batch,
+            lease,
+            write_dir,
         )
     except BaseException:
         lease.release()
@@ -279,6 +273,7 @@ def prepare(
 
 def _prepare_locked(
     config: config_lib.TrainConfig,
+    derived: config_lib.Derived,
     strategy: tf.distribute.Strategy,
     datasets: Mapping[str, DatasetFn] | None,
     manifest: dict[str, Any] | None,
@@ -289,16 +284,16 @@ def _prepare_locked(
     write_dir: str,
 ) -> Session:
     """The part of `prepare` that reads and writes the (locked) model directory."""
-    train_state.check_resume(config)
+    train_state.check_resume(config, derived)
     resuming = model_dir_lib.latest_checkpoint(config.model_dir) is not None
     keras.utils.set_random_seed(config.seed)
     with strategy.scope():
         # A resumed run takes its weights from the checkpoint: nothing to download then.
-        weights = "none" if resuming else config.weights
-        model, optimizer, step, plateau, end = _build_objects(config, settings, weights)
+        weights = "none" if resuming else config.model.weights
+        model, optimizer, step, plateau, end = _build_objects(config, derived, settings, weights)
     checkpoints = train_state.Checkpointing(
         config.model_dir,
-        config.keep_checkpoints,
+        config.schedule.keep_checkpoints,
         write_dir,
         step=step,
         model=model,
@@ -308,28 +303,29 @@ def _prepare_locked(
         rng=train_state.rng_state(model),
     )
     start = checkpoints.restore_latest() or 0
-    if config.max_train_minutes <= 0:
+    if config.schedule.max_train_minutes <= 0:
         # Without a time budget the cosine ends at --train_steps, also when a resumed run asks
         # for more steps than the checkpointed one (its restored end would hold the rate at 0).
-        end.steps.assign(config.train_steps)
+        end.steps.assign(config.schedule.train_steps)
     train_state.check_same_start(strategy, start, config.model_dir)
     chief = write_dir == config.model_dir
     if chief:
         # Written once the model exists: a run that fails to start leaves no config behind.
         model_dir_lib.save_config(config)
+        model_dir_lib.save_derived(config.model_dir, derived)
         model_dir_lib.clear_done(config.model_dir)
     if datasets is None:
         # A resumed run reshuffles with a new seed rather than replaying the first batches.
-        datasets = input_fns(config, manifest, config.seed + start)
+        datasets = input_fns(config, derived, manifest, config.seed + start)
     trainer = loop.TrainLoop(
         strategy,
         model,
         optimizer,
-        global_batch=config.batch_size,
-        label_std=config.label_std,
-        label_mean=config.label_mean,
-        loss=config.loss,
-        augment_config=augment_config(config) if config.augment else None,
+        global_batch=config.data.batch_size,
+        label_std=derived.label_std,
+        label_mean=derived.label_mean,
+        loss=config.optim.loss,
+        augment_config=config.augment if config.augment.enabled else None,
         seed=config.seed,
         jit_compile=settings["jit_compile"],
         warp=settings["warp"],
@@ -344,6 +340,7 @@ def _prepare_locked(
         )
     return Session(
         config=config,
+        derived=derived,
         strategy=strategy,
         settings=settings,
         per_replica_batch=batch,

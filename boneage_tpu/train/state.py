@@ -14,6 +14,7 @@ import tensorflow as tf
 
 from boneage_tpu.core import config as config_lib
 from boneage_tpu.core import model_dir as model_dir_lib
+from boneage_tpu.core import options
 from boneage_tpu.core.errors import Error
 
 # Fields that define the network: resuming with other values cannot restore the checkpoint.
@@ -36,7 +37,7 @@ class NonFiniteWeightsError(Error, RuntimeError):
     """The weights became NaN or inf; no checkpoint of them is written."""
 
 
-def check_resume(config: config_lib.TrainConfig) -> None:
+def check_resume(config: config_lib.TrainConfig, derived: config_lib.Derived) -> None:
     """Raises ResumeError when model_dir has checkpoints of a different network.
 
     A config.json that is not boneage_tpu's (another project's folder) or is damaged raises
@@ -44,22 +45,24 @@ def check_resume(config: config_lib.TrainConfig) -> None:
     """
     if not model_dir_lib.has_config(config.model_dir):
         return
-    previous = model_dir_lib.load_config(config.model_dir)
+    previous = options.flat(model_dir_lib.load_config(config.model_dir))
     if model_dir_lib.latest_checkpoint(config.model_dir) is None:
         return
+    stored = model_dir_lib.load_derived(config.model_dir)
     for name, what in (("data_image_size", "px"), ("data_encoding", "encoding")):
-        old, new = getattr(previous, name), getattr(config, name)
+        old, new = getattr(stored, name), getattr(derived, name)
         if old and new and old != new:
             # The model learned from images stored this way; predict and evaluate prepare
             # new images from config.json, which a resume must not silently rewrite.
             flag = "--image_size" if name == "data_image_size" else "--encoding"
             raise ResumeError(
                 f"{config.model_dir} holds checkpoints trained on data stored at {old} "
-                f"{what}, but --data {config.data} is stored at {new} {what}: resume with data "
+                f"{what}, but --data {config.data.path} is stored at {new} {what}: resume with data "
                 f"converted with boneage-make-tfrecords {flag} {old}, or use a new --model_dir"
             )
+    settings = options.flat(config)
     for name in ARCHITECTURE_FIELDS:
-        old, new = getattr(previous, name), getattr(config, name)
+        old, new = previous[name], settings[name]
         if isinstance(old, list | tuple):
             old, new = ",".join(map(str, old)), ",".join(map(str, new))
         if old != new:
