@@ -41,6 +41,7 @@ def option(
     required: bool = False,
     flag: str = "",
     positional: bool = False,
+    comma_list: bool = False,
 ) -> Any:
     """Declares a config field that is a command-line flag.
 
@@ -53,6 +54,8 @@ def option(
       required: the flag must be given a non-empty value.
       flag: the flag's name when it differs from the field's.
       positional: the field takes the command's positional arguments instead of a flag.
+      comma_list: a `tuple[str, ...]` field takes one comma-separated value (`--x a,b`)
+        instead of a repeated flag; with `choices`, each item must be one of them.
 
     Returns:
       A `dataclasses.field`.
@@ -65,6 +68,7 @@ def option(
         "required": required,
         "flag": flag,
         "positional": positional,
+        "comma_list": comma_list,
     }
     return dataclasses.field(default=default, metadata=metadata)
 
@@ -104,7 +108,8 @@ def define_flags(config_cls: type, flag_values: flags.FlagValues) -> None:
         default, kind = getattr(defaults, field.name), base_type(hints[field.name])
         text = meta["help"] + (f" Valid: {_range_text(meta)}." if _range_text(meta) else "")
         fv = {"flag_values": flag_values}
-        if meta["choices"]:
+        listed = typing.get_origin(kind) is tuple
+        if meta["choices"] and not listed:
             flags.DEFINE_enum(name, default, meta["choices"], text, **fv)
         elif kind is bool:
             flags.DEFINE_bool(name, default, text, **fv)
@@ -112,10 +117,11 @@ def define_flags(config_cls: type, flag_values: flags.FlagValues) -> None:
             flags.DEFINE_integer(name, default, text, **fv)
         elif kind is float:
             flags.DEFINE_float(name, default, text, **fv)
-        elif typing.get_origin(kind) is tuple and typing.get_args(kind)[0] is str:
+        elif listed and typing.get_args(kind)[0] is str and not meta.get("comma_list"):
             flags.DEFINE_multi_string(name, list(default), text + " Repeat the flag.", **fv)
-        elif typing.get_origin(kind) is tuple:
-            flags.DEFINE_list(name, [str(v) for v in default], text, **fv)
+        elif listed:
+            each = f" Each one of: {', '.join(meta['choices'])}." if meta["choices"] else ""
+            flags.DEFINE_list(name, [str(v) for v in default], text + each, **fv)
         else:
             flags.DEFINE_string(name, default, text, **fv)
 
@@ -150,10 +156,14 @@ def check(config: Any) -> None:
     for field in fields:
         meta, value = field.metadata, getattr(config, field.name)
         name = flag_name(field)
-        if meta["choices"] and value not in meta["choices"]:
-            raise UsageError(f"--{name} must be one of {', '.join(meta['choices'])}, got {value!r}")
-        numbers = value if isinstance(value, tuple) else (value,)
-        for number in numbers:
+        # A list's choices apply to each of its items.
+        items = value if isinstance(value, tuple) else (value,)
+        wrong = [item for item in items if meta["choices"] and item not in meta["choices"]]
+        if wrong:
+            raise UsageError(
+                f"--{name} must be one of {', '.join(meta['choices'])}, got {wrong[0]!r}"
+            )
+        for number in items:
             if not isinstance(number, (int, float)) or isinstance(number, bool):
                 continue
             low, high = meta["min"], meta["max"]
