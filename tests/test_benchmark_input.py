@@ -46,8 +46,12 @@ def test_missing_images_and_columns_are_one_line_errors(tmp_path):
     bad.write_text("image,age\n1,3\n")
     with pytest.raises(benchmark_input.BenchError, match="lacks columns"):
         benchmark_input.read_labels(str(bad), images)
-    with pytest.raises(SystemExit, match="--labels and --images are required"):
-        benchmark_input.main(["benchmark_input"])
+
+
+def test_missing_flags_are_one_line_usage_errors(capsys):
+    assert benchmark_input.main(["benchmark_input"]) == 2
+    err = capsys.readouterr().err
+    assert err == "benchmark_input: error: missing required flag(s): --labels, --images\n"
 
 
 def test_summary_ratios():
@@ -80,7 +84,7 @@ def test_tiny_end_to_end_run_writes_the_json(tmp_path):
     argv = ["benchmark_input", f"--labels={labels}", f"--images={images}", f"--json={out}"]
     argv += ["--replicate=2", "--growth=0", "--seconds=0.3", "--image_size=48", "--trials=1"]
     argv += ["--record_size=64", "--batch_size=4", f"--work_dir={tmp_path}"]
-    benchmark_input.main(argv)
+    assert benchmark_input.main(argv) == 0
     summary = json.loads(out.read_text())
     assert set(summary) >= REQUIRED_KEYS
     assert summary["images"] == 6 and "rss_growth" not in summary

@@ -14,6 +14,7 @@ from PIL import Image
 
 from boneage_tpu.core import model_dir as model_dir_lib
 from boneage_tpu.core import schema
+from boneage_tpu.core.config import TrainConfig
 from tests.conftest import requires_tf_keras
 from tests.helpers import TINY_FLAGS, phantom_command
 from tools import benchmark_real, benchmark_real_seed
@@ -86,13 +87,22 @@ def test_seed_pipeline_takes_the_trainer_flags_and_the_flagfile(tmp_path, capsys
     assert "--max_train_minutes must be > 0" in capsys.readouterr().err
 
 
-def test_read_flagfile(tmp_path):
+def test_the_recipe_is_read_with_the_trainers_flags(tmp_path):
     path = tmp_path / "r.flags"
-    path.write_text(TINY_FLAGS + "--eval_every=7  # validate often\n--use_sex\n")
-    values = benchmark_real.read_flagfile(str(path))
-    assert values["image_size"] == "40" and values["eval_every"] == "7"
-    assert values["attention"] == "false" and values["use_sex"] == "true"
-    assert "a tiny recipe" not in " ".join(values)
+    path.write_text(TINY_FLAGS + "--eval_every=7\n--use_sex\n")
+    values = benchmark_real.recipe_flags(str(path))
+    assert values["image_size"].value == 40 and values["eval_every"].value == 7
+    assert values["attention"].value is False and values["use_sex"].value is True
+    # What the file leaves out is the trainer's default.
+    assert values["weights"].value == TrainConfig().model.weights
+    path.write_text("--image_size=big\n")
+    with pytest.raises(benchmark_real.BenchError, match="image_size"):
+        benchmark_real.recipe_flags(str(path))
+    path.write_text("--no_such_flag=1\n")
+    with pytest.raises(benchmark_real.BenchError, match="no_such_flag"):
+        benchmark_real.recipe_flags(str(path))
+    with pytest.raises(benchmark_real.BenchError, match="not found"):
+        benchmark_real.recipe_flags(str(tmp_path / "none.flags"))
 
 
 def test_contrast_half_halves_the_spread_about_the_mean():

@@ -56,7 +56,6 @@ def test_console_scripts_print_help_and_exit_0(capsys, script, target):
 STARTS_TENSORFLOW = {
     "tools.benchmark_beam",
     "tools.benchmark_convert",
-    "tools.benchmark_train",
     "tools.make_tfrecords",
     "tools.verify_tfrecords",
 }

@@ -160,10 +160,8 @@ class _Runner:
         self.out = pathlib.Path(config.output).resolve()
         self.logs = self.out / "logs"
         self.commands: list[str] = []
-        self.flagfile = real.read_flagfile(config.flagfile)
-        self.recipe_size = real._flag_int(self.flagfile, "image_size", 0)
-        if self.recipe_size <= 0:
-            raise UsageError(f"--flagfile {config.flagfile} has no --image_size")
+        # The size the trainer reads from the recipe (its default when the file has none).
+        self.recipe_size = int(real.recipe_flags(config.flagfile)["image_size"].value)
         self.base_data = pathlib.Path(config.data).resolve() if config.data else self.out / "data"
         if not real.has_manifest(self.base_data):
             real.convert(

@@ -17,10 +17,10 @@ TensorFlow in each) does not scale with N. `--sizes all` converts the whole fold
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import os
-import pathlib
 import shutil
 import sys
 import tempfile
@@ -30,12 +30,15 @@ from typing import Any
 
 import numpy as np
 import tensorflow as tf
-from absl import flags, logging
+from absl import logging
 
 from boneage_tpu import cli
+from boneage_tpu.cli import option
 from boneage_tpu.convert import job as make_tfrecords
 from boneage_tpu.core import beam_runtime
+from boneage_tpu.core.errors import UsageError
 from boneage_tpu.phantom import job as make_phantom
+from tools import _summary
 
 CSV_NAME = "boneage-training-dataset.csv"
 IMAGES_NAME = "boneage-training-dataset"
@@ -109,16 +112,45 @@ def run(
     }
 
 
-def main(argv: Sequence[str]) -> int:
-    """Parses the flags, runs the comparison, prints the table (and writes --json)."""
-    _, status = cli.parse_flags("benchmark_beam", FLAGS, argv, __doc__)
-    if status is not None:
-        return status
+@dataclasses.dataclass
+class BenchConfig:
+    """Settings of the Beam vs local comparison."""
+
+    source: str = option("phantom", "phantom, or a Kaggle-layout folder of images.")
+    sizes: tuple[str, ...] = option(
+        ("1000", "2000", "5000", "10000"), "Image counts (or 'all').", comma_list=True
+    )
+    workers: int = option(0, "Worker processes of both runners (0: the CPU count).", min=0)
+    image_size: int = option(256, "--image_size of both conversions.", min=1, max=65536)
+    json: str = option("", "Also write the results here.")
+
+
+def parse_sizes(sizes: Sequence[str]) -> list[int | None]:
+    """The --sizes list as image counts (None: the whole folder); UsageError for anything else."""
+    counts: list[int | None] = []
+    for size in sizes:
+        if size == "all":
+            counts.append(None)
+        elif size.isdigit() and int(size) > 0:
+            counts.append(int(size))
+        else:
+            raise UsageError(f"--sizes must be image counts >= 1 or 'all', got {size!r}")
+    if not counts:
+        raise UsageError("--sizes is empty")
+    return counts
+
+
+def _job(config: BenchConfig) -> None:
+    """Checks the sizes and the source, runs the comparison and prints its table and fits."""
+    sizes = parse_sizes(config.sizes)
+    if config.source == "phantom" and not any(sizes):
+        raise UsageError("--sizes all needs a --source folder (a phantom has no 'all')")
+    if config.source != "phantom" and not tf.io.gfile.exists(f"{config.source}/{CSV_NAME}"):
+        raise UsageError(f"--source {config.source} has no {CSV_NAME} (a Kaggle-layout folder)")
     logging.set_verbosity(logging.WARNING)  # app.run's INFO would log every Beam bundle.
-    sizes = [None if s == "all" else int(s) for s in FLAGS.sizes]
-    workers = beam_runtime.local_workers(FLAGS.workers or None)
+    workers = beam_runtime.local_workers(config.workers or None)
     with tempfile.TemporaryDirectory(prefix="benchmark_beam_") as tmp:
-        result = run(FLAGS.source, sizes, workers, FLAGS.image_size, tmp)
+        result = run(config.source, sizes, workers, config.image_size, tmp)
     print(f"{'images':>8}{'local s':>9}{'beam s':>9}{'local/s':>9}{'beam/s':>9}{'ratio':>7}")
     for r in result["rows"]:
         print(
@@ -130,23 +162,13 @@ def main(argv: Sequence[str]) -> int:
             f"{name}: fixed {line['fixed_s']:.1f} s + {1e3 * line['per_image_s']:.2f} ms/img "
             f"({1e3 * line['per_image_s'] * workers:.1f} core-ms/img at {workers} workers)"
         )
-    if FLAGS.json:
-        pathlib.Path(FLAGS.json).write_text(json.dumps(result, indent=2) + "\n")
-    return 0
+    _summary.write_json(result, config.json)
 
 
-FLAGS = flags.FlagValues()
-flags.DEFINE_string(
-    "source", "phantom", "phantom, or a Kaggle-layout folder of images.", flag_values=FLAGS
-)
-flags.DEFINE_list(
-    "sizes", ["1000", "2000", "5000", "10000"], "Image counts (or 'all').", flag_values=FLAGS
-)
-flags.DEFINE_integer(
-    "workers", 0, "Worker processes of both runners (0: the CPU count).", flag_values=FLAGS
-)
-flags.DEFINE_integer("image_size", 256, "--image_size of both conversions.", flag_values=FLAGS)
-flags.DEFINE_string("json", "", "Also write the results here.", flag_values=FLAGS)
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parses the flags in `argv` (argv[0] is the program) and runs; returns the exit status."""
+    return cli.main("benchmark_beam", BenchConfig, _job, argv, __doc__)
+
 
 if __name__ == "__main__":
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

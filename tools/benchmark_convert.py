@@ -13,8 +13,8 @@ before and after the conversion and the faster one is used (a conservative ratio
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
-import json
 import os
 import pathlib
 import resource
@@ -25,13 +25,15 @@ from collections.abc import Sequence
 from typing import Any
 
 import tensorflow as tf
-from absl import flags
 from PIL import Image
 
 from boneage_tpu import cli
+from boneage_tpu.cli import option
 from boneage_tpu.convert import job as make_tfrecords
 from boneage_tpu.convert import workers as convert_workers
+from boneage_tpu.core.errors import UsageError
 from boneage_tpu.data import images
+from tools import _summary
 
 _SAMPLE = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "rsna-sample"
 
@@ -54,6 +56,7 @@ def replicate(labels_csv: str, images_dir: str, repeat: int, folder: str) -> tup
 
 
 def _read_all(files: Sequence[str]) -> list[bytes]:
+    """Returns the bytes of every file, read before timing the decoder."""
     blobs = []
     for path in files:
         with tf.io.gfile.GFile(path, "rb") as f:
@@ -148,46 +151,45 @@ def run(
         "convert_cpu_ms_per_img_workers": round(workers_ms, 2),
         "decode_share_of_convert_cpu": round(decode_ms / (main_ms + workers_ms), 3),
     }
-    for key, value in result.items():
-        print(f"{key:>40}: {value}")
-    if json_path:
-        with tf.io.gfile.GFile(json_path, "w") as f:
-            f.write(json.dumps(result, indent=2) + "\n")
+    _summary.report(result, json_path)
     return result
 
 
-def _define_flags() -> flags.FlagValues:
-    fv = flags.FlagValues()
-    flags.DEFINE_string(
-        "labels",
-        str(_SAMPLE / "boneage-training-dataset.csv"),
-        "Kaggle-layout CSV.",
-        flag_values=fv,
-    )
-    flags.DEFINE_string(
-        "images", str(_SAMPLE / "boneage-training-dataset"), "Folder of <id>.png.", flag_values=fv
-    )
-    flags.DEFINE_integer("repeat", 20, "Copies of each image.", flag_values=fv)
-    flags.DEFINE_integer("image_size", 512, "Converter --image_size.", flag_values=fv)
-    flags.DEFINE_enum(
-        "encoding", "jpeg", ["jpeg", "png", "raw"], "Converter --encoding.", flag_values=fv
-    )
-    flags.DEFINE_integer("num_workers", 0, "Converter workers (0: one per core).", flag_values=fv)
-    flags.DEFINE_string("json", "", "Also write the figures to this JSON file.", flag_values=fv)
-    return fv
+@dataclasses.dataclass
+class BenchConfig:
+    """Settings of the converter benchmark."""
+
+    labels: str = option(str(_SAMPLE / "boneage-training-dataset.csv"), "Kaggle-layout CSV.")
+    images: str = option(str(_SAMPLE / "boneage-training-dataset"), "Folder of <id>.png.")
+    repeat: int = option(20, "Copies of each image.", min=1)
+    image_size: int = option(512, "Converter --image_size.", min=1, max=65536)
+    encoding: str = option("jpeg", "Converter --encoding.", choices=("jpeg", "png", "raw"))
+    num_workers: int = option(0, "Converter workers (0: one per core).", min=0)
+    json: str = option("", "Also write the figures to this JSON file.")
 
 
-def main(argv: Sequence[str]) -> int:
-    """Parses the flags and runs the benchmark; returns the exit status."""
-    fv = _define_flags()
-    _, status = cli.parse_flags("benchmark_convert", fv, argv, __doc__)
-    if status is not None:
-        return status
-    if not tf.io.gfile.exists(fv.labels) or not tf.io.gfile.isdir(fv.images):
-        print(f"benchmark_convert: error: {fv.labels} or {fv.images} not found", file=sys.stderr)
-        return 1
-    run(fv.labels, fv.images, fv.repeat, fv.image_size, fv.encoding, fv.num_workers, fv.json)
-    return 0
+def _job(config: BenchConfig) -> None:
+    """Checks that the inputs exist, then runs the benchmark."""
+    # Checked first: the replication would fail half-way with a longer message.
+    for name in ("labels", "images"):
+        path = getattr(config, name)
+        found = tf.io.gfile.isdir(path) if name == "images" else tf.io.gfile.exists(path)
+        if not found:
+            raise UsageError(f"--{name} {path} not found")
+    run(
+        config.labels,
+        config.images,
+        config.repeat,
+        config.image_size,
+        config.encoding,
+        config.num_workers,
+        config.json,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parses the flags in `argv` (argv[0] is the program) and runs; returns the exit status."""
+    return cli.main("benchmark_convert", BenchConfig, _job, argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -28,9 +28,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from boneage_tpu import cli
+from boneage_tpu.cli import option
+from boneage_tpu.core.errors import Error
+from tools import _summary
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 STAGES = ("seed", "host", "full", "floor")
@@ -41,21 +45,24 @@ STEPS_PER_CALL = 8  # batches per tf.function call in (b) and (c), like --steps_
 class BenchConfig:
     """Settings of one benchmark run."""
 
-    labels: str
-    images: str
-    replicate: int = 32
-    image_size: int = 299
-    record_size: int = 512
-    batch_size: int = 32
-    seconds: float = 6.0
-    growth: int = 4
-    trials: int = 3
-    seed_color_mode: str = "rgb"
-    work_dir: str = ""
-    json: str = ""
+    labels: str = option("", "Kaggle-layout CSV: id,boneage,male", required=True)
+    images: str = option("", "folder with <id>.png for every CSV row", required=True)
+    replicate: int = option(32, "copies of each image", min=1)
+    image_size: int = option(299, "training image side", min=1)
+    record_size: int = option(512, "longest side of the JPEG records", min=1)
+    batch_size: int = option(32, "batch size", min=1)
+    seconds: float = option(6.0, "timed seconds per stage (after warm-up)", min=0)
+    growth: int = option(4, "also run (b) over this many x the images (0: off)", min=0)
+    trials: int = option(3, "runs of each stage, taking turns; the median is reported", min=1)
+    seed_color_mode: str = option("rgb", "seed loader color mode", choices=("rgb", "grayscale"))
+    work_dir: str = option("", "temporary inputs go here (default: system temp)")
+    json: str = option("", "also write the summary to this JSON file")
+    # The stage processes' own flags (see `_spawn`).
+    stage: str = option("", "internal: run one stage in this process", flag="_stage")
+    inputs: str = option("", "internal: the prepared inputs of --_stage", flag="_inputs")
 
 
-class BenchError(Exception):
+class BenchError(Error):
     """A one-line problem with the benchmark's inputs."""
 
 
@@ -111,15 +118,17 @@ def write_inputs(config: BenchConfig, rows: list, copies: int, out: pathlib.Path
 
 
 def _peak_rss_mb() -> float:
+    """Returns this process's peak resident memory in MB."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: kB.
 
 
 def _cpu_seconds() -> float:
+    """Returns this process's CPU seconds so far (user + system)."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
 
 
-def _timed(step, seconds: float, warmup: int = 2) -> dict[str, float]:
+def _timed(step: Callable[[], int], seconds: float, warmup: int = 2) -> dict[str, float]:
     """Runs `step() -> images done` for `seconds` after warm-up.
 
     Returns img/s, the CPU cores this process kept busy, and images per CPU-second (what the
@@ -240,9 +249,9 @@ def run_stage(config: BenchConfig, stage: str, inputs: pathlib.Path) -> dict[str
 
 def _spawn(config: BenchConfig, stage: str, inputs: pathlib.Path) -> dict[str, float]:
     """Runs one stage in a fresh Python process and returns its result."""
-    fields = dataclasses.asdict(config) | {"json": "", "work_dir": ""}
-    cmd = [sys.executable, "-m", "tools.benchmark_input", f"--_stage={stage}"]
-    cmd += [f"--_inputs={inputs}", f"--_config={json.dumps(fields)}"]
+    child = dataclasses.replace(config, json="", work_dir="", stage=stage, inputs=str(inputs))
+    cmd = [sys.executable, "-m", "tools.benchmark_input"]
+    cmd += [f"--{cli.flag_name(f)}={getattr(child, f.name)}" for f in cli.flag_fields(BenchConfig)]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, check=False)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -339,63 +348,23 @@ def run(config: BenchConfig) -> dict[str, Any]:
     summary["trials_img_s"] = {k: [round(r["img_s"], 1) for r in v] for k, v in trials.items()}
     summary["load_after"] = [round(x, 2) for x in os.getloadavg()]
     print(report(summary, config))
-    if config.json:
-        with open(config.json, "w") as f:
-            json.dump(summary, f, indent=2)
+    _summary.write_json(summary, config.json)
     return summary
 
 
-def _define_flags() -> Any:
-    """Defines the command-line flags on a fresh FlagValues (so `main` can be called twice)."""
-    from absl import flags
-
-    fv = flags.FlagValues()
-    flags.DEFINE_string("labels", None, "Kaggle-layout CSV: id,boneage,male", flag_values=fv)
-    flags.DEFINE_string("images", None, "folder with <id>.png for every CSV row", flag_values=fv)
-    flags.DEFINE_integer("replicate", 32, "copies of each image", flag_values=fv)
-    flags.DEFINE_integer("image_size", 299, "training image side", flag_values=fv)
-    flags.DEFINE_integer("record_size", 512, "longest side of the JPEG records", flag_values=fv)
-    flags.DEFINE_integer("batch_size", 32, "batch size", flag_values=fv)
-    flags.DEFINE_float("seconds", 6.0, "timed seconds per stage (after warm-up)", flag_values=fv)
-    flags.DEFINE_integer(
-        "trials", 3, "runs of each stage, taking turns; the median is reported", flag_values=fv
-    )
-    flags.DEFINE_integer(
-        "growth", 4, "also run (b) over this many x the images (0: off)", flag_values=fv
-    )
-    flags.DEFINE_enum(
-        "seed_color_mode", "rgb", ["rgb", "grayscale"], "seed loader color mode", flag_values=fv
-    )
-    flags.DEFINE_string(
-        "work_dir", "", "temporary inputs go here (default: system temp)", flag_values=fv
-    )
-    flags.DEFINE_string("json", "", "also write the summary to this JSON file", flag_values=fv)
-    flags.DEFINE_string("_stage", "", "internal: run one stage in this process", flag_values=fv)
-    flags.DEFINE_string("_inputs", "", "internal: the prepared inputs of --_stage", flag_values=fv)
-    flags.DEFINE_string("_config", "", "internal: BenchConfig JSON of --_stage", flag_values=fv)
-    return fv
+def _job(config: BenchConfig) -> None:
+    """Runs the benchmark, or (in a stage process) one stage, printing its RESULT line."""
+    if config.stage:
+        result = run_stage(config, config.stage, pathlib.Path(config.inputs))
+        print("RESULT " + json.dumps(result))
+        return
+    run(config)
 
 
-def main(argv: list[str]) -> None:
+def main(argv: Sequence[str] | None = None) -> int:
     """Parses the command line and runs the benchmark (or, internally, one stage)."""
-
-    fv = _define_flags()
-    _, status = cli.parse_flags("benchmark_input", fv, argv, __doc__)
-    if status is not None:
-        raise SystemExit(status)
-    try:
-        if fv._stage:
-            config = BenchConfig(**json.loads(fv._config))
-            result = run_stage(config, fv._stage, pathlib.Path(fv._inputs))
-            print("RESULT " + json.dumps(result))
-            return
-        if not fv.labels or not fv.images:
-            raise BenchError("--labels and --images are required")
-        names = [f.name for f in dataclasses.fields(BenchConfig)]
-        run(BenchConfig(**{name: getattr(fv, name) for name in names}))
-    except BenchError as e:
-        raise SystemExit(f"error: {e}") from None
+    return cli.main("benchmark_input", BenchConfig, _job, argv, __doc__)
 
 
 if __name__ == "__main__":
-    main(sys.argv)
+    sys.exit(main(sys.argv))

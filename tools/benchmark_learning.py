@@ -10,7 +10,6 @@ ratios; the bar is MAE <= 0.5 x the mean predictor's, and a higher MAE without s
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import platform
 import sys
@@ -19,6 +18,7 @@ from collections.abc import Sequence
 from boneage_tpu import cli
 from boneage_tpu.cli import option
 from boneage_tpu.quickstart import job as quickstart
+from tools import _summary
 
 
 def run(output: str, seed: int = 0) -> dict[str, float]:
@@ -67,10 +67,7 @@ class LearningConfig:
 
 
 def _job(config: LearningConfig) -> None:
-    result = run(config.output, config.seed)
-    if config.json:
-        with open(config.json, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=2)
+    _summary.write_json(run(config.output, config.seed), config.json)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

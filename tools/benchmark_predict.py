@@ -13,6 +13,7 @@ bound: 1.5). Progress of the large run is shown (predict's own progress line on 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -25,12 +26,17 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from absl import flags
-
 from boneage_tpu import cli
+from boneage_tpu.cli import option
+from boneage_tpu.core.errors import Error
+from tools import _summary
 
 _SIDE = (64, 80)
 _DISTINCT = 16
+
+
+class BenchError(Error):
+    """A predict run of the benchmark failed or wrote fewer rows than its inputs."""
 
 
 def make_model(folder: str) -> str:
@@ -108,6 +114,7 @@ def child(model: str, labels: str, images: str, count: int, output: str) -> dict
 
 
 def _run_child(model: str, labels: str, images: str, count: int, folder: str) -> dict[str, Any]:
+    """Runs `child` in a fresh process (its own peak RSS) and returns its measurements."""
     output = os.path.join(folder, f"predictions-{count}.csv")
     result_path = output + ".json"
     command = [
@@ -121,28 +128,28 @@ def _run_child(model: str, labels: str, images: str, count: int, folder: str) ->
     return json.loads(pathlib.Path(result_path).read_text())
 
 
-FLAGS = flags.FlagValues()
-flags.DEFINE_integer("small", 200, "Images of the small run.", lower_bound=1, flag_values=FLAGS)
-flags.DEFINE_integer("large", 20000, "Images of the large run.", lower_bound=1, flag_values=FLAGS)
-flags.DEFINE_string("json", "", "Also write the results here.", flag_values=FLAGS)
-flags.DEFINE_string("child", "", "Internal: run one measurement.", flag_values=FLAGS)
+@dataclasses.dataclass
+class BenchConfig:
+    """Settings of the predict memory benchmark."""
+
+    small: int = option(200, "Images of the small run.", min=1)
+    large: int = option(20000, "Images of the large run.", min=1)
+    json: str = option("", "Also write the results here.")
+    child: str = option("", "Internal: run one measurement.")
 
 
-def main(argv: Sequence[str]) -> int:
-    """Runs the benchmark; prints one line per run and the RSS ratio."""
-    _, status = cli.parse_flags("benchmark_predict", FLAGS, argv, __doc__)
-    if status is not None:
-        return status
-    if FLAGS.child:
-        model, labels, images, count, output, result_path = json.loads(FLAGS.child)
+def _job(config: BenchConfig) -> None:
+    """Runs both sizes (or, in a child process, one measurement); BenchError if predict failed."""
+    if config.child:
+        model, labels, images, count, output, result_path = json.loads(config.child)
         result = child(model, labels, images, count, output)
         pathlib.Path(result_path).write_text(json.dumps(result))
-        return 0
+        return
     folder = tempfile.mkdtemp(prefix="benchmark_predict_")
     try:
         model = make_model(os.path.join(folder, "model"))
         results = []
-        for count in (FLAGS.small, FLAGS.large):
+        for count in (config.small, config.large):
             run_folder = os.path.join(folder, f"n{count}")
             labels, images = make_images(run_folder, count)
             result = _run_child(model, labels, images, count, run_folder)
@@ -157,12 +164,25 @@ def main(argv: Sequence[str]) -> int:
             "rss_ratio": results[1]["peak_rss_mb"] / results[0]["peak_rss_mb"],
         }
         print(f"rss_ratio (large / small) = {summary['rss_ratio']:.3f}  (bound: 1.5)")
-        if FLAGS.json:
-            pathlib.Path(FLAGS.json).write_text(json.dumps(summary, indent=2) + "\n")
-        ok = all(r["status"] == 0 and r["rows"] == r["n"] for r in results)
-        return 0 if ok else 1
+        _summary.write_json(summary, config.json)
+        failed = [r for r in results if r["status"] != 0 or r["rows"] != r["n"]]
+        if failed:
+            raise BenchError(
+                "; ".join(
+                    f"predict on {r['n']} images: exit {r['status']}, {r['rows']} rows"
+                    for r in failed
+                )
+            )
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the benchmark; prints one line per run and the RSS ratio; returns the exit status.
+
+    The status is 1 also when a predict run failed or wrote fewer rows than its inputs.
+    """
+    return cli.main("benchmark_predict", BenchConfig, _job, argv, __doc__)
 
 
 if __name__ == "__main__":

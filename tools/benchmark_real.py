@@ -51,6 +51,7 @@ from typing import Any
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
+from absl import flags  # noqa: E402
 
 from boneage_tpu import cli  # noqa: E402
 from boneage_tpu.cli import option  # noqa: E402
@@ -112,31 +113,26 @@ TRANSFORMS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 # Flagfile, curves and the trainer's records (pure Python: unit-tested without subprocesses).
 
 
-def read_flagfile(path: str) -> dict[str, str]:
-    """Returns {name: value} of an absl flagfile's `--name=value` / `--name` / `--noname` lines."""
+def recipe_flags(path: str) -> flags.FlagValues:
+    """Returns the recipe flagfile as the trainer reads it: parsed by the trainer's own flags.
+
+    A flag the file leaves out has the trainer's default, so `recipe_flags(F)["image_size"].value`
+    is the size a `--flagfile F` run trains at.
+
+    Raises:
+      BenchError: the file is missing, or a line is not one of the trainer's flags or values.
+    """
+    from boneage_tpu.core.config import TrainConfig
+
     if not os.path.isfile(path):
         raise BenchError(f"flagfile {path} not found (the recipe; pass --flagfile)")
-    values: dict[str, str] = {}
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.split("#", 1)[0].strip()
-            if not line.startswith("--"):
-                continue
-            name, sep, value = line[2:].partition("=")
-            if sep:
-                values[name.strip()] = value.strip()
-            elif name.startswith("no"):
-                values[name[2:]] = "false"
-            else:
-                values[name] = "true"
-    return values
-
-
-def _flag_int(flagfile: dict[str, str], name: str, default: int) -> int:
+    values = flags.FlagValues()
+    cli.define_flags(TrainConfig, values)
     try:
-        return int(flagfile.get(name, default))
-    except ValueError as e:
-        raise BenchError(f"flagfile --{name}={flagfile[name]!r} is not an integer") from e
+        values(["benchmark_real", "--flagfile", path])  # absl reads the file's lines as flags.
+    except flags.Error as e:
+        raise BenchError(f"flagfile {path}: {' '.join(str(e).split())}") from None
+    return values
 
 
 def time_to_reach(curve: Sequence[Sequence[float]], target: float) -> float | None:
@@ -512,10 +508,8 @@ def run(config: BenchConfig) -> dict[str, Any]:
     commands: list[str] = []
     notes: list[str] = []
     load_before = [round(x, 2) for x in os.getloadavg()]
-    flagfile = read_flagfile(config.flagfile)
-    image_size = config.image_size or _flag_int(flagfile, "image_size", 0)
-    if image_size <= 0:
-        raise BenchError("no image size: give --image_size or a flagfile with --image_size")
+    recipe_values = recipe_flags(config.flagfile)
+    image_size = config.image_size or recipe_values["image_size"].value
     model_dir = out / f"model-seed{config.seed}"
     if model_dir.exists() and any(model_dir.iterdir()):
         raise BenchError(f"{model_dir} exists: remove it or use another --output (no resuming)")
@@ -540,8 +534,8 @@ def run(config: BenchConfig) -> dict[str, Any]:
         recipe += ["--image_size", str(image_size)]
     eval_every = config.eval_every
     if not eval_every and config.compare_seed:
-        eval_every = _flag_int(flagfile, "eval_every", 0) or max(
-            1, _flag_int(flagfile, "train_steps", 1000) // CURVE_POINTS
+        eval_every = recipe_values["eval_every"].value or max(
+            1, recipe_values["train_steps"].value // CURVE_POINTS
         )
     if eval_every:
         recipe += ["--eval_every", str(eval_every)]

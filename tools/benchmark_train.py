@@ -21,36 +21,51 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import os
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from boneage_tpu import cli
+from boneage_tpu.cli import option
+from boneage_tpu.core.config import BACKBONES, PRECISION_CHOICES
+from tools import _summary
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# The trainer's "auto" picks one of these per device; the benchmark measures them by name.
+PRECISIONS = tuple(p for p in PRECISION_CHOICES if p != "auto")
 
 
 @dataclasses.dataclass
 class BenchConfig:
     """Settings of one benchmark run."""
 
-    data: str
-    backbones: tuple[str, ...] = ("tiny",)
-    precisions: tuple[str, ...] = ("fp32",)
-    xla: tuple[str, ...] = ("no",)
-    image_size: int = 128
-    batch_size: int = 32
-    steps: int = 10
-    loops: int = 3
-    json: str = ""
+    data: str = option("", "TFRecord folder (tools.make_tfrecords)", required=True)
+    backbones: tuple[str, ...] = option(
+        ("tiny",), "backbones to measure, comma-separated.", choices=BACKBONES, comma_list=True
+    )
+    precisions: tuple[str, ...] = option(
+        ("fp32",), "precisions, comma-separated.", choices=PRECISIONS, comma_list=True
+    )
+    xla: tuple[str, ...] = option(
+        ("no",), "jit_compile settings, comma-separated.", choices=("no", "yes"), comma_list=True
+    )
+    image_size: int = option(128, "training image side", min=16)
+    batch_size: int = option(32, "batch size", min=1)
+    steps: int = option(10, "steps per timed loop call", min=1)
+    loops: int = option(3, "timed loop calls (median)", min=1)
+    json: str = option("", "also write the summary to this JSON file")
 
 
 def _timed_loops(trainer: Any, feeds: dict[str, Any], config: BenchConfig) -> dict[str, list]:
-    """Times `config.loops` calls per feed, the feeds taking turns (a slow spell of a shared
-    machine then hits all of them), after one warm-up call each (tracing, compilation)."""
+    """Times `config.loops` calls per feed after one warm-up call each; returns img/s per call.
+
+    The feeds take turns call by call, so a slow spell of a shared machine hits all of them;
+    the warm-up call pays the tracing and compilation.
+    """
     for iterator in feeds.values():
         trainer.train(iterator, config.steps)
     rates: dict[str, list[float]] = {name: [] for name in feeds}
@@ -176,64 +191,14 @@ def run(config: BenchConfig) -> dict[str, Any]:
         f"load average {summary['load_average_1min_before']:.1f} before, "
         f"{summary['load_average_1min_after']:.1f} after"
     )
-    if config.json:
-        with open(config.json, "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=2)
+    _summary.write_json(summary, config.json)
     return summary
 
 
-def _define_flags() -> Any:
-    from absl import flags
-
-    fv = flags.FlagValues()
-    flags.DEFINE_string("data", None, "TFRecord folder (tools.make_tfrecords)", flag_values=fv)
-    flags.DEFINE_list("backbones", ["tiny"], "backbones to measure", flag_values=fv)
-    flags.DEFINE_list("precisions", ["fp32"], "fp32 | bf16 | fp16, comma-separated", flag_values=fv)
-    flags.DEFINE_list(
-        "xla", ["no"], "jit_compile settings: no | yes, comma-separated", flag_values=fv
-    )
-    flags.DEFINE_integer("image_size", 128, "training image side", lower_bound=16, flag_values=fv)
-    flags.DEFINE_integer("batch_size", 32, "batch size", lower_bound=1, flag_values=fv)
-    flags.DEFINE_integer("steps", 10, "steps per timed loop call", lower_bound=1, flag_values=fv)
-    flags.DEFINE_integer("loops", 3, "timed loop calls (median)", lower_bound=1, flag_values=fv)
-    flags.DEFINE_string("json", "", "also write the summary to this JSON file", flag_values=fv)
-    return fv
-
-
-def main(argv: list[str]) -> None:
-    """Parses the command line and runs the benchmark."""
-
-    from boneage_tpu.modeling.model import BACKBONES, PRECISIONS
-
-    fv = _define_flags()
-    _, status = cli.parse_flags("benchmark_train", fv, argv, __doc__)
-    if status is not None:
-        raise SystemExit(status)
-    if not fv.data:
-        raise SystemExit("error: --data is required (a folder written by tools.make_tfrecords)")
-    for name, values, allowed in (
-        ("backbones", fv.backbones, BACKBONES),
-        ("precisions", fv.precisions, tuple(PRECISIONS)),
-        ("xla", fv.xla, ("no", "yes")),
-    ):
-        unknown = sorted(set(values) - set(allowed))
-        if unknown:
-            raise SystemExit(
-                f"error: --{name} {','.join(unknown)}: choose from {', '.join(allowed)}"
-            )
-    config = BenchConfig(
-        data=fv.data,
-        backbones=tuple(fv.backbones),
-        precisions=tuple(fv.precisions),
-        xla=tuple(fv.xla),
-        image_size=fv.image_size,
-        batch_size=fv.batch_size,
-        steps=fv.steps,
-        loops=fv.loops,
-        json=fv.json,
-    )
-    run(config)
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parses the flags in `argv` (argv[0] is the program) and runs; returns the exit status."""
+    return cli.main("benchmark_train", BenchConfig, run, argv, __doc__)
 
 
 if __name__ == "__main__":
-    main(sys.argv)
+    sys.exit(main(sys.argv))

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import json
 import math
 import os
 import statistics
@@ -26,7 +25,13 @@ import sys
 import tempfile
 import time
 import types
+from collections.abc import Sequence
 from typing import Any
+
+from boneage_tpu import cli
+from boneage_tpu.cli import option
+from boneage_tpu.core.errors import UsageError
+from tools import _summary
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -37,13 +42,15 @@ METHODS = ("gather", "matmul")
 class BenchConfig:
     """Settings of one benchmark run."""
 
-    sizes: tuple[int, ...] = (128, 299, 512)
-    batch_size: int = 32
-    methods: tuple[str, ...] = METHODS
-    baseline: str = ""
-    xla: str = "yes"
-    loops: int = 5
-    json: str = ""
+    sizes: tuple[int, ...] = option((128, 299, 512), "image sides, comma-separated", min=16)
+    batch_size: int = option(32, "images per warp call", min=1)
+    methods: tuple[str, ...] = option(
+        METHODS, "warp methods, comma-separated.", choices=METHODS, comma_list=True
+    )
+    baseline: str = option("", "also time augment.py at this git ref")
+    xla: str = option("yes", "jit_compile the warp", choices=("no", "yes"))
+    loops: int = option(5, "timed calls (median)", min=1)
+    json: str = option("", "also write the summary to this JSON file")
 
 
 def legacy_transient_bytes(
@@ -83,7 +90,7 @@ def load_baseline(ref: str) -> types.ModuleType:
             text=True,
         ).stdout
     except subprocess.CalledProcessError as e:
-        raise SystemExit(f"error: --baseline {ref}: {e.stderr.strip()}") from None
+        raise UsageError(f"--baseline {ref}: {e.stderr.strip()}") from None
     folder = tempfile.mkdtemp(prefix="warp-baseline-")
     path = os.path.join(folder, "augment_baseline.py")
     with open(path, "w", encoding="utf-8") as f:
@@ -172,56 +179,13 @@ def run(config: BenchConfig) -> dict[str, Any]:
         f"{summary['load_average_1min_before']:.1f} before, "
         f"{summary['load_average_1min_after']:.1f} after"
     )
-    if config.json:
-        with open(config.json, "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=2)
+    _summary.write_json(summary, config.json)
     return summary
 
 
-def _define_flags() -> Any:
-    from absl import flags
-
-    fv = flags.FlagValues()
-    flags.DEFINE_list(
-        "sizes", ["128", "299", "512"], "image sides, comma-separated", flag_values=fv
-    )
-    flags.DEFINE_integer("batch_size", 32, "images per warp call", lower_bound=1, flag_values=fv)
-    flags.DEFINE_list("methods", list(METHODS), "gather | matmul, comma-separated", flag_values=fv)
-    flags.DEFINE_string("baseline", "", "also time augment.py at this git ref", flag_values=fv)
-    flags.DEFINE_enum("xla", "yes", ["no", "yes"], "jit_compile the warp", flag_values=fv)
-    flags.DEFINE_integer("loops", 5, "timed calls (median)", lower_bound=1, flag_values=fv)
-    flags.DEFINE_string("json", "", "also write the summary to this JSON file", flag_values=fv)
-    return fv
-
-
-def main(argv: list[str]) -> int:
-    """Parses the command line and runs the benchmark; returns the exit status."""
-    from boneage_tpu import cli
-
-    fv = _define_flags()
-    _, status = cli.parse_flags("benchmark_warp", fv, argv, __doc__)
-    if status is not None:
-        return status
-    unknown = sorted(set(fv.methods) - set(METHODS))
-    if unknown:
-        raise SystemExit(f"error: --methods {','.join(unknown)}: choose from {', '.join(METHODS)}")
-    try:
-        sizes = tuple(int(s) for s in fv.sizes)
-    except ValueError:
-        raise SystemExit(f"error: --sizes {','.join(fv.sizes)}: integers, e.g. 128,512") from None
-    if min(sizes) < 16:
-        raise SystemExit("error: --sizes: every side must be >= 16")
-    config = BenchConfig(
-        sizes=sizes,
-        batch_size=fv.batch_size,
-        methods=tuple(fv.methods),
-        baseline=fv.baseline,
-        xla=fv.xla,
-        loops=fv.loops,
-        json=fv.json,
-    )
-    run(config)
-    return 0
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parses the flags in `argv` (argv[0] is the program) and runs; returns the exit status."""
+    return cli.main("benchmark_warp", BenchConfig, run, argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -74,7 +74,8 @@ def define_flags(config_cls: type, flag_values: flags.FlagValues) -> None:
         default = flag.get(defaults)
         text = meta["help"] + (f" Valid: {range_text(meta)}." if range_text(meta) else "")
         fv = {"flag_values": flag_values}
-        if meta["choices"]:
+        listed = typing.get_origin(kind) is tuple
+        if meta["choices"] and not listed:
             flags.DEFINE_enum(name, default, meta["choices"], text, **fv)
         elif kind is bool:
             flags.DEFINE_bool(name, default, text, **fv)
@@ -82,10 +83,11 @@ def define_flags(config_cls: type, flag_values: flags.FlagValues) -> None:
             flags.DEFINE_integer(name, default, text, **fv)
         elif kind is float:
             flags.DEFINE_float(name, default, text, **fv)
-        elif typing.get_origin(kind) is tuple and typing.get_args(kind)[0] is str:
+        elif listed and typing.get_args(kind)[0] is str and not meta.get("comma_list"):
             flags.DEFINE_multi_string(name, list(default), text + " Repeat the flag.", **fv)
-        elif typing.get_origin(kind) is tuple:
-            flags.DEFINE_list(name, [str(v) for v in default], text, **fv)
+        elif listed:
+            each = f" Each one of: {', '.join(meta['choices'])}." if meta["choices"] else ""
+            flags.DEFINE_list(name, [str(v) for v in default], text + each, **fv)
         else:
             flags.DEFINE_string(name, default, text, **fv)
         for alias in meta.get("aliases", ()):

@@ -31,6 +31,7 @@ def option(
     flag: str = "",
     aliases: Sequence[str] = (),
     positional: bool = False,
+    comma_list: bool = False,
 ) -> Any:
     """Declares a config field that is a command-line flag.
 
@@ -44,6 +45,8 @@ def option(
       flag: the flag's name when it differs from the field's.
       aliases: other names the flag also answers to (older spellings).
       positional: the field takes the command's positional arguments instead of a flag.
+      comma_list: a `tuple[str, ...]` field takes one comma-separated value (`--x a,b`)
+        instead of a repeated flag; with `choices`, each item must be one of them.
 
     Returns:
       A `dataclasses.field`.
@@ -57,6 +60,7 @@ def option(
         "flag": flag,
         "aliases": tuple(aliases),
         "positional": positional,
+        "comma_list": comma_list,
     }
     return dataclasses.field(default=default, metadata=metadata)
 
@@ -231,10 +235,14 @@ def check(config: Any, *, required: bool = True) -> None:
         raise UsageError(f"missing required flag(s): {', '.join(missing)}")
     for flag in fields:
         meta, value, name = flag.field.metadata, flag.get(config), flag.name
-        if meta["choices"] and value not in meta["choices"]:
-            raise UsageError(f"--{name} must be one of {', '.join(meta['choices'])}, got {value!r}")
-        numbers = value if isinstance(value, tuple) else (value,)
-        for number in numbers:
+        # A list's choices apply to each of its items.
+        items = value if isinstance(value, tuple) else (value,)
+        wrong = [item for item in items if meta["choices"] and item not in meta["choices"]]
+        if wrong:
+            raise UsageError(
+                f"--{name} must be one of {', '.join(meta['choices'])}, got {wrong[0]!r}"
+            )
+        for number in items:
             if not isinstance(number, (int, float)) or isinstance(number, bool):
                 continue
             low, high = meta["min"], meta["max"]
