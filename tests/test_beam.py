@@ -19,11 +19,11 @@ from PIL import Image
 
 from boneage_tpu.cli import predict as predict_cli
 from boneage_tpu.convert import job as make_tfrecords
-from boneage_tpu.core import config as config_lib
 from boneage_tpu.core import schema
 from boneage_tpu.data import images, verify
 from boneage_tpu.predict import job as predict
 from boneage_tpu.train import job as train
+from tests import helpers
 from tests.helpers import without_time
 
 pytest.importorskip(
@@ -108,17 +108,7 @@ def test_beam_converter_equals_local_and_trains(inputs, local, tmp_path):
     _assert_same(*local, str(out), manifest)
     assert not (out / ".convert").exists()
     assert (out / "dataset_info.json").exists() and (out / "features.json").exists()
-    config = config_lib.TrainConfig.from_flags(
-        data=str(out),
-        model_dir=str(tmp_path / "run"),
-        backbone="tiny",
-        image_size=32,
-        dense_units=(8,),
-        batch_size=4,
-        train_steps=2,
-        steps_per_loop=1,
-        checkpoint_every=1,
-    )
+    config = helpers.train_config(str(out), tmp_path / "run", dense_units=(8,))
     result = train.run(config)
     assert result["step"] == 2 and np.isfinite(result["train_loss"]), result
 
@@ -174,17 +164,7 @@ def trained_run(phantom_images, tmp_path_factory) -> dict[str, str]:
         **OPTIONS,
     )
     assert data["records_written"] == 50
-    config = config_lib.TrainConfig.from_flags(
-        data=str(root / "records"),
-        model_dir=str(root / "run"),
-        backbone="tiny",
-        image_size=32,
-        dense_units=(8,),
-        batch_size=4,
-        train_steps=2,
-        steps_per_loop=1,
-        checkpoint_every=1,
-    )
+    config = helpers.train_config(str(root / "records"), root / "run", dense_units=(8,))
     exports = train.run(config)["exports"]
     assert pathlib.Path(exports["saved_model"]).is_dir()
     (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")

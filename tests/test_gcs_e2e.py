@@ -303,8 +303,9 @@ def test_killed_trainer_resumes_from_its_gcs_checkpoint(gcs_emulator, gcs_data, 
     done = json.loads(_blob(gcs_emulator, f"{prefix}/DONE").download_as_bytes())
     assert done["step"] == TRAIN_STEPS
     config = json.loads(_blob(gcs_emulator, f"{prefix}/config.json").download_as_bytes())
-    assert config["data"] == gcs_data[0] and config["model_dir"] == run.model_dir
-    assert config["label_mean"] == pytest.approx(gcs_data[1]["label_stats"]["mean_months"])
+    assert config["data"]["path"] == gcs_data[0] and config["model_dir"] == run.model_dir
+    derived = json.loads(_blob(gcs_emulator, f"{prefix}/derived.json").download_as_bytes())
+    assert derived["label_mean"] == pytest.approx(gcs_data[1]["label_stats"]["mean_months"])
     assert model_dir_lib.checkpoint_step(f"{run.model_dir}/checkpoints/ckpt-4") == TRAIN_STEPS
     # Step 3 ran twice (before the kill and after the restart) but is logged once: the killed
     # run's flushed event file made it to gs://.

@@ -497,19 +497,9 @@ def test_cli_helpfull_and_a_bad_data_error(tmp_path):
 def test_two_step_run_on_gcs_and_resume(gcs_dir):
     data_dir, model_dir = f"{gcs_dir}/data", f"{gcs_dir}/run"
     write_toy_dataset(data_dir, splits={"train": 24, "val": 10}, height=40, width=32)
-    config = config_lib.TrainConfig.from_flags(
-        data=data_dir,
-        model_dir=model_dir,
-        backbone="tiny",
-        image_size=32,
-        dense_units=(8,),
-        batch_size=4,
-        train_steps=1,
-        steps_per_loop=1,
-        checkpoint_every=1,
-    )
+    config = train_config(data_dir, model_dir, dense_units=(8,), train_steps=1)
     train.run(config)
-    result = train.run(config_lib.TrainConfig.from_flags(**{**config.__dict__, "train_steps": 2}))
+    result = train.run(cli.replace(config, train_steps=2))
     assert result["step"] == 2
     assert model_dir_lib.latest_checkpoint(model_dir).endswith("ckpt-2")
     for name in ("config.json", "DONE", "export/model.keras", "export/saved_model/saved_model.pb"):
