@@ -150,7 +150,7 @@ class ModelConfig:
     fit_bias_correction: bool = option(
         False,
         "After training, fit true ~ slope * predicted + intercept on the --val_split "
-        "predictions (Deeplasia's linear bias correction); stored in config.json and applied "
+        "predictions (Deeplasia's linear bias correction); stored in derived.json and applied "
         "by evaluate, predict and the exports.",
     )
 

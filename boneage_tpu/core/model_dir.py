@@ -137,7 +137,7 @@ def _read_json(model_dir: str, path: str) -> Any:
             f"{CONFIG_NAME}): give a training run's folder"
         )
     try:
-        text = guard.read_file(path, MAX_CONFIG_BYTES, "a config.json")
+        text = guard.read_file(path, MAX_CONFIG_BYTES, f"a {path.rsplit('/', 1)[-1]}")
         return json.loads(text.decode("utf-8"))
     except guard.InputFileError as e:
         raise ModelDirError(str(e)) from e
