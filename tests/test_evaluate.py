@@ -243,6 +243,24 @@ def test_correction_is_the_one_fitted_for_the_tta_mode(toy, tmp_path, capsys):
     np.testing.assert_allclose(_predicted(raw), _predicted(flip), rtol=1e-5)
 
 
+def test_tta_corrected_swaps_the_models_plain_line_for_the_modes(toy, tmp_path):
+    from boneage_tpu.inference import restore
+
+    run = make_run(
+        tmp_path / "swap",
+        toy["manifest"],
+        bias_slope=2.0,
+        bias_intercept=10.0,
+        tta_corrections={"rotflip": (0.5, 1.0)},
+    )
+    loaded = restore.load_model(run, "export")
+    assert restore.baked_correction(loaded.model) == (2.0, 10.0)
+    months = np.array([110.0, 60.0])  # the model's output: 2 * (50, 25) + 10
+    np.testing.assert_array_equal(restore.tta_corrected(loaded, months, "none"), months)
+    np.testing.assert_array_equal(restore.tta_corrected(loaded, months, "flip"), [50.0, 25.0])
+    np.testing.assert_array_equal(restore.tta_corrected(loaded, months, "rotflip"), [26.0, 13.5])
+
+
 def test_in_sample_correction_reports_the_uncorrected_headline(toy, tmp_path, capsys):
     """Evaluated on the split and data folder it was fitted on, the line is in-sample."""
     run = make_run(

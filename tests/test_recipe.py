@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import types
 
 import keras
 import numpy as np
@@ -252,6 +253,42 @@ def test_run_with_bins_head_fits_and_exports_the_bias_correction(
     np.testing.assert_allclose(
         flip["mae_corrected_months"], result["val_mae_flip_corrected_months"], rtol=1e-4
     )
+
+
+def test_bias_fit_gives_each_tta_mode_the_line_of_its_own_views(tmp_path, monkeypatch) -> None:
+    """One rotflip pass: plain, flip and rotflip each get the line of their views' mean."""
+    views = inference.tta_views("rotflip")
+    true = np.linspace(10.0, 220.0, 50)
+    # Each view is biased its own way: mirrored +3 months, rotated +0.1 per degree of angle.
+    per_view = np.stack([0.8 * true + 25.0 + 3.0 * f + 0.1 * abs(a) for a, f in views])
+    fake = inference.SplitPredictions(
+        ids=[str(i) for i in range(50)],
+        male=np.zeros(50),
+        boneage=true,
+        predicted=per_view.mean(axis=0),
+        views=per_view,
+    )
+    asked = []
+    monkeypatch.setattr(inference, "predict_split", lambda *a, **k: asked.append(k["tta"]) or fake)
+    monkeypatch.setattr(train.schema, "read_manifest", lambda path: {})
+    config = config_lib.TrainConfig.from_flags(
+        data="d", model_dir=str(tmp_path), fit_bias_correction=True, bias_correction_tta="rotflip"
+    )
+    session = types.SimpleNamespace(
+        config=config,
+        derived=config_lib.Derived(label_std=40.0, val_split="val"),
+        model=None,
+        strategy=None,
+        chief=True,
+    )
+    result = train._fit_bias_correction(session)
+    assert asked == ["rotflip"]  # one pass over the widest mode's views
+    saved = model_dir.load_derived(str(tmp_path))
+    # true = 1.25 * (0.8 true + c) - 1.25 c for each mode's mean offset c.
+    for mode, offset in (("none", 25.0), ("flip", 26.5), ("rotflip", 27.1)):
+        np.testing.assert_allclose(saved.correction(mode), (1.25, -1.25 * offset), rtol=1e-9)
+    assert set(saved.tta_corrections) == {"flip", "rotflip"}
+    assert result["val_mae_rotflip_corrected_months"] == pytest.approx(0.0, abs=1e-9)
 
 
 @pytest.mark.slow

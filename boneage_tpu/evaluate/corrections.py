@@ -20,18 +20,6 @@ from boneage_tpu.inference import restore
 from boneage_tpu.inference import runner as inference
 
 
-def baked_correction(model: Any) -> tuple[float, float]:
-    """Returns the (slope, intercept) the model applies itself: its `corrected` layer's.
-
-    A model built from a run's derived.json (checkpoints) or exported by it holds the plain
-    predictions' line; other models (identity) hold none.
-    """
-    if not hasattr(model, "get_layer") or "corrected" not in {x.name for x in model.layers}:
-        return (1.0, 0.0)
-    layer = model.get_layer("corrected")
-    return (float(layer.slope), float(layer.intercept))
-
-
 def uncorrected(
     result: inference.SplitPredictions, line: tuple[float, float]
 ) -> inference.SplitPredictions:

@@ -217,7 +217,7 @@ def evaluate_once(
             ) from None
         # The model applies the plain predictions' line itself; each member's own predictions
         # are recovered exactly, then given the line fitted for this --tta mode.
-        baked = corrections.baked_correction(loaded.model)
+        baked = restore.baked_correction(loaded.model)
         raw = corrections.uncorrected(predictions, baked)
         line = loaded.derived.correction(config.tta) if config.correction == "fitted" else None
         runs.append(predictions if line == baked else corrections.corrected(raw, line))
