@@ -3,7 +3,8 @@
 A leaf of the evaluation package: `job` (the command) and `continuous` (following a training
 run) both call `evaluate_once`; it imports neither. The report shows the K worst and K best
 cases with heatmaps and the shortcut check (`gallery`; one extra pass over the split, the first
-model's maps); `--no_gallery` skips both.
+model's maps); `--no_gallery` skips both. Which bias correction applies, and whether it was
+fitted on the evaluated records, is `corrections`'.
 """
 
 from __future__ import annotations
