@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 
 import keras
@@ -47,18 +48,23 @@ def make_run(
 ) -> str:
     """Writes a model directory like the trainer's: config.json, derived.json, checkpoints, export.
 
-    `overrides` are further TrainConfig flags (e.g. head="bins").
+    `overrides` are further TrainConfig flags (e.g. head="bins", data=PATH) or Derived fields
+    (e.g. bias_slope, tta_corrections, val_split: a fitted correction, built into the model).
     """
     stats = manifest["label_stats"]
+    fields = {f.name for f in dataclasses.fields(config_lib.Derived)}
+    derived_values = {k: overrides.pop(k) for k in list(overrides) if k in fields}
     config = config_lib.TrainConfig.from_flags(
-        data="toy",
-        model_dir=str(root),
-        backbone="tiny",
-        image_size=32,
-        dense_units=(8,),
-        batch_size=BATCH,
-        seed=seed,
-        **overrides,
+        **{
+            "data": "toy",
+            "model_dir": str(root),
+            "backbone": "tiny",
+            "image_size": 32,
+            "dense_units": (8,),
+            "batch_size": BATCH,
+            "seed": seed,
+            **overrides,
+        }
     )
     derived = config_lib.Derived(
         label_mean=stats["mean_months"],
@@ -66,6 +72,7 @@ def make_run(
         data_image_size=manifest["image_size"],
         data_encoding=manifest["encoding"],
         schema_version=manifest["schema_version"],
+        **derived_values,
     )
     model_dir_lib.save_config(config)
     model_dir_lib.save_derived(str(root), derived)

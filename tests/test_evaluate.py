@@ -22,6 +22,7 @@ from boneage_tpu.data import pipeline as data
 from boneage_tpu.evaluate import continuous as continuous_eval
 from boneage_tpu.evaluate import job as evaluate
 from boneage_tpu.evaluate import once, report
+from boneage_tpu.inference import runner as inference
 from tests.helpers import recompute_from_csv
 from tests.model_dirs import BATCH, flip_sensitive_model, make_run
 from tests.records import write_toy_dataset
@@ -159,7 +160,8 @@ def test_tta_flip_is_the_mean_of_image_and_mirror(toy, tmp_path):
     flip_sensitive_model().save(run / "export" / "model.keras")
     common = {"model_dir": str(run), "data": toy["data"], "checkpoint": "export", "batch_size": 3}
     plain = _csv(evaluate.run(**common, tta="none")["output"])
-    flipped = _csv(evaluate.run(**common, tta="flip")["output"])
+    flip_metrics = evaluate.run(**common, tta="flip")
+    flipped = _csv(flip_metrics["output"])
     assert (run / "eval" / "val-export-flip" / "metrics.json").exists()
     # Reference: the same pixels straight from the input pipeline, through numpy.
     weights = flip_sensitive_model().get_layer("pixels").w.numpy()
@@ -173,6 +175,134 @@ def test_tta_flip_is_the_mean_of_image_and_mirror(toy, tmp_path):
     np.testing.assert_allclose(plain["predicted"], f, atol=1e-3)
     np.testing.assert_allclose(flipped["predicted"], (f + f_mirror) / 2, atol=1e-3)
     assert np.max(np.abs(flipped["predicted"].to_numpy() - plain["predicted"].to_numpy())) > 0.05
+    # Each view's own MAE: the image's and the mirror's, which differ for this model.
+    views = flip_metrics["tta_views"]
+    assert [(v["angle"], v["flip"]) for v in views] == [(0.0, False), (0.0, True)]
+    true = batch["boneage"].numpy().astype(np.float64)
+    np.testing.assert_allclose(views[0]["mae_months"], np.mean(np.abs(f - true)), atol=1e-3)
+    np.testing.assert_allclose(views[1]["mae_months"], np.mean(np.abs(f_mirror - true)), atol=1e-3)
+    assert abs(views[0]["mae_months"] - views[1]["mae_months"]) > 1e-3
+    assert flip_metrics["mae_months"] == pytest.approx(flip_metrics["mae_uncorrected_months"])
+    assert "tta_views" not in json.loads((run / "eval" / "val-export" / "metrics.json").read_text())
+
+
+def test_runner_keeps_each_views_prediction_and_their_mean_is_the_tta_result(toy):
+    ds = data.build_dataset(toy["data"], "val", training=False, batch_size=4, image_size=32)
+    model = flip_sensitive_model()
+    result = inference.predict_dataset(model, ds, tta="rotflip")
+    assert result.views.shape == (10, VAL_COUNT)
+    np.testing.assert_allclose(result.views.mean(axis=0), result.predicted, rtol=1e-6)
+    plain = inference.predict_dataset(model, ds, tta="none")
+    identity = inference.tta_views("rotflip").index((0.0, False))
+    np.testing.assert_allclose(result.views[identity], plain.predicted, rtol=1e-6)
+    assert plain.views.shape == (1, VAL_COUNT)
+
+
+def _predicted(metrics: dict) -> np.ndarray:
+    return _csv(metrics["output"]).sort_values("id")["predicted"].to_numpy()
+
+
+def test_correction_is_the_one_fitted_for_the_tta_mode(toy, tmp_path, capsys):
+    """A run with only a plain line applies it to plain predictions, never to TTA means."""
+    run = make_run(tmp_path / "plain_fit", toy["manifest"], bias_slope=1.1, bias_intercept=-3.0)
+    common = {"model_dir": run, "data": toy["data"], "batch_size": BATCH, "no_gallery": True}
+    plain = evaluate.run(**common, output=str(tmp_path / "plain"))
+    assert plain["bias_correction"] == {"slope": 1.1, "intercept": -3.0}
+    assert plain["bias_correction_status"] == "applied" and plain["headline"] == "corrected"
+    assert plain["models"][0]["bias_correction"] == {"slope": 1.1, "intercept": -3.0}
+    assert not plain["in_sample"]  # make_run's config names another data folder
+    assert plain["mae_months"] == pytest.approx(plain["mae_corrected_months"])
+    off = evaluate.run(**common, correction="none", output=str(tmp_path / "off"))
+    assert off["bias_correction"] is None and off["bias_correction_status"] == "off"
+    np.testing.assert_allclose(_predicted(plain), 1.1 * _predicted(off) - 3.0, rtol=1e-5)
+    assert off["mae_months"] == pytest.approx(plain["mae_uncorrected_months"], rel=1e-5)
+    capsys.readouterr()
+    flip = evaluate.run(**common, tta="flip", output=str(tmp_path / "flip"))
+    assert "no bias correction fitted for --tta flip (fitted for: none)" in capsys.readouterr().out
+    assert flip["bias_correction"] is None and flip["mae_corrected_months"] is None
+    assert flip["bias_correction_status"] == "not_fitted_for_tta"
+    assert flip["bias_correction_fitted_for"] == ["none"]
+    assert flip["mae_months"] == pytest.approx(flip["mae_uncorrected_months"])
+    # The flip means are uncorrected: the mean of the model's own (plain line undone) views.
+    views_mae = [v["mae_months"] for v in flip["tta_views"]]
+    assert views_mae[0] == pytest.approx(off["mae_months"], rel=1e-5)
+    # A run with its own flip line applies that one to the flip means.
+    both = make_run(
+        tmp_path / "both_fits",
+        toy["manifest"],
+        bias_slope=1.1,
+        bias_intercept=-3.0,
+        tta_corrections={"flip": (0.9, 4.0)},
+    )
+    common["model_dir"] = both
+    fitted = evaluate.run(**common, tta="flip", output=str(tmp_path / "both"))
+    assert fitted["bias_correction"] == {"slope": 0.9, "intercept": 4.0}
+    assert fitted["bias_correction_fitted_for"] == ["flip", "none"]
+    np.testing.assert_allclose(_predicted(fitted), 0.9 * _predicted(flip) + 4.0, rtol=1e-5)
+    raw = evaluate.run(**common, tta="flip", correction="none", output=str(tmp_path / "raw"))
+    np.testing.assert_allclose(_predicted(raw), _predicted(flip), rtol=1e-5)
+
+
+def test_tta_corrected_swaps_the_models_plain_line_for_the_modes(toy, tmp_path):
+    from boneage_tpu.inference import restore
+
+    run = make_run(
+        tmp_path / "swap",
+        toy["manifest"],
+        bias_slope=2.0,
+        bias_intercept=10.0,
+        tta_corrections={"rotflip": (0.5, 1.0)},
+    )
+    loaded = restore.load_model(run, "export")
+    assert restore.baked_correction(loaded.model) == (2.0, 10.0)
+    months = np.array([110.0, 60.0])  # the model's output: 2 * (50, 25) + 10
+    np.testing.assert_array_equal(restore.tta_corrected(loaded, months, "none"), months)
+    np.testing.assert_array_equal(restore.tta_corrected(loaded, months, "flip"), [50.0, 25.0])
+    np.testing.assert_array_equal(restore.tta_corrected(loaded, months, "rotflip"), [26.0, 13.5])
+
+
+def test_in_sample_correction_reports_the_uncorrected_headline(toy, tmp_path, capsys):
+    """Evaluated on the split and data folder it was fitted on, the line is in-sample."""
+    run = make_run(
+        tmp_path / "in_sample",
+        toy["manifest"],
+        data=toy["data"] + "/",  # spelled differently: the same folder
+        bias_slope=1.1,
+        bias_intercept=-3.0,
+        val_split="val",
+    )
+    common = {"model_dir": run, "data": toy["data"], "batch_size": BATCH, "no_gallery": True}
+    capsys.readouterr()
+    inside = evaluate.run(**common, output=str(tmp_path / "inside"))
+    assert "mae_months is the uncorrected MAE" in capsys.readouterr().out
+    assert inside["in_sample"] and inside["headline"] == "uncorrected"
+    assert inside["bias_correction"] == {"slope": 1.1, "intercept": -3.0}
+    assert inside["mae_months"] == pytest.approx(inside["mae_uncorrected_months"])
+    assert inside["mae_corrected_months"] != pytest.approx(inside["mae_months"])
+    # metrics.json and predictions.csv agree: the csv holds the uncorrected predictions.
+    ref = recompute_from_csv(pathlib.Path(inside["output"]) / "predictions.csv", 0.0)
+    assert ref["mae_months"] == pytest.approx(inside["mae_months"], abs=1e-6)
+    outside = evaluate.run(**common, split="train", output=str(tmp_path / "outside"))
+    assert not outside["in_sample"] and outside["headline"] == "corrected"
+    assert outside["mae_months"] == pytest.approx(outside["mae_corrected_months"])
+
+
+def test_derived_json_keeps_corrections_per_mode_and_reads_old_files(tmp_path):
+    from boneage_tpu.core import config as config_lib
+    from boneage_tpu.core import model_dir as model_dir_lib
+
+    derived = config_lib.Derived(bias_slope=1.1, bias_intercept=-3.0)
+    derived.tta_corrections = {"rotflip": (0.9, 4.0)}
+    back = model_dir_lib.derived_from_dict(json.loads(derived.to_json()))
+    assert back == derived and back.correction("rotflip") == (0.9, 4.0)
+    assert back.correction("none") == (1.1, -3.0) and back.correction("flip") is None
+    assert back.fitted_modes() == ["none", "rotflip"]
+    # An older derived.json (or flat config.json): its one line is the plain predictions'.
+    old = model_dir_lib.derived_from_dict({"label_std": 40.0, "bias_slope": 1.2})
+    assert old.tta_corrections == {} and old.fitted_modes() == ["none"]
+    for bad in ({"none": [1, 0]}, {"flip": [1]}, {"flip": [1, float("nan")]}, []):
+        with pytest.raises(model_dir_lib.ModelDirError, match="tta_corrections"):
+            model_dir_lib.derived_from_dict({"label_std": 40.0, "tta_corrections": bad})
 
 
 @pytest.mark.slow

@@ -158,6 +158,12 @@ def test_tta_flip_averages_mirror(phantom_run, tmp_path):
     assert plain[0] != pytest.approx(plain[1], abs=1e-3)
     assert flipped[0] == pytest.approx((plain[0] + plain[1]) / 2, abs=1e-3)
     assert flipped[1] == pytest.approx(flipped[0], abs=1e-3)
+    # The flip means get the line fitted for flip (the model itself holds no plain line).
+    derived["tta_corrections"] = {"flip": [0.9, 4.0]}
+    (run / "derived.json").write_text(json.dumps(derived))
+    corrected = predict.predict_images(str(run), paths, 1.0, tta="flip")
+    np.testing.assert_allclose(corrected, 0.9 * np.asarray(flipped) + 4.0, rtol=1e-9)
+    assert predict.predict_images(str(run), paths, 1.0) == pytest.approx(plain, abs=1e-9)
 
 
 @pytest.mark.shared

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import types
 
 import keras
 import numpy as np
@@ -15,8 +16,8 @@ from absl import flags
 from boneage_tpu import UsageError, cli
 from boneage_tpu.core import config as config_lib
 from boneage_tpu.core import model_dir
+from boneage_tpu.evaluate import corrections
 from boneage_tpu.evaluate import job as evaluate
-from boneage_tpu.evaluate import once
 from boneage_tpu.inference import runner as inference
 from boneage_tpu.modeling import backbones, heads
 from boneage_tpu.modeling import model as model_lib
@@ -180,12 +181,22 @@ def test_correction_metrics_report_with_and_without() -> None:
         male=np.zeros(2),
         boneage=np.array([100.0, 50.0]),
         predicted=np.array([110.0, 60.0]),
+        views=np.array([[110.0, 60.0]]),
     )
-    values = once.correction_metrics(result, [(2.0, 10.0)])
-    assert values["mae_corrected_months"] == 10.0
     # Uncorrected: (110 - 10) / 2 = 50 and (60 - 10) / 2 = 25 -> errors 50 and 25.
+    raw = corrections.uncorrected(result, (2.0, 10.0))
+    np.testing.assert_array_equal(raw.predicted, [50.0, 25.0])
+    np.testing.assert_array_equal(raw.views, [[50.0, 25.0]])
+    np.testing.assert_array_equal(
+        corrections.corrected(raw, (2.0, 10.0)).predicted, result.predicted
+    )
+    values = corrections.correction_metrics(result, raw, [(2.0, 10.0)])
+    assert values["mae_corrected_months"] == 10.0
     assert values["mae_uncorrected_months"] == 37.5
-    assert once.correction_metrics(result, [(1.0, 0.0)])["bias_correction"] is None
+    assert values["bias_correction"] == {"slope": 2.0, "intercept": 10.0}
+    none = corrections.correction_metrics(raw, raw, [None])
+    assert none["bias_correction"] is None and none["mae_corrected_months"] is None
+    assert none["mae_uncorrected_months"] == 37.5
 
 
 def _config(data_dir: str, model_dir: pathlib.Path, **overrides) -> config_lib.TrainConfig:
@@ -198,13 +209,14 @@ def _config(data_dir: str, model_dir: pathlib.Path, **overrides) -> config_lib.T
 def test_run_with_bins_head_fits_and_exports_the_bias_correction(
     toy_data, tmp_path, monkeypatch
 ) -> None:
-    # 4 toy steps learn too little for a sane line: the fit itself is tested above; here a
-    # fixed line checks where it goes (config.json, the exports, evaluate's two MAEs).
+    # 4 toy steps learn too little for a sane line: the fit itself is tested above; here
+    # fixed lines check where they go (derived.json, the exports, evaluate's MAEs per mode).
     fitted = []
+    lines = [(1.1, -3.0), (1.2, -5.0)]  # plain, then the flip means
 
     def fake_fit(true, predicted):
-        fitted.append(len(true))
-        return 1.1, -3.0
+        fitted.append((len(true), np.asarray(predicted).copy()))
+        return lines[len(fitted) - 1]
 
     monkeypatch.setattr(heads, "fit_linear_correction", fake_fit)
     config = _config(
@@ -216,21 +228,67 @@ def test_run_with_bins_head_fits_and_exports_the_bias_correction(
         fit_bias_correction=True,
     )
     result = train.run(config)
-    assert fitted == [10]  # every val record of the session's toy data, none of the padding
+    # Every val record of the session's toy data, none of the padding; once per mode.
+    assert [n for n, _ in fitted] == [10, 10]
+    assert not np.allclose(fitted[0][1], fitted[1][1])  # the flip means are not the plain
     saved = model_dir.load_derived(config.model_dir)
     assert (saved.bias_slope, saved.bias_intercept) == (1.1, -3.0)
+    assert saved.tta_corrections == {"flip": (1.2, -5.0)}
     assert (result["bias_slope"], result["bias_intercept"]) == (1.1, -3.0)
+    assert result["tta_corrections"] == {"flip": [1.2, -5.0]}
     exported = keras.models.load_model(result["exports"]["keras"])
     assert exported.get_layer("corrected").slope == saved.bias_slope
     metrics = evaluate.run(model_dir=config.model_dir, data=toy_data, split="val")
-    assert metrics["bias_correction"] == {
-        "slope": saved.bias_slope,
-        "intercept": saved.bias_intercept,
-    }
-    np.testing.assert_allclose(metrics["mae_months"], result["val_mae_corrected_months"], rtol=1e-4)
-    assert metrics["mae_uncorrected_months"] is not None
-    lines = (pathlib.Path(metrics["output"]) / "predictions.csv").read_text().splitlines()
-    assert lines[0].endswith(",spread_months") and len(lines) == 11
+    assert metrics["bias_correction"] == {"slope": 1.1, "intercept": -3.0}
+    np.testing.assert_allclose(
+        metrics["mae_corrected_months"], result["val_mae_corrected_months"], rtol=1e-4
+    )
+    # Fitted on this very split: the headline is the uncorrected MAE.
+    assert metrics["in_sample"] and metrics["headline"] == "uncorrected"
+    assert metrics["mae_months"] == pytest.approx(metrics["mae_uncorrected_months"], rel=1e-9)
+    lines_csv = (pathlib.Path(metrics["output"]) / "predictions.csv").read_text().splitlines()
+    assert lines_csv[0].endswith(",spread_months") and len(lines_csv) == 11
+    flip = evaluate.run(model_dir=config.model_dir, data=toy_data, split="val", tta="flip")
+    assert flip["bias_correction"] == {"slope": 1.2, "intercept": -5.0}
+    np.testing.assert_allclose(
+        flip["mae_corrected_months"], result["val_mae_flip_corrected_months"], rtol=1e-4
+    )
+
+
+def test_bias_fit_gives_each_tta_mode_the_line_of_its_own_views(tmp_path, monkeypatch) -> None:
+    """One rotflip pass: plain, flip and rotflip each get the line of their views' mean."""
+    views = inference.tta_views("rotflip")
+    true = np.linspace(10.0, 220.0, 50)
+    # Each view is biased its own way: mirrored +3 months, rotated +0.1 per degree of angle.
+    per_view = np.stack([0.8 * true + 25.0 + 3.0 * f + 0.1 * abs(a) for a, f in views])
+    fake = inference.SplitPredictions(
+        ids=[str(i) for i in range(50)],
+        male=np.zeros(50),
+        boneage=true,
+        predicted=per_view.mean(axis=0),
+        views=per_view,
+    )
+    asked = []
+    monkeypatch.setattr(inference, "predict_split", lambda *a, **k: asked.append(k["tta"]) or fake)
+    monkeypatch.setattr(train.schema, "read_manifest", lambda path: {})
+    config = config_lib.TrainConfig.from_flags(
+        data="d", model_dir=str(tmp_path), fit_bias_correction=True, bias_correction_tta="rotflip"
+    )
+    session = types.SimpleNamespace(
+        config=config,
+        derived=config_lib.Derived(label_std=40.0, val_split="val"),
+        model=None,
+        strategy=None,
+        chief=True,
+    )
+    result = train._fit_bias_correction(session)
+    assert asked == ["rotflip"]  # one pass over the widest mode's views
+    saved = model_dir.load_derived(str(tmp_path))
+    # true = 1.25 * (0.8 true + c) - 1.25 c for each mode's mean offset c.
+    for mode, offset in (("none", 25.0), ("flip", 26.5), ("rotflip", 27.1)):
+        np.testing.assert_allclose(saved.correction(mode), (1.25, -1.25 * offset), rtol=1e-9)
+    assert set(saved.tta_corrections) == {"flip", "rotflip"}
+    assert result["val_mae_rotflip_corrected_months"] == pytest.approx(0.0, abs=1e-9)
 
 
 @pytest.mark.slow

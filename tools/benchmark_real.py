@@ -568,7 +568,9 @@ def run(config: BenchConfig) -> dict[str, Any]:
     else:
         notes.append(
             "the model applies its fitted bias correction: val_mae_months is evaluate's "
-            "mae_uncorrected_months; mae_by_sex is of the corrected predictions"
+            "mae_uncorrected_months; mae_by_sex is of the "
+            + ("uncorrected" if plain.get("in_sample") else "corrected")
+            + " predictions (evaluate's headline)"
         )
 
     val_rows = split_records(data_dir, "val")

@@ -43,6 +43,9 @@ LOSSES = ("l1", "mse", "huber")
 PRECISION_CHOICES = ("auto", "bf16", "fp16", "fp32")
 AUTO_YES_NO = ("auto", "yes", "no")
 BIG = 10**9  # The upper bound of counts that have no natural one.
+# The TTA modes (besides "none", the plain prediction) that can have their own bias correction;
+# inference.runner.TTA_MODES names the same views.
+TTA_CORRECTION_MODES = ("flip", "rotflip")
 
 
 @dataclasses.dataclass
@@ -150,8 +153,16 @@ class ModelConfig:
     fit_bias_correction: bool = option(
         False,
         "After training, fit true ~ slope * predicted + intercept on the --val_split "
-        "predictions (Deeplasia's linear bias correction); stored in derived.json and applied "
-        "by evaluate, predict and the exports.",
+        "predictions (Deeplasia's linear bias correction): one line for the plain predictions "
+        "(applied by predict and the exports) and one per TTA mode up to "
+        "--bias_correction_tta; stored in derived.json, evaluate --tta MODE applies MODE's.",
+    )
+    bias_correction_tta: str = option(
+        "flip",
+        "The TTA modes --fit_bias_correction fits a line for, in one pass over the views of "
+        "the widest: none (plain only) | flip (plain and flip: 2 views) | rotflip (plain, flip "
+        "and rotflip: 10 views).",
+        choices=("none", *TTA_CORRECTION_MODES),
     )
 
 
@@ -406,9 +417,14 @@ class Derived:
       data_encoding: the stored image encoding (jpeg | png | raw; "" unknown).
       data_jpeg_quality: the stored JPEG quality.
       schema_version: the record schema version of the data (0: unknown).
-      bias_slope: the linear bias correction fitted on the validation predictions
-        (`heads.fit_linear_correction`), applied by evaluate, predict and the exports.
+      bias_slope: the linear bias correction fitted on the plain (TTA "none") validation
+        predictions (`heads.fit_linear_correction`); part of the model that the checkpoints
+        restore into and the exports hold, applied by evaluate --tta none and predict.
       bias_intercept: its intercept (months). Identity (1, 0) until fitted.
+      tta_corrections: the corrections fitted on the TTA-averaged validation predictions,
+        {mode: (slope, intercept)} for the modes of `TTA_CORRECTION_MODES` that were fitted;
+        a line fitted to plain predictions does not fit averaged ones, so evaluate --tta MODE
+        applies only this mode's line.
       train_split: the split(s) trained on (the other folds' under --fold; "" unknown).
       val_split: the split validated on (the fold's under --fold).
     """
@@ -421,8 +437,25 @@ class Derived:
     schema_version: int = 0
     bias_slope: float = 1.0
     bias_intercept: float = 0.0
+    tta_corrections: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
     train_split: str = ""
     val_split: str = ""
+
+    def correction(self, tta: str) -> tuple[float, float] | None:
+        """Returns the (slope, intercept) fitted for TTA mode `tta`, or None when none was.
+
+        The plain mode's line is `bias_slope`/`bias_intercept`. The identity counts as not
+        fitted: it is what `heads.fit_linear_correction` returns for a model it cannot improve.
+        """
+        if tta == "none":
+            line = (self.bias_slope, self.bias_intercept)
+        else:
+            line = tuple(map(float, self.tta_corrections.get(tta, (1.0, 0.0))))
+        return None if line == (1.0, 0.0) else line
+
+    def fitted_modes(self) -> list[str]:
+        """Returns the TTA modes that have a fitted correction, in `TTA_CORRECTION_MODES` order."""
+        return [m for m in ("none", *TTA_CORRECTION_MODES) if self.correction(m) is not None]
 
     def to_json(self) -> str:
         """Returns the values as pretty JSON."""

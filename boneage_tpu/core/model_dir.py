@@ -3,7 +3,9 @@
 A model directory (local or gs://) holds:
   config.json                 the user's settings: TrainConfig, one object per group
   derived.json                what the run derived from the data (label stats, stored image
-                                format, splits) and fitted after training (bias correction)
+                                format, splits) and fitted after training (bias corrections:
+                                bias_slope/bias_intercept for plain predictions, the model's;
+                                tta_corrections {flip|rotflip: [slope, intercept]})
   checkpoints/ckpt-<step>.*   tf.train.CheckpointManager output (model, optimizer, step, rng)
   logs/train, logs/val        TensorBoard event files of training
   logs/eval[_<split>][_flip]  TensorBoard event files of the continuous evaluator
@@ -37,7 +39,7 @@ from typing import Any
 import tensorflow as tf
 
 from boneage_tpu.core import guard, options, schema
-from boneage_tpu.core.config import Derived, TrainConfig, join
+from boneage_tpu.core.config import TTA_CORRECTION_MODES, Derived, TrainConfig, join
 from boneage_tpu.core.errors import Error, UsageError
 
 CONFIG_NAME = "config.json"
@@ -215,7 +217,9 @@ def derived_from_dict(values: Any, path: str = DERIVED_NAME) -> Derived:
             raise ModelDirError(
                 f"{path}: {key} is {json.dumps(value)[:80]}, expected {_type_name(hints[key])}"
             )
-    derived = Derived(**{k: v for k, v in values.items() if k in hints})
+    fields = {k: v for k, v in values.items() if k in hints}
+    fields["tta_corrections"] = _tta_corrections(values.get("tta_corrections", {}), path)
+    derived = Derived(**fields)
     for name, low, high in _MANIFEST_FIELD_RANGES:
         value = getattr(derived, name)
         if not low <= value <= high:
@@ -236,6 +240,36 @@ def derived_from_dict(values: Any, path: str = DERIVED_NAME) -> Derived:
     if derived.label_std <= 0:
         raise ModelDirError(f"{path}: label_std must be > 0, got {derived.label_std}")
     return derived
+
+
+def _tta_corrections(value: Any, path: str) -> dict[str, tuple[float, float]]:
+    """Checks derived.json's tta_corrections: {flip|rotflip: [slope, intercept]} of finite numbers.
+
+    Raises:
+      ModelDirError: one line naming the file and the bad entry.
+    """
+    if not isinstance(value, dict):
+        raise ModelDirError(
+            f"{path}: tta_corrections is {json.dumps(value)[:80]}, expected an object"
+        )
+    lines = {}
+    for mode, line in value.items():
+        if mode not in TTA_CORRECTION_MODES:
+            raise ModelDirError(
+                f"{path}: tta_corrections has {json.dumps(mode)[:40]}, expected only "
+                f"{', '.join(TTA_CORRECTION_MODES)}"
+            )
+        if not (
+            isinstance(line, list | tuple)
+            and len(line) == 2
+            and all(_has_type(v, float) and math.isfinite(v) for v in line)
+        ):
+            raise ModelDirError(
+                f"{path}: tta_corrections.{mode} is {json.dumps(line)[:80]}, expected "
+                "[slope, intercept] (finite numbers)"
+            )
+        lines[mode] = (float(line[0]), float(line[1]))
+    return lines
 
 
 def _has_type(value: Any, hint: Any) -> bool:

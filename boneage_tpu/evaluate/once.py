@@ -3,7 +3,8 @@
 A leaf of the evaluation package: `job` (the command) and `continuous` (following a training
 run) both call `evaluate_once`; it imports neither. The report shows the K worst and K best
 cases with heatmaps and the shortcut check (`gallery`; one extra pass over the split, the first
-model's maps); `--no_gallery` skips both.
+model's maps); `--no_gallery` skips both. Which bias correction applies, and whether it was
+fitted on the evaluated records, is `corrections`'.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import tensorflow as tf
 
 from boneage_tpu import __version__
@@ -27,9 +27,11 @@ from boneage_tpu.core.config import BIG
 from boneage_tpu.core.errors import Error, UsageError
 from boneage_tpu.core.options import check, from_flat, group, option
 from boneage_tpu.data import verify
-from boneage_tpu.evaluate import gallery, metrics, report
+from boneage_tpu.evaluate import corrections, gallery, metrics, report
 from boneage_tpu.inference import heatmap, restore
 from boneage_tpu.inference import runner as inference
+
+CORRECTION_CHOICES = ("fitted", "none")
 
 
 class EvalError(Error, ValueError):
@@ -54,6 +56,12 @@ class EvalConfig:
         "flip: mean over the image and its mirror; rotflip: also rotated by -10, -5, 5 and 10 "
         "degrees (10 views).",
         choices=inference.TTA_MODES,
+    )
+    correction: str = option(
+        "fitted",
+        "fitted: apply the bias correction the training run fitted for this --tta mode (none "
+        "when it fitted none for it) | none: report the network's own predictions.",
+        choices=CORRECTION_CHOICES,
     )
     output: str = option(
         "",
@@ -147,29 +155,6 @@ def _train_mean(manifest: dict[str, Any], derived: config_lib.Derived) -> tuple[
     return float(derived.label_mean), "derived.json label_mean (the model's training data)"
 
 
-def correction_metrics(
-    result: inference.SplitPredictions, corrections: Sequence[tuple[float, float]]
-) -> dict[str, Any]:
-    """Returns the MAE with and without the members' fitted linear bias corrections.
-
-    The models already apply their correction (it is part of the model a config describes), so
-    the uncorrected predictions are recovered by inverting the members' line.
-    """
-    fitted = [c for c in corrections if tuple(c) != (1.0, 0.0)]
-    labeled = result.boneage >= 0
-    if not fitted or not labeled.any():
-        return dict.fromkeys(("bias_correction", "mae_corrected_months", "mae_uncorrected_months"))
-    # Exact for one model; for an ensemble the mean member line is inverted (approximation).
-    slope = float(np.mean([c[0] for c in corrections]))
-    intercept = float(np.mean([c[1] for c in corrections]))
-    raw = (result.predicted - intercept) / slope
-    return {
-        "bias_correction": {"slope": slope, "intercept": intercept},
-        "mae_corrected_months": float(np.mean(np.abs(result.predicted - result.boneage)[labeled])),
-        "mae_uncorrected_months": float(np.mean(np.abs(raw - result.boneage)[labeled])),
-    }
-
-
 def evaluate_once(
     config: EvalConfig,
     strategy: tf.distribute.Strategy,
@@ -196,7 +181,8 @@ def evaluate_once(
     runtime = distribute.resolve_runtime(
         config.runtime, distribute.platform(strategy), strategy.num_replicas_in_sync
     )
-    runs, members, corrections, train_mean, first = [], [], [], None, None
+    runs, raws, lines, members, train_mean, first = [], [], [], [], None, None
+    in_sample, derived = False, []
     for model_dir in config.model_dirs:
         # derived.json alone tells whether the data fits: fail before building the model.
         restore.check_data_compatible(model_dir_lib.load_derived(model_dir), manifest, model_dir)
@@ -230,12 +216,40 @@ def evaluate_once(
             raise EvalError(
                 verify.describe_read_failure(config.data, manifest, [config.split], e)
             ) from None
-        runs.append(predictions)
-        members.append({"model_dir": model_dir, "source": loaded.source, "step": loaded.step})
-        corrections.append((loaded.derived.bias_slope, loaded.derived.bias_intercept))
+        # The model applies the plain predictions' line itself; each member's own predictions
+        # are recovered exactly, then given the line fitted for this --tta mode.
+        baked = restore.baked_correction(loaded.model)
+        raw = corrections.uncorrected(predictions, baked)
+        line = loaded.derived.correction(config.tta) if config.correction == "fitted" else None
+        runs.append(predictions if line == baked else corrections.corrected(raw, line))
+        raws.append(raw)
+        lines.append(line)
+        derived.append(loaded.derived)
+        in_sample = in_sample or corrections.fitted_in_sample(loaded, config.data, config.split)
+        members.append(
+            {
+                "model_dir": model_dir,
+                "source": loaded.source,
+                "step": loaded.step,
+                "bias_correction": None
+                if line is None
+                else {"slope": line[0], "intercept": line[1]},
+            }
+        )
         first = first or (loaded, batch_size)
         train_mean = train_mean or _train_mean(manifest, loaded.derived)
-    result = inference.average(runs)
+    result, raw = inference.average(runs), inference.average(raws)
+    status, note = corrections.correction_status(config.correction, config.tta, derived)
+    if note:
+        print(f"note: {note}")
+    # A line fitted on the evaluated records scores better here than on new data: the
+    # headline figures (and predictions.csv) are then the uncorrected ones.
+    headline = raw if in_sample and any(line is not None for line in lines) else result
+    if in_sample:
+        print(
+            f"note: the bias correction was fitted on {config.split} of {config.data}: "
+            "mae_months is the uncorrected MAE; mae_corrected_months is in-sample"
+        )
     expected = int(schema.split_info(manifest, config.split)["count"])
     if len(result.ids) != expected or len(set(result.ids)) != expected:
         raise EvalError(
@@ -251,13 +265,26 @@ def evaluate_once(
         )
     )
     values = metrics.regression_metrics(
-        result.boneage,
-        result.predicted,
-        result.male,
+        headline.boneage,
+        headline.predicted,
+        headline.male,
         train_mean_months=train_mean[0],
     )
     values["train_mean_source"] = train_mean[1]
-    values.update(correction_metrics(result, corrections))
+    values.update(corrections.correction_metrics(result, raw, lines))
+    values.update(
+        {
+            "correction": config.correction,
+            "bias_correction_status": status,
+            "bias_correction_fitted_for": sorted({m for d in derived for m in d.fitted_modes()}),
+            "in_sample": in_sample,
+            "headline": "corrected"
+            if headline is result and status == "applied"
+            else "uncorrected",
+        }
+    )
+    if config.tta != "none":
+        values["tta_views"] = corrections.view_metrics(raw, config.tta)
     values.update(
         {
             "checkpoint_step": steps[0] if len(steps) == 1 else steps,
@@ -280,7 +307,7 @@ def evaluate_once(
                 config.data,
                 config.split,
                 manifest,
-                result,
+                headline,
                 image_size=restore.model_image_size(first[0]),
                 batch_size=first[1],
                 size=config.gallery_size,
@@ -293,12 +320,12 @@ def evaluate_once(
     report.write_outputs(
         output,
         values,
-        result.ids,
-        result.male,
-        result.boneage,
-        result.predicted,
+        headline.ids,
+        headline.male,
+        headline.boneage,
+        headline.predicted,
         title=title,
-        spread=result.spread,
+        spread=headline.spread,
         extra_html=section,
     )
     return values

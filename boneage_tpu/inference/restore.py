@@ -133,3 +133,30 @@ def model_image_size(loaded: LoadedModel) -> int:
         if len(shape) == 4 and shape[1] is not None:
             return int(shape[1])
     return int(loaded.config.data.image_size)
+
+
+def baked_correction(model: Any) -> tuple[float, float]:
+    """Returns the (slope, intercept) the model applies itself: its `corrected` layer's.
+
+    A model built from a run's derived.json (checkpoints) or exported by it holds the plain
+    predictions' line; other models hold none (the identity).
+    """
+    if not hasattr(model, "get_layer") or "corrected" not in {x.name for x in model.layers}:
+        return (1.0, 0.0)
+    layer = model.get_layer("corrected")
+    return (float(layer.slope), float(layer.intercept))
+
+
+def tta_corrected(loaded: LoadedModel, months: Any, tta: str) -> Any:
+    """Returns TTA-mean predictions with the line fitted for `tta` in place of the plain one.
+
+    The model applies the plain predictions' line to every view; a line fitted to plain
+    predictions does not fit a TTA mean, so it is undone and the mode's own line (from
+    derived.json; none when the run fitted none for the mode) applied instead.
+    """
+    if tta == "none":
+        return months
+    slope, intercept = baked_correction(loaded.model)
+    raw = (months - intercept) / slope
+    line = loaded.derived.correction(tta)
+    return raw if line is None else line[0] * raw + line[1]

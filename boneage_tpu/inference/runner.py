@@ -37,6 +37,9 @@ class SplitPredictions:
     boneage: np.ndarray  # float64 months; schema.NO_LABEL (-1) where unlabeled
     predicted: np.ndarray  # float64 months
     spread: np.ndarray | None = None  # float64 months: per-image std of the bins head
+    # float64 months [views, N]: each TTA view's own prediction (`tta_views` order); their mean
+    # is `predicted` up to float32 rounding (`predicted` is averaged on the device).
+    views: np.ndarray | None = None
 
 
 def tta_views(tta: str) -> list[tuple[float, bool]]:
@@ -84,10 +87,27 @@ def tta_predict_fn(
     inputs); "rotflip" also rotates by +-5 and +-10 degrees. `spread` is the bins head's
     per-image std in months (averaged over the views), zeros for a regression head.
     """
+    views_fn = tta_views_fn(model, tta)
+
+    def run(images: tf.Tensor, male: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        months, spread, _ = views_fn(images, male)
+        return months, spread
+
+    return run
+
+
+def tta_views_fn(
+    model: Any, tta: str
+) -> Callable[[tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor, tf.Tensor]]:
+    """Returns fn(images, male) -> (months [B], spread [B], each view's months [views, B]).
+
+    `months` and `spread` are `tta_predict_fn`'s; the third output keeps each view's own
+    prediction so that a report can show which views help.
+    """
     views = tta_views(tta)
     spread_model = heads.with_spread(model) if hasattr(model, "get_layer") else None
 
-    def run(images: tf.Tensor, male: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    def run(images: tf.Tensor, male: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         images = tf.cast(images, tf.float32)
         male = tf.cast(male, tf.float32)
         months, spread = [], []
@@ -100,7 +120,8 @@ def tta_predict_fn(
                 out, std = spread_model(inputs, training=False)
             months.append(tf.reshape(tf.cast(out, tf.float32), [-1]))
             spread.append(tf.reshape(tf.cast(std, tf.float32), [-1]))
-        return tf.add_n(months) / len(views), tf.add_n(spread) / len(views)
+        mean = tf.add_n(months) / len(views)
+        return mean, tf.add_n(spread) / len(views), tf.stack(months)
 
     return run
 
@@ -125,12 +146,13 @@ def predict_dataset(
     """
     strategy = strategy or tf.distribute.get_strategy()
     replicas = strategy.num_replicas_in_sync
-    predict = tta_predict_fn(model, tta)
+    predict = tta_views_fn(model, tta)
     if jit_compile:
         predict = tf.function(predict, jit_compile=True)
 
     def predict_rows(images: tf.Tensor, male: tf.Tensor) -> tf.Tensor:
-        """[replicas, 2, rows]: months and spread of every replica's rows, on every replica.
+        """[replicas, 2 + views, rows]: months, spread and each view's months of every
+        replica's rows, on every replica.
 
         Each replica predicts its own slice into its row of a zero tensor (static shapes for
         XLA); one all-reduce (a sum) then gives every replica, and so every host, the whole
@@ -138,7 +160,8 @@ def predict_dataset(
         while every host reads (and masks) the whole batch.
         """
         context = tf.distribute.get_replica_context()
-        own = tf.stack(predict(images, male))
+        months, spread, views = predict(images, male)
+        own = tf.concat([tf.stack([months, spread]), views], axis=0)
         slot = tf.one_hot(context.replica_id_in_sync_group, replicas, dtype=own.dtype)
         return context.all_reduce(tf.distribute.ReduceOp.SUM, slot[:, None, None] * own[None])
 
@@ -148,7 +171,7 @@ def predict_dataset(
 
     has_spread = hasattr(model, "get_layer") and heads.logits_of(model) is not None
     ids: list[str] = []
-    male, boneage, predicted, spread = [], [], [], []
+    male, boneage, predicted, spread, views = [], [], [], [], []
     # Every host iterates the same global batches, so all run the same number of steps.
     for batch in dataset:
         size = int(batch["image"].shape[0])
@@ -168,13 +191,15 @@ def predict_dataset(
 
         inputs = strategy.experimental_distribute_values_from_function(replica_slice)
         slots = np.asarray(strategy.experimental_local_results(step(inputs))[0], np.float32)
-        months, stds = np.concatenate(slots, axis=1).astype(np.float64)
+        rows = np.concatenate(slots, axis=1).astype(np.float64)
+        months, stds = rows[0], rows[1]
         keep = np.asarray(batch["mask"]) > 0
         ids.extend(v.decode("utf-8") for v in np.asarray(batch["id"])[keep])
         male.append(np.asarray(batch["male"], np.float64)[keep])
         boneage.append(np.asarray(batch["boneage"], np.float64)[keep])
         predicted.append(months[keep])
         spread.append(stds[keep])
+        views.append(rows[2:, keep])
     if not ids:
         raise InferenceError("the evaluation dataset yielded no records")
     return SplitPredictions(
@@ -183,6 +208,7 @@ def predict_dataset(
         boneage=np.concatenate(boneage),
         predicted=np.concatenate(predicted),
         spread=np.concatenate(spread) if has_spread else None,
+        views=np.concatenate(views, axis=1),
     )
 
 
@@ -242,4 +268,7 @@ def average(runs: list[SplitPredictions]) -> SplitPredictions:
         predicted=np.mean(np.stack([r.predicted for r in runs]), axis=0),
         # Members' mean spread; the members' disagreement is not added in.
         spread=None if any(v is None for v in spreads) else np.mean(np.stack(spreads), axis=0),
+        views=None
+        if any(r.views is None for r in runs)
+        else np.mean(np.stack([r.views for r in runs]), axis=0),
     )

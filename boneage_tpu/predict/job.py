@@ -157,7 +157,7 @@ def predict_batch(
         stop = start + batch_size
         out, _ = run(tf.constant(batch[start:stop]), tf.constant(male[start:stop]))
         months.append(out.numpy())
-    result = np.concatenate(months).astype(np.float64)
+    result = restore.tta_corrected(loaded, np.concatenate(months).astype(np.float64), tta)
     if not np.all(np.isfinite(result)):
         raise PredictError(f"the model in {loaded.model_dir} returned non-finite predictions")
     return result
@@ -225,7 +225,10 @@ class PredictConfig:
         "auto", "auto (export if present, else latest), latest, export or a step."
     )
     tta: str = option(
-        "none", "flip: mean of the image and its mirror.", choices=inference.TTA_MODES
+        "none",
+        "flip: mean of the image and its mirror; rotflip: also rotated by +-5 and +-10 degrees. "
+        "Applies the bias correction fitted for the mode (none when the run fitted none).",
+        choices=inference.TTA_MODES,
     )
     output: str = option("", "Write a CSV here (local or gs://) instead of printing a table.")
     batch_size: int = option(16, "Images per forward pass.", min=1, max=BIG)

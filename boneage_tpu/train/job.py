@@ -216,9 +216,17 @@ def _train(
     return result
 
 
-def _fit_bias_correction(session: Session) -> dict[str, float]:
-    """Fits the linear bias correction on the validation predictions; saves it in derived.json."""
+def _fit_bias_correction(session: Session) -> dict[str, Any]:
+    """Fits the linear bias correction per TTA mode on the validation predictions.
+
+    One pass predicts every view of `--bias_correction_tta`'s mode; each mode up to it gets
+    the line fitted on its own views' mean, since TTA averaging changes the predictions' bias
+    and a line fitted to plain predictions does not fit averaged ones. The plain line becomes
+    bias_slope/bias_intercept (the exports apply it), the others tta_corrections; all are
+    saved in derived.json.
+    """
     config, val_split = session.config, session.derived.val_split
+    widest = config.model.bias_correction_tta
     predictions = inference.predict_split(
         session.model,
         config.data.path,
@@ -226,22 +234,39 @@ def _fit_bias_correction(session: Session) -> dict[str, float]:
         schema.read_manifest(config.data.path),
         image_size=config.data.image_size,
         batch_size=config.data.eval_batch_size or config.data.batch_size,
+        tta=widest,
         strategy=session.strategy,
     )
-    slope, intercept = heads.fit_linear_correction(predictions.boneage, predictions.predicted)
+    views = inference.tta_views(widest)
+    labeled = predictions.boneage >= 0
+    lines: dict[str, tuple[float, float]] = {}
+    result: dict[str, Any] = {}
+    for mode in inference.TTA_MODES[: inference.TTA_MODES.index(widest) + 1]:
+        if mode == widest:
+            predicted = predictions.predicted  # averaged on the device, as evaluate's is
+        else:
+            chosen = [i for i, view in enumerate(views) if view in inference.tta_views(mode)]
+            predicted = np.mean(predictions.views[chosen], axis=0)
+        slope, intercept = heads.fit_linear_correction(predictions.boneage, predicted)
+        lines[mode] = (slope, intercept)
+        corrected = slope * predicted + intercept
+        mae = float(np.mean(np.abs(corrected - predictions.boneage)[labeled]))
+        suffix = "" if mode == "none" else f"_{mode}"
+        result[f"val_mae{suffix}_corrected_months"] = mae
+        log(
+            f"bias correction{'' if mode == 'none' else f' (--tta {mode})'}: months = "
+            f"{slope:.4f} x prediction + {intercept:.2f} (fitted on {val_split}: mae "
+            f"{mae:.2f} mo, in-sample)"
+        )
+    slope, intercept = lines.pop("none")
     session.derived = dataclasses.replace(
-        session.derived, bias_slope=slope, bias_intercept=intercept
+        session.derived, bias_slope=slope, bias_intercept=intercept, tta_corrections=lines
     )
     if session.chief:
         model_dir_lib.save_derived(config.model_dir, session.derived)
-    labeled = predictions.boneage >= 0
-    corrected = slope * predictions.predicted + intercept
-    mae = float(np.mean(np.abs(corrected - predictions.boneage)[labeled]))
-    log(
-        f"bias correction: months = {slope:.4f} x prediction + {intercept:.2f} "
-        f"(fitted on {val_split}: mae {mae:.2f} mo, in-sample)"
-    )
-    return {"bias_slope": slope, "bias_intercept": intercept, "val_mae_corrected_months": mae}
+    result.update(bias_slope=slope, bias_intercept=intercept)
+    result["tta_corrections"] = {mode: list(line) for mode, line in lines.items()}
+    return result
 
 
 def run(
