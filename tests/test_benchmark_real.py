@@ -4,7 +4,10 @@ end-to-end run on phantom data."""
 
 from __future__ import annotations
 
+import csv
 import json
+import math
+import os
 import pathlib
 import subprocess
 
@@ -14,9 +17,10 @@ from PIL import Image
 
 from boneage_tpu.core import model_dir as model_dir_lib
 from boneage_tpu.core import schema
-from boneage_tpu.core.config import TrainConfig
+from boneage_tpu.core.config import AugmentConfig, TrainConfig
+from boneage_tpu.core.errors import UsageError
 from tests.conftest import requires_tf_keras
-from tests.helpers import TINY_FLAGS, phantom_command
+from tests.helpers import TINY_FLAGS, config_and_derived, phantom_command
 from tools import benchmark_real, benchmark_real_seed
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -33,6 +37,7 @@ REQUIRED_KEYS = {
     "model_dir",
     "robustness",
     "load_average",
+    "load_flagged",
     "commands",
     "notes",
 }
@@ -129,6 +134,32 @@ def test_window_maps_the_1st_and_99th_percentiles_to_20_and_100():
     assert np.all(benchmark_real.window_20_100(np.full((8, 8), 77, np.uint8)) == 20)
 
 
+def test_the_seed_side_recalibrates_batch_norm_without_touching_the_weights():
+    from boneage_tpu.modeling.model import build_model
+    from boneage_tpu.train import loop
+
+    model = build_model(
+        *config_and_derived(backbone="tiny", image_size=32, label_std=40.0, label_mean=100.0)
+    )
+    statistics = loop.moving_statistics(model)
+    assert statistics, "the tiny backbone has batch norm"
+    before = [v.numpy() for v in statistics]
+    weights = [v.numpy() for v in model.trainable_variables]
+    rng = np.random.default_rng(0)
+    drawn = []
+
+    def next_inputs() -> dict[str, np.ndarray]:
+        drawn.append(1)
+        image = rng.uniform(100, 200, (4, 32, 32, 1)).astype(np.float32)
+        return {"image": image, "male": np.ones([4], np.float32)}
+
+    benchmark_real_seed.batch_norm_recalibration(model, next_inputs, 3)()
+    assert len(drawn) == 3
+    assert any(not np.allclose(a, v.numpy()) for a, v in zip(before, statistics, strict=True))
+    for a, v in zip(weights, model.trainable_variables, strict=True):
+        assert np.array_equal(a, v.numpy())
+
+
 def _trainer_records(val_seconds: float) -> list[dict]:
     """A hand-made metrics.jsonl: 3 loops of 10 steps (batch 4), validations after 2 and 3."""
 
@@ -184,17 +215,98 @@ def test_trainer_records_exclude_validation_time(tmp_path):
         benchmark_real.read_training(tmp_path)
 
 
-def test_time_to_accuracy_ratio_on_hand_made_curves():
-    seed = [[10.0, 30.0], [30.0, 20.0], [60.0, 15.0]]
-    ours = [[5.0, 25.0], [12.0, 16.0], [18.0, 14.9], [40.0, 10.0]]
+def test_time_to_accuracy_is_final_against_final_on_hand_made_curves():
+    # The seed reaches its final 15.0 first at 50 min (a dip), then ends at 60 min.
+    seed = [[10.0, 30.0], [30.0, 20.0], [50.0, 14.5], [60.0, 15.0]]
+    ours = [[5.0, 25.0], [12.0, 16.0], [18.0, 14.9], [40.0, 10.0], [45.0, 11.0]]
     result = benchmark_real.compare_curves(ours, seed)
-    assert result["seed_final_mae_months"] == 15.0 and result["seed_train_minutes"] == 60.0
-    assert result["our_minutes_to_seed_final"] == 18.0
-    assert result["time_to_seed_final_ratio"] == pytest.approx(18.0 / 60.0)
+    assert result["seed_final_mae_months"] == 15.0 and result["ours_final_mae_months"] == 11.0
+    assert result["seed_train_minutes"] == 60.0 and result["ours_train_minutes"] == 45.0
+    # Each side's time to a target is its first validation at or below it, its own final too.
+    assert result["ours_minutes_to_seed_final"] == 18.0 and result["seed_minutes"] == 50.0
+    assert result["ours_minutes"] == 40.0
+    assert result["time_to_seed_final_ratio"] == pytest.approx(18.0 / 50.0)
+    # The seed never reached our final 11.0: the mirror ratio is null, with the reason.
+    assert result["seed_minutes_to_ours_final"] is None
+    assert result["seed_time_to_ours_final_ratio"] is None
+    assert "the seed's pipeline never reached our final val MAE 11.00" in result["reason"]
+    assert "(its best was 14.50)" in result["reason"]
     never = benchmark_real.compare_curves([[5.0, 25.0], [40.0, 15.5]], seed)
-    assert never["time_to_seed_final_ratio"] is None
-    assert "never reached the seed's final val MAE 15.00 (its best was 15.50)" in never["reason"]
-    assert benchmark_real.compare_curves([], seed)["time_to_seed_final_ratio"] is None
+    assert never["time_to_seed_final_ratio"] is None and never["ours_minutes_to_seed_final"] is None
+    assert (
+        "our trainer never reached the seed's final val MAE 15.00 (its best was 15.50)"
+        in (never["reason"])
+    )
+    assert never["seed_minutes_to_ours_final"] == 50.0
+    assert never["seed_time_to_ours_final_ratio"] == pytest.approx(50.0 / 40.0)
+    empty = benchmark_real.compare_curves([], seed)
+    assert empty["time_to_seed_final_ratio"] is None and empty["reason"] == "a curve is empty"
+    assert benchmark_real.time_to_reach(ours, 14.9) == 18.0
+    assert benchmark_real.time_to_reach(ours, 9.0) is None
+    assert benchmark_real.shift_curve([[1.0, 9.0]], 2.5) == [[3.5, 9.0]]
+
+
+def test_a_busy_machine_is_refused_unless_allowed(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.75, 0.5, 0.25))
+    with pytest.raises(UsageError, match="load average is 0.75 \\(> 0.5\\)"):
+        benchmark_real.check_load(False)
+    assert benchmark_real.check_load(True) == ([0.75, 0.5, 0.25], True)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.5, 3.0, 3.0))
+    assert benchmark_real.check_load(False) == ([0.5, 3.0, 3.0], False)
+    # From the command line: exit 2, one line, before anything is written.
+    monkeypatch.setattr(os, "getloadavg", lambda: (2.0, 2.0, 2.0))
+    labels = tmp_path / "labels.csv"
+    labels.write_text("id,boneage,male\n")
+    flagfile = tmp_path / "r.flags"
+    flagfile.write_text(TINY_FLAGS)
+    argv = ["--labels", str(labels), "--images", str(tmp_path), "--output", str(tmp_path / "o")]
+    err = _one_line_error(capsys, [*argv, "--flagfile", str(flagfile)], 2)
+    assert "--allow_load" in err and not (tmp_path / "o").exists()
+
+
+def test_seed_images_need_the_comparison_and_a_fresh_conversion(tmp_path, capsys):
+    labels = tmp_path / "labels.csv"
+    labels.write_text("id,boneage,male\n")
+    flagfile = tmp_path / "r.flags"
+    flagfile.write_text(TINY_FLAGS)
+    base = ["--labels", str(labels), "--images", str(tmp_path), "--output", str(tmp_path / "o")]
+    base += ["--flagfile", str(flagfile), "--seed_images", str(tmp_path)]
+    assert "--seed_images needs --compare_seed" in _one_line_error(capsys, base, 2)
+    err = _one_line_error(capsys, [*base, "--compare_seed", "--skip_convert"], 2)
+    assert "drop --data/--skip_convert" in err
+    base[-1] = str(tmp_path / "none")
+    assert "is not a folder" in _one_line_error(capsys, [*base, "--compare_seed"], 2)
+
+
+def test_the_seed_augmentation_is_the_recipes_ranges():
+    augment = AugmentConfig(
+        rotation_deg=15.0, shift=0.1, zoom=(0.8, 1.25), shear=0.1, flip=True, brightness=0.15,
+        contrast=(0.5, 1.5), gamma=(0.6, 1.6),
+    )  # fmt: skip
+    kwargs = benchmark_real_seed.seed_augmentation(augment)
+    assert kwargs["rotation_range"] == 15.0
+    assert kwargs["width_shift_range"] == kwargs["height_shift_range"] == 0.1
+    # Keras' zoom z shows 1/z of the side: our scales 0.8..1.25 are its 1/1.25..1/0.8.
+    assert kwargs["zoom_range"] == [pytest.approx(0.8), pytest.approx(1.25)]
+    assert kwargs["shear_range"] == pytest.approx(math.degrees(math.atan(0.1)))
+    assert kwargs["horizontal_flip"] is True
+    assert kwargs["channel_shift_range"] == pytest.approx(0.15 * 255)
+    assert kwargs["fill_mode"] == "constant" and kwargs["cval"] == 0.0
+    assert "brightness_range" not in kwargs  # multiplicative: not our additive brightness
+    left_out = benchmark_real_seed.untranslated_augmentation(augment)
+    assert set(left_out) == {"aug_contrast", "aug_gamma"}
+    assert "no contrast jitter" in left_out["aug_contrast"]
+    # Identity intensity ranges leave nothing out; augmentation off translates to nothing.
+    plain = AugmentConfig(contrast=(1.0, 1.0), gamma=(1.0, 1.0), zoom=(1.0, 1.0))
+    assert benchmark_real_seed.untranslated_augmentation(plain) == {}
+    assert benchmark_real_seed.seed_augmentation(plain)["zoom_range"] == [1.0, 1.0]
+    off = AugmentConfig(enabled=False)
+    assert benchmark_real_seed.seed_augmentation(off) == {}
+    assert benchmark_real_seed.untranslated_augmentation(off) == {}
+    # The arguments are ImageDataGenerator's own: it accepts them all.
+    tf_keras_image = pytest.importorskip("tf_keras.preprocessing.image")
+    generator = tf_keras_image.ImageDataGenerator(**kwargs)
+    assert generator.zoom_range == kwargs["zoom_range"]
 
 
 def test_plain_mae_is_the_uncorrected_one_when_a_correction_is_fitted():
@@ -243,6 +355,7 @@ def _fake_subprocesses(monkeypatch, tmp_path, val_ids):
         raise AssertionError(f"unexpected command {args}")
 
     monkeypatch.setattr(benchmark_real, "run_command", fake)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.25, 0.5, 1.0))  # an idle machine
     rows = [(i, 100.0 + k, k % 2 == 0) for k, i in enumerate(val_ids)]
     monkeypatch.setattr(benchmark_real, "split_records", lambda data_dir, split: rows)
     return calls
@@ -289,6 +402,10 @@ def test_json_has_the_keys_and_the_ratios(tmp_path, monkeypatch, capsys):
     ]
     # The seed ends at 20.0 after 0.3 min; ours is first at or below it at 14 s.
     assert comparison["time_to_seed_final_ratio"] == pytest.approx((14 / 60) / 0.3)
+    assert comparison["ours_final_mae_months"] == 19.25
+    assert comparison["seed_minutes_to_ours_final"] is None
+    assert not comparison["our_curve_includes_convert_minutes"]
+    assert result["load_flagged"] is False and result["load_average"]["before"][0] == 0.25
     # --train_steps 2000 in the recipe, no --eval_every: 10 validations.
     train = next(c for c in calls if c[1] == "boneage_tpu.train")
     assert train[train.index("--eval_every") + 1] == "200"
@@ -307,13 +424,67 @@ def test_json_has_the_keys_and_the_ratios(tmp_path, monkeypatch, capsys):
     assert "model-seed0 exists" in capsys.readouterr().err
 
 
+def test_seed_images_are_the_input_of_both_sides(tmp_path, monkeypatch):
+    images, full = tmp_path / "images", tmp_path / "fullsize" / "boneage-training-dataset"
+    images.mkdir()
+    full.mkdir(parents=True)
+    ids = ["1", "2", "3"]
+    for i in ids:
+        pixels = np.random.default_rng(int(i)).integers(0, 256, (30, 20)).astype(np.uint8)
+        Image.fromarray(pixels, mode="L").save(images / f"{i}.jpg")
+        Image.fromarray(pixels, mode="L").resize((40, 60)).save(full / f"{i}.png")
+    labels = tmp_path / "labels.csv"
+    labels.write_text("id,boneage,male\n1,100,True\n2,101,False\n3,102,True\n")
+    flagfile = tmp_path / "r.flags"
+    flagfile.write_text(TINY_FLAGS)
+    calls = _fake_subprocesses(monkeypatch, tmp_path, ids)
+    seed_csv_paths = []
+    fake = benchmark_real.run_command
+
+    def with_csvs(args, log_path, commands):
+        if args[1] == "tools.benchmark_real_seed":
+            with open(args[args.index("--train_csv") + 1], encoding="utf-8") as f:
+                seed_csv_paths.extend(row["path"] for row in csv.DictReader(f))
+        return fake(args, log_path, commands)
+
+    monkeypatch.setattr(benchmark_real, "run_command", with_csvs)
+    json_path = tmp_path / "result.json"
+    argv = ["benchmark_real", "--labels", str(labels), "--images", str(images)]
+    argv += ["--output", str(tmp_path / "out"), "--flagfile", str(flagfile), "--minutes", "0.2"]
+    argv += ["--json", str(json_path), "--compare_seed", "--seed_images", str(full.parent)]
+    assert benchmark_real.main(argv) == 0
+    result = json.loads(json_path.read_text())
+    # The seed side's CSVs name the full-size PNGs; our conversion read them too.
+    assert seed_csv_paths == [str(full / f"{i}.png") for i in ids]
+    convert = next(c for c in calls if c[1] == "boneage_tpu.convert")
+    assert convert[convert.index("--images") + 1] == str(full.parent)
+    assert convert[convert.index("--output") + 1].endswith("data-seed-images")
+    # Our clock started before the conversion: its minutes are in our curve and our budget.
+    comparison = result["seed_comparison"]
+    minutes = result["convert_minutes"]
+    assert minutes > 0 and comparison["our_curve_includes_convert_minutes"]
+    assert comparison["our_curve"][-1][0] == pytest.approx(14 / 60 + minutes)
+    assert comparison["time_to_seed_final_ratio"] == pytest.approx((14 / 60 + minutes) / 0.3)
+    train = next(c for c in calls if c[1] == "boneage_tpu.train")
+    budgets = [float(train[i + 1]) for i, a in enumerate(train) if a == "--max_train_minutes"]
+    assert budgets[-1] == pytest.approx(0.2 - minutes, abs=1e-5)
+    assert result["train_budget_minutes"] == pytest.approx(0.2 - minutes)
+    seed = next(c for c in calls if c[1] == "tools.benchmark_real_seed")
+    assert seed[seed.index("--max_train_minutes") + 1] == "0.2"
+    assert result["seed_images"] == str(full.parent)
+    assert any("--seed_images" in n for n in result["notes"])
+
+
 @pytest.mark.slow
 @requires_tf_keras
 def test_end_to_end_on_phantom_with_the_seed_comparison(tmp_path):
     json_path = tmp_path / "result.json"
     cmd = phantom_command("tools.benchmark_real", tmp_path, tmp_path / "b")
     cmd += ["--minutes", "0.3", "--json", str(json_path)]
-    cmd += ["--compare_seed", "--eval_every", "50"]
+    cmd += ["--compare_seed", "--eval_every", "50", "--allow_load"]
+    # Both sides recalibrate batch norm before their validations (the recipe asks for it).
+    with open(tmp_path / "tiny.flags", "a", encoding="utf-8") as f:
+        f.write("--bn_recalibration_batches=2\n")
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1500)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     result = json.loads(json_path.read_text())
@@ -326,4 +497,9 @@ def test_end_to_end_on_phantom_with_the_seed_comparison(tmp_path):
     comparison = result["seed_comparison"]
     assert comparison["seed_curve"] and comparison["our_curve"]
     assert comparison["seed_curve"][-1][0] > 0 and comparison["seed_steps"] >= 1
-    assert (comparison["time_to_seed_final_ratio"] is None) == ("reason" in comparison)
+    ratios = (comparison["time_to_seed_final_ratio"], comparison["seed_time_to_ours_final_ratio"])
+    assert (None in ratios) == ("reason" in comparison)
+    assert comparison["bn_recalibration_batches"] == 2
+    assert comparison["seed_settings"]["augmentation"]["fill_mode"] == "constant"
+    assert set(comparison["seed_augmentation_untranslated"]) == {"aug_contrast", "aug_gamma"}
+    assert isinstance(result["load_flagged"], bool)

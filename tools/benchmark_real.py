@@ -3,12 +3,17 @@
     python -m tools.benchmark_real --labels CSV --images DIR --output DIR [--minutes 60]
         [--flagfile configs/rsna_cpu.flags] [--json PATH] [--seed 0] [--image_size S]
         [--data DIR] [--skip_convert] [--eval_every N]
-        [--test_labels CSV --test_images DIR] [--compare_seed]
+        [--test_labels CSV --test_images DIR] [--compare_seed [--seed_images FULLSIZE_DIR]]
+        [--allow_load]
+
+It refuses to start (exit 2) when the 1-minute load average is above 0.5: other work would
+skew every time it reports. --allow_load runs anyway and sets "load_flagged" in the JSON.
 
 Every step runs the project's command-line tools as subprocesses, one at a time, with the
 commands recorded in the JSON:
-  1. `boneage_tpu.convert` (val fraction 0.1) into OUTPUT/data, or --data; a folder whose
-     manifest already matches the inputs and options is reused.
+  1. `boneage_tpu.convert` (val fraction 0.1) of --images into OUTPUT/data, or --data; a
+     folder whose manifest already matches the inputs and options is reused. With
+     --seed_images, of that folder instead, always afresh into OUTPUT/data-seed-images.
   2. `boneage_tpu.train --flagfile F ... --max_train_minutes M` into OUTPUT/model-seed<N>:
      the trainer stops at the first loop end after M minutes of its wall time (validation
      and checkpoints included) and fits its cosine's end to the budget. `train_minutes` is
@@ -27,9 +32,17 @@ commands recorded in the JSON:
   5. --test_labels/--test_images: converted with `--split_name test` and evaluated.
   6. --compare_seed: `tools.benchmark_real_seed` trains the same model (built from the same
      flagfile and overrides) the seed's way (tf_keras ImageDataGenerator.flow_from_dataframe
-     over the same JPEGs + model.fit) for the same budget; both validation curves (minutes of
-     training, MAE) and the ratio of our time to reach the seed's final MAE to the seed's
-     training time.
+     over the source images of our conversion, one reading thread, + model.fit) for the same
+     budget, with the recipe's augmentation ranges translated into ImageDataGenerator's
+     arguments (what it cannot do is listed) and the recipe's batch-norm recalibration (both
+     sides or neither). Both validation curves (minutes of training, MAE), both final MAEs,
+     each side's time to reach the other's final MAE, and `time_to_seed_final_ratio` = our
+     time to the seed's final MAE / the seed's time to it (`compare_curves`).
+     --seed_images FULLSIZE_DIR (a Kaggle-layout folder of full-size PNGs of the --labels
+     ids, e.g. from `tools.make_fullsize_copy`) makes it the input of both sides: the seed
+     reads its PNGs, ours converts them (step 1) with its clock started before the
+     conversion, so the conversion's minutes count in our curve's times and in our budget
+     (the trainer gets --minutes minus them).
 Prints and writes (--json, default OUTPUT/benchmark_real.json) one JSON object.
 """
 
@@ -63,6 +76,7 @@ VAL_FRACTION = 0.1
 ROBUSTNESS_TARGET = 1.15  # the issue's bar: each shifted MAE <= 1.15 x the plain val MAE
 CURVE_POINTS = 10  # validations per run when --eval_every is derived from --train_steps
 TTA = "rotflip"  # Deeplasia's views: -10, -5, 0, 5, 10 degrees x flip
+LOAD_LIMIT = 0.5  # the 1-minute load average above which timings are refused (--allow_load)
 
 
 class BenchError(Error):
@@ -146,34 +160,89 @@ def time_to_reach(curve: Sequence[Sequence[float]], target: float) -> float | No
 def compare_curves(
     ours: Sequence[Sequence[float]], seed: Sequence[Sequence[float]]
 ) -> dict[str, Any]:
-    """Time-to-accuracy against the seed: our time to reach its final MAE / its training time.
+    """Time to accuracy, final against final: each side's time to reach the other's final MAE.
 
-    Both curves are [minutes of training, val MAE] in time order; the seed's last point is its
-    final MAE at the end of its training. Our time is that of the first validation at or below
-    it (no interpolation: a validation only shows the MAE where it ran, so this errs late).
+    Both curves are [minutes, val MAE] in time order; a side's last point is its final MAE.
+    Every time is that of a side's first validation at or below a target (no interpolation: a
+    validation only shows the MAE where it ran, so each errs late by the same grain). The
+    ratio divides our time to the seed's final MAE by the seed's own time to it, measured the
+    same way (`seed_minutes`: its first validation at or below its final MAE, which may come
+    before its last); `seed_time_to_ours_final_ratio` is the mirror.
+
+    Returns:
+      {"ours_final_mae_months", "seed_final_mae_months", "ours_train_minutes",
+      "seed_train_minutes" (the last points' times), "ours_minutes", "seed_minutes" (each
+      side's time to its own final MAE), "ours_minutes_to_seed_final",
+      "seed_minutes_to_ours_final" (None: never reached), "time_to_seed_final_ratio",
+      "seed_time_to_ours_final_ratio" (None with a "reason")}.
     """
     if not seed or not ours:
-        return {"time_to_seed_final_ratio": None, "reason": "a curve is empty"}
-    seed_minutes, seed_final = float(seed[-1][0]), float(seed[-1][1])
-    reached = time_to_reach(ours, seed_final)
+        return {
+            "time_to_seed_final_ratio": None,
+            "seed_time_to_ours_final_ratio": None,
+            "reason": "a curve is empty",
+        }
+    ours_final, seed_final = float(ours[-1][1]), float(seed[-1][1])
     result: dict[str, Any] = {
+        "ours_final_mae_months": ours_final,
         "seed_final_mae_months": seed_final,
-        "seed_train_minutes": seed_minutes,
-        "our_minutes_to_seed_final": reached,
+        "ours_train_minutes": float(ours[-1][0]),
+        "seed_train_minutes": float(seed[-1][0]),
+        "ours_minutes": time_to_reach(ours, ours_final),
+        "seed_minutes": time_to_reach(seed, seed_final),
+        "ours_minutes_to_seed_final": time_to_reach(ours, seed_final),
+        "seed_minutes_to_ours_final": time_to_reach(seed, ours_final),
     }
-    if reached is None:
-        best = min(mae for _, mae in ours)
-        result["time_to_seed_final_ratio"] = None
-        result["reason"] = (
-            f"our trainer never reached the seed's final val MAE {seed_final:.2f} "
-            f"(its best was {best:.2f})"
-        )
-    elif seed_minutes <= 0:
-        result["time_to_seed_final_ratio"] = None
-        result["reason"] = "the seed's training time is 0"
-    else:
-        result["time_to_seed_final_ratio"] = reached / seed_minutes
+    reasons = []
+    for side, other, base, name in (
+        ("ours", "seed", "seed", "time_to_seed_final_ratio"),
+        ("seed", "ours", "ours", "seed_time_to_ours_final_ratio"),
+    ):
+        reached, own = result[f"{side}_minutes_to_{other}_final"], result[f"{base}_minutes"]
+        result[name] = None
+        if reached is None:
+            best = min(mae for _, mae in (ours if side == "ours" else seed))
+            target = result[f"{other}_final_mae_months"]
+            who = "our trainer" if side == "ours" else "the seed's pipeline"
+            whose = "the seed's" if side == "ours" else "our"
+            reasons.append(
+                f"{who} never reached {whose} final val MAE {target:.2f} (its best was {best:.2f})"
+            )
+        elif own <= 0:
+            reasons.append(f"the {base} side's time to its final MAE is 0")
+        else:
+            result[name] = reached / own
+    if reasons:
+        result["reason"] = "; ".join(reasons)
     return result
+
+
+def shift_curve(curve: Sequence[Sequence[float]], minutes: float) -> list[list[float]]:
+    """Returns the curve with `minutes` added to every time (our clock started before them)."""
+    return [[float(t) + minutes, float(mae)] for t, mae in curve]
+
+
+def check_load(allow: bool, limit: float = LOAD_LIMIT) -> tuple[list[float], bool]:
+    """Reads the load averages before the benchmark; refuses a busy machine unless allowed.
+
+    Args:
+      allow: --allow_load: run anyway, flagged.
+      limit: the highest 1-minute load average the timings are trusted at.
+
+    Returns:
+      (the 1, 5 and 15-minute load averages, whether the 1-minute one is above `limit`).
+
+    Raises:
+      UsageError: the 1-minute load average is above `limit` and `allow` is False.
+    """
+    load = [round(x, 2) for x in os.getloadavg()]
+    busy = load[0] > limit
+    if busy and not allow:
+        raise UsageError(
+            f"the 1-minute load average is {load[0]:g} (> {limit:g}): other work would skew "
+            "the timings; wait for an idle machine or pass --allow_load (the JSON is flagged)"
+        )
+    return load, busy
 
 
 def summarize_training(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -497,6 +566,15 @@ class BenchConfig:
     test_labels: str = option("", "Held-out labelled CSV to evaluate too.")
     test_images: str = option("", "Images of --test_labels.")
     compare_seed: bool = option(False, "Also train the seed's way and compare time to accuracy.")
+    seed_images: str = option(
+        "",
+        "With --compare_seed: a Kaggle-layout folder of full-size PNGs of the --labels ids "
+        "(tools.make_fullsize_copy makes one), the input of both sides: the seed reads them, "
+        "ours converts them inside its clock and budget.",
+    )
+    allow_load: bool = option(
+        False, f"Run even when the 1-minute load average is above {LOAD_LIMIT:g} (flagged)."
+    )
     # Not a flag: absl would expand --flagfile into this command's own flags (see main).
     flagfile: str = DEFAULT_FLAGFILE
 
@@ -507,13 +585,23 @@ def run(config: BenchConfig) -> dict[str, Any]:
     logs = out / "logs"
     commands: list[str] = []
     notes: list[str] = []
-    load_before = [round(x, 2) for x in os.getloadavg()]
+    load_before, load_flagged = check_load(config.allow_load)
     recipe_values = recipe_flags(config.flagfile)
+    # With --seed_images both sides train from the full-size PNGs: the seed reads them, ours
+    # converts them (timed, into a fresh folder) and trains on the conversion.
+    images = config.seed_images or config.images
     image_size = config.image_size or recipe_values["image_size"].value
     model_dir = out / f"model-seed{config.seed}"
     if model_dir.exists() and any(model_dir.iterdir()):
         raise BenchError(f"{model_dir} exists: remove it or use another --output (no resuming)")
     data_dir = pathlib.Path(config.data).resolve() if config.data else out / "data"
+    if config.seed_images:
+        data_dir = out / "data-seed-images"
+        if data_dir.exists() and any(data_dir.iterdir()):
+            raise BenchError(
+                f"{data_dir} exists: remove it (with --seed_images our side's time includes "
+                "its conversion, so it is not reused)"
+            )
     convert_minutes: float | None = None
     given = bool(config.data) and has_manifest(data_dir)
     if config.skip_convert or given:
@@ -521,15 +609,24 @@ def run(config: BenchConfig) -> dict[str, Any]:
             raise BenchError(f"--skip_convert: {data_dir} has no manifest.json")
         notes.append(f"data used as converted: {data_dir} (conversion time not measured)")
     else:
-        convert_minutes = convert(
-            config.labels, config.images, data_dir, image_size, logs, commands
-        )
+        convert_minutes = convert(config.labels, images, data_dir, image_size, logs, commands)
     # Shifted and test sets are stored like the training data, so that only the shift differs.
     stored_size = int(read_manifest(data_dir)["image_size"])
 
     # The same recipe for our trainer and the seed pipeline: flagfile, then these overrides.
     recipe = ["--flagfile", config.flagfile, "--data", str(data_dir)]
     recipe += ["--seed", str(config.seed), "--max_train_minutes", f"{config.minutes:g}"]
+    train_budget = config.minutes
+    if config.seed_images:
+        # One budget of wall time for both sides, from each side's clock start: ours started
+        # before its conversion, so the trainer gets what the conversion left.
+        assert convert_minutes is not None
+        train_budget = config.minutes - convert_minutes
+        if train_budget <= 0:
+            raise BenchError(
+                f"the conversion of --seed_images took {convert_minutes:.1f} min of the "
+                f"{config.minutes:g}-minute budget: raise --minutes"
+            )
     if config.image_size:
         recipe += ["--image_size", str(image_size)]
     eval_every = config.eval_every
@@ -540,18 +637,20 @@ def run(config: BenchConfig) -> dict[str, Any]:
     if eval_every:
         recipe += ["--eval_every", str(eval_every)]
     train_args = ["-m", "boneage_tpu.train", *recipe, "--model_dir", str(model_dir)]
+    if train_budget != config.minutes:
+        train_args += ["--max_train_minutes", f"{train_budget:g}"]  # the last value counts
     run_command(train_args, logs / f"train-seed{config.seed}.log", commands)
     train_log = read_training(model_dir)
     if train_log["stopped_on_time_budget"]:
         notes.append(
-            f"training stopped on the {config.minutes:g}-minute budget at step "
+            f"training stopped on the {train_budget:g}-minute budget at step "
             f"{train_log['final_step']} of {train_log['train_steps']} (the trainer fits its "
             "cosine's end to the budget after every loop)"
         )
     else:
         notes.append(
             f"training reached --train_steps {train_log['train_steps']} within the "
-            f"{config.minutes:g}-minute budget: the budget did not bind"
+            f"{train_budget:g}-minute budget: the budget did not bind"
         )
     own_minutes = trainer_minutes(model_dir)
     if own_minutes is None:
@@ -619,6 +718,8 @@ def run(config: BenchConfig) -> dict[str, Any]:
         "train_steps_planned": train_log["train_steps"],
         "stopped_on_time_budget": train_log["stopped_on_time_budget"],
         "budget_minutes": config.minutes,
+        "train_budget_minutes": train_budget,
+        "seed_images": config.seed_images or None,
         "image_size": image_size,
         "data_image_size": stored_size,
         "flagfile": config.flagfile,
@@ -645,7 +746,15 @@ def run(config: BenchConfig) -> dict[str, Any]:
         result["test_mean_predictor_mae_months"] = test["mean_predictor_mae_months"]
     if config.compare_seed:
         result["seed_comparison"] = _compare_seed(
-            config, out, data_dir, recipe, eval_every, train_log, convert_minutes, commands
+            config, images, out, data_dir, recipe, eval_every, train_log, convert_minutes,
+            commands,
+        )  # fmt: skip
+    if config.seed_images:
+        notes.append(
+            f"--seed_images: both sides trained from {config.seed_images}; our conversion "
+            f"({convert_minutes:.2f} min) counts in our curve's times and in our side's "
+            f"{config.minutes:g}-minute budget; the export-window robustness sets are made from "
+            "--images"
         )
     result["notes"] = notes
     result["commands"] = commands
@@ -653,11 +762,13 @@ def run(config: BenchConfig) -> dict[str, Any]:
         "before": load_before,
         "after": [round(x, 2) for x in os.getloadavg()],
     }
+    result["load_flagged"] = load_flagged
     return result
 
 
 def _compare_seed(
     config: BenchConfig,
+    images: str,
     out: pathlib.Path,
     data_dir: pathlib.Path,
     recipe: Sequence[str],
@@ -666,50 +777,99 @@ def _compare_seed(
     convert_minutes: float | None,
     commands: list[str],
 ) -> dict[str, Any]:
-    """Trains the seed's way on the same split, then compares the two validation curves."""
+    """Trains the seed's way on the same split, then compares the two validation curves.
+
+    Args:
+      config: the benchmark's settings.
+      images: the folder the seed side reads (the source images of our conversion).
+      out: the work folder.
+      data_dir: our conversion (its train and val ids are the seed's split).
+      recipe: the flagfile and overrides both sides train with.
+      eval_every: the validation interval of both sides.
+      train_log: `read_training` of our run.
+      convert_minutes: our conversion's minutes (None or 0: not measured or reused).
+      commands: the commands run so far (appended to).
+    """
     folder = out / f"seed-pipeline-seed{config.seed}"
-    splits = {}
-    for split in ("train", "val"):
-        rows = split_records(data_dir, split)
-        paths = image_paths(config.images, [r[0] for r in rows])
-        splits[split] = folder / f"{split}.csv"
-        folder.mkdir(parents=True, exist_ok=True)
-        with open(splits[split], "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
-            writer.writerow(["path", "boneage", "male"])
-            for image_id, age, male in rows:
-                writer.writerow([paths[image_id], f"{age:g}", int(male)])
+    csvs = write_seed_csvs(data_dir, images, folder)
     curve_path = folder / "curve.json"
     args = ["-m", "tools.benchmark_real_seed", *recipe, "--model_dir", str(folder / "model")]
-    args += ["--train_csv", str(splits["train"]), "--val_csv", str(splits["val"])]
+    args += ["--train_csv", str(csvs["train"]), "--val_csv", str(csvs["val"])]
     args += ["--curve", str(curve_path)]
     if "--eval_every" not in recipe:
         args += ["--eval_every", str(eval_every)]
     run_command(args, out / "logs" / f"seed-pipeline-seed{config.seed}.log", commands)
     seed = json.loads(curve_path.read_text())
-    comparison = compare_curves(train_log["curve"], seed["curve"])
-    reached = comparison.get("our_minutes_to_seed_final")
+    # With --seed_images our clock started before the conversion: our curve's times include it.
+    converted_in_clock = bool(config.seed_images)
+    ours = train_log["curve"]
+    if converted_in_clock:
+        ours = shift_curve(ours, convert_minutes or 0.0)
+    comparison = compare_curves(ours, seed["curve"])
+    reached, seed_minutes = (
+        comparison.get("ours_minutes_to_seed_final"),
+        comparison.get("seed_minutes"),
+    )
     with_convert = None
-    if reached is not None and convert_minutes and comparison["seed_train_minutes"] > 0:
-        with_convert = (reached + convert_minutes) / comparison["seed_train_minutes"]
+    if converted_in_clock:
+        with_convert = comparison["time_to_seed_final_ratio"]
+    elif reached is not None and convert_minutes and seed_minutes:
+        with_convert = (reached + convert_minutes) / seed_minutes
+    settings = seed.get("settings", {})
     return {
-        "our_curve": train_log["curve"],
+        "our_curve": ours,
+        "our_curve_includes_convert_minutes": converted_in_clock,
+        "convert_minutes": convert_minutes,
         "seed_curve": seed["curve"],
         **comparison,
         "time_to_seed_final_ratio_with_convert": with_convert,
+        "seed_images": config.seed_images or None,
         "eval_every_steps": eval_every,
         "seed_steps": seed["steps"],
         "seed_img_s": seed["images_per_second"],
         "our_img_s": train_log["images_per_second"],
-        "seed_settings": seed["settings"],
+        "seed_settings": settings,
+        "seed_augmentation_untranslated": settings.get("augmentation_untranslated"),
+        "bn_recalibration_batches": settings.get("bn_recalibration_batches"),
         "method": (
-            "both runs: the same flagfile and overrides, the same budget of wall time "
-            "(validation included, as --max_train_minutes counts it); both curves: minutes of "
-            "training wall time (validation passes excluded) vs val MAE on the same val ids, "
-            "every eval_every_steps steps and at the end; ratio = our first validation at or "
-            "below the seed's final MAE / the seed's training time (validation excluded)"
+            "both runs: the same flagfile and overrides (so the same augmentation ranges, as "
+            "far as ImageDataGenerator has them, and batch-norm recalibration on both sides or "
+            "neither), the same budget of wall time (validation included, as "
+            "--max_train_minutes counts it; with --seed_images our conversion counts in ours); "
+            "both curves: minutes of training wall time (validation passes excluded; with "
+            "--seed_images ours includes the conversion) vs val MAE on the same val ids, every "
+            "eval_every_steps steps and at the end; each side's time to the other's final MAE "
+            "and to its own is its first validation at or below it; "
+            "time_to_seed_final_ratio = ours_minutes_to_seed_final / seed_minutes"
         ),
     }
+
+
+def write_seed_csvs(
+    data_dir: pathlib.Path, images: str, folder: pathlib.Path
+) -> dict[str, pathlib.Path]:
+    """Writes the seed side's train.csv and val.csv (path,boneage,male) of our split's ids.
+
+    Args:
+      data_dir: our conversion, whose train and val ids (`split_records`) are the split.
+      images: the folder whose files the paths name (one image per id, `image_paths`).
+      folder: where the CSVs go.
+
+    Returns:
+      {"train": path, "val": path}.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    csvs = {}
+    for split in ("train", "val"):
+        rows = split_records(data_dir, split)
+        paths = image_paths(images, [r[0] for r in rows])
+        csvs[split] = folder / f"{split}.csv"
+        with open(csvs[split], "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(["path", "boneage", "male"])
+            for image_id, age, male in rows:
+                writer.writerow([paths[image_id], f"{age:g}", int(male)])
+    return csvs
 
 
 def split_flagfile(argv: Sequence[str]) -> tuple[list[str], str]:
@@ -741,11 +901,19 @@ def check_config(config: BenchConfig) -> BenchConfig:
         raise UsageError(f"--minutes must be > 0, got {config.minutes:g}")
     if bool(config.test_labels) != bool(config.test_images):
         raise UsageError("--test_labels and --test_images go together")
+    if config.seed_images:
+        if not config.compare_seed:
+            raise UsageError("--seed_images needs --compare_seed (it is the duel's input)")
+        if config.skip_convert or config.data:
+            raise UsageError(
+                "--seed_images converts its own data inside our side's clock: drop "
+                "--data/--skip_convert"
+            )
     for name in ("labels", "test_labels"):
         value = getattr(config, name)
         if value and not os.path.isfile(value):
             raise UsageError(f"--{name} {value} not found")
-    for name in ("images", "test_images"):
+    for name in ("images", "test_images", "seed_images"):
         value = getattr(config, name)
         if value and not os.path.isdir(value):
             raise UsageError(f"--{name} {value} is not a folder")

@@ -6,34 +6,44 @@
 
 The training settings are those of `boneage_tpu.train` (`TrainConfig`, the same flags, the same
 flagfile and overrides as the compared run); --data gives the label stats (its manifest) and
---model_dir receives the settings as config.json and derived.json. The CSVs have columns path,boneage,male (the
-converter's train and val splits, pointing at the source images). The model is
-`boneage_tpu.modeling.model.build_model(config, derived)`, as the trainer builds it, so only the training
-pipeline differs. The input is the seed notebook's: tf_keras `ImageDataGenerator` (rotation
-20, width/height shift 0.2, zoom 0.2, shear 0.2, horizontal flip, no samplewise
-normalisation) `.flow_from_dataframe(color_mode="grayscale", class_mode="raw")` at the
-model's size, pixels kept in 0..255 (the model's input), batches of --batch_size, fed as
-numpy arrays to Keras 3 `model.fit` on one device without XLA (the seed's tf.keras did not
-compile). Resizing uses bilinear interpolation (kinder to the seed than load_img's default
-nearest). Optimizer, schedule, loss (a bins head also trains its logits) are the run's, from
-`boneage_tpu.modeling.optim`; with the cosine, its end is re-fitted to the budget from the measured
-step rate as the trainer does (never beyond --train_steps).
+--model_dir receives the settings as config.json and derived.json. The CSVs have columns
+path,boneage,male (the converter's train and val splits, pointing at the source images: with
+`benchmark_real --seed_images`, the full-size PNGs). The model is
+`boneage_tpu.modeling.model.build_model(config, derived)`, as the trainer builds it, so only the
+training pipeline differs.
+
+The input is the seed notebook's: tf_keras `ImageDataGenerator`
+`.flow_from_dataframe(color_mode="grayscale", class_mode="raw")` reading each source file
+and resizing it to the model's size (`target_size`), pixels kept in 0..255 (the model's input),
+batches of --batch_size, fed as numpy arrays to Keras 3 `model.fit` on one device without XLA
+(the seed's tf.keras did not compile); a Python generator is read by one thread, as the
+seed's kernel read it. Resizing uses bilinear interpolation (kinder to the seed than
+load_img's default nearest). The generator's augmentation is the recipe's ranges translated
+one to one (`seed_augmentation`); what ImageDataGenerator cannot do (contrast, gamma) is
+listed in the curve JSON (`untranslated_augmentation`), with the remaining differences of
+distribution (`AUGMENTATION_DIFFERENCES`). Optimizer, schedule, loss (a bins head also trains its
+logits) are the run's, from `boneage_tpu.modeling.optim`; with the cosine, its end is re-fitted
+to the budget from the measured step rate as the trainer does (never beyond --train_steps).
 
 Every --eval_every steps and at the end, a callback predicts the preloaded val images and
 records [minutes of training, val MAE]; the curve's clock stops during these measurements.
-Training stops at the first step after --max_train_minutes of wall time, validation
-included (the trainer's budget counts it too).
+With --bn_recalibration_batches N > 0 each measurement first re-estimates the batch-norm
+moving statistics from N augmented training batches run forward in training mode (no weight
+update), as the trainer does before its validations; that time is left out of the curve, as
+the trainer's records leave it out. Training stops at the first step after
+--max_train_minutes of wall time, validation included (the trainer's budget counts it too).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -42,17 +52,111 @@ import numpy as np  # noqa: E402
 
 from boneage_tpu import cli  # noqa: E402
 from boneage_tpu.cli import option  # noqa: E402
+from boneage_tpu.core.config import AugmentConfig  # noqa: E402
 from boneage_tpu.core.errors import ConfigError, Error, UsageError  # noqa: E402
 
-SEED_AUGMENTATION = {
-    "rotation_range": 20,
-    "width_shift_range": 0.2,
-    "height_shift_range": 0.2,
-    "zoom_range": 0.2,
-    "shear_range": 0.2,
-    "horizontal_flip": True,
-}
 INTERPOLATION = "bilinear"
+# What a one-to-one translation of the ranges still leaves different (tf_keras
+# src/preprocessing/image.py: ImageDataGenerator.get_random_transform, apply_affine_transform,
+# apply_channel_shift); recorded with the curve so that the report can say so.
+AUGMENTATION_DIFFERENCES = (
+    "zoom: ImageDataGenerator draws x and y zoom independently (ours is isotropic) and uniformly "
+    "in 1/scale (ours uniformly in scale)",
+    "shear: ImageDataGenerator's matrix is [[1, -sin a], [0, cos a]] (ours [[1, tan a], [0, 1]]), "
+    "a = the same angle",
+    "brightness: channel_shift_range adds the same +-b x 255 but clips to each image's own "
+    "min..max (ours to 0..255)",
+)
+
+
+def seed_augmentation(augment: AugmentConfig) -> dict[str, Any]:
+    """Translates the recipe's augmentation ranges into `ImageDataGenerator` arguments.
+
+    Each range maps to the argument that draws the same transform from the same range, as far
+    as ImageDataGenerator has one (see `untranslated_augmentation` for the rest and
+    AUGMENTATION_DIFFERENCES for where the distributions still differ).
+
+    Args:
+      augment: the recipe's ranges (`TrainConfig.augment`).
+
+    Returns:
+      keyword arguments of `tf_keras.preprocessing.image.ImageDataGenerator`; {} when
+      augmentation is off.
+    """
+    if not augment.enabled:
+        return {}
+    zoom_min, zoom_max = (float(z) for z in augment.zoom)
+    return {
+        "rotation_range": float(augment.rotation_deg),
+        # A fraction of the side, as ours: ImageDataGenerator reads a range < 1 so.
+        "width_shift_range": float(augment.shift),
+        "height_shift_range": float(augment.shift),
+        # apply_affine_transform's zoom matrix maps output to input coordinates, so a zoom z
+        # shows 1/z of the side: z < 1 enlarges. Our scale s (> 1 enlarges) is z = 1/s.
+        "zoom_range": [1.0 / zoom_max, 1.0 / zoom_min],
+        # Ours is the x-shear coefficient tan(a); ImageDataGenerator takes a in degrees.
+        "shear_range": math.degrees(math.atan(float(augment.shear))),
+        "horizontal_flip": bool(augment.flip),
+        # Our brightness adds +-b x 255 grey levels; brightness_range would multiply instead,
+        # the channel shift (one channel: the grey level) adds.
+        "channel_shift_range": float(augment.brightness) * 255.0,
+        # Our warp fills outside the source with black; ImageDataGenerator's default repeats
+        # the edge pixels ("nearest").
+        "fill_mode": "constant",
+        "cval": 0.0,
+    }
+
+
+def untranslated_augmentation(augment: AugmentConfig) -> dict[str, str]:
+    """Returns the recipe's augmentations that ImageDataGenerator has no argument for.
+
+    Args:
+      augment: the recipe's ranges (`TrainConfig.augment`).
+
+    Returns:
+      {flag: why} for each range that is not the identity and that the seed side leaves out.
+    """
+    if not augment.enabled:
+        return {}
+    left_out = {}
+    if tuple(augment.contrast) != (1.0, 1.0):
+        left_out["aug_contrast"] = (
+            f"contrast {tuple(augment.contrast)} about the image mean: ImageDataGenerator has no "
+            "contrast jitter"
+        )
+    if tuple(augment.gamma) != (1.0, 1.0):
+        left_out["aug_gamma"] = (
+            f"gamma {tuple(augment.gamma)}: ImageDataGenerator has no gamma jitter"
+        )
+    if augment.shift >= 1:
+        left_out["aug_shift"] = (
+            f"shift {augment.shift:g}: ImageDataGenerator reads a range >= 1 as pixels"
+        )
+    return left_out
+
+
+def batch_norm_recalibration(
+    model: Any, next_inputs: Callable[[], dict[str, np.ndarray]], num_batches: int
+) -> Callable[[], None]:
+    """Returns a function re-estimating the model's batch-norm moving statistics ("precise BN").
+
+    As `TrainLoop.recalibrate_batch_norm`: `num_batches` training batches run forward in
+    training mode, which updates the moving statistics; no gradients, so the weights stay.
+
+    Args:
+      model: the Keras model ({"image", "male"} in).
+      next_inputs: returns the next batch of model inputs (augmented training images).
+      num_batches: batches per recalibration.
+    """
+    import tensorflow as tf
+
+    forward = tf.function(lambda inputs: model(inputs, training=True), reduce_retracing=True)
+
+    def recalibrate() -> None:
+        for _ in range(num_batches):
+            forward(next_inputs())
+
+    return recalibrate
 
 
 def _frame(path: str) -> Any:
@@ -102,6 +206,7 @@ def run(config: Any, derived: Any, seed_config: SeedConfig) -> dict[str, Any]:
 
     from boneage_tpu.modeling import heads, optim
     from boneage_tpu.modeling.model import build_model
+    from boneage_tpu.train import loop
 
     size, batch, eval_every = (
         config.data.image_size,
@@ -154,6 +259,22 @@ def run(config: Any, derived: Any, seed_config: SeedConfig) -> dict[str, Any]:
     fitted.compile(optimizer=optimizer, loss=losses if len(losses) > 1 else loss, jit_compile=False)
     two_outputs = len(losses) > 1
     budget = config.schedule.max_train_minutes * 60.0
+    augmentation = seed_augmentation(config.augment)
+
+    # Batch-norm recalibration on both sides or neither: the recipe's flag decides for both.
+    bn_batches = config.optim.bn_recalibration_batches
+    recalibrate_batch_norm, recalibrates = lambda: None, False
+    if bn_batches > 0 and loop.moving_statistics(model):
+        # Its own flow and seed stream (as the trainer's BN_SEED_OFFSET), so that fit's batches
+        # stay those of a run without recalibration; augmented, as the trainer's.
+        bn_flow = _flow(
+            train_frame, ImageDataGenerator(**augmentation), size, batch, True,
+            config.seed + loop.BN_SEED_OFFSET,
+        )  # fmt: skip
+        recalibrate_batch_norm = batch_norm_recalibration(
+            model, lambda: _inputs(*next(bn_flow))[0], bn_batches
+        )
+        recalibrates = True
 
     class Clock(keras.callbacks.Callback):
         """Wall clock (budget, cosine end), curve clock (validation paused), val curve."""
@@ -195,6 +316,7 @@ def run(config: Any, derived: Any, seed_config: SeedConfig) -> dict[str, Any]:
                 return
             minutes_done = self.train_seconds() / 60.0
             paused = time.perf_counter()
+            recalibrate_batch_norm()
             predicted = model.predict(val_inputs, batch_size=256, verbose=0)
             mae = float(np.mean(np.abs(np.reshape(predicted, [-1]) - val_true)))
             self.curve.append([minutes_done, mae])
@@ -205,7 +327,7 @@ def run(config: Any, derived: Any, seed_config: SeedConfig) -> dict[str, Any]:
                 flush=True,
             )
 
-    generator = ImageDataGenerator(**SEED_AUGMENTATION)
+    generator = ImageDataGenerator(**augmentation)
     train_flow = _flow(train_frame, generator, size, batch, True, config.seed)
 
     def batches() -> Any:
@@ -230,7 +352,10 @@ def run(config: Any, derived: Any, seed_config: SeedConfig) -> dict[str, Any]:
         "wall_minutes": clock.wall_seconds() / 60.0,
         "images_per_second": clock.steps * batch / seconds if seconds > 0 else None,
         "settings": {
-            "augmentation": SEED_AUGMENTATION,
+            "augmentation": augmentation,
+            "augmentation_untranslated": untranslated_augmentation(config.augment),
+            "augmentation_differences": list(AUGMENTATION_DIFFERENCES) if augmentation else [],
+            "bn_recalibration_batches": bn_batches if recalibrates else 0,
             "interpolation": INTERPOLATION,
             "backbone": config.model.backbone,
             "image_size": size,

@@ -64,6 +64,11 @@ def device_features(batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
 BN_SEED_OFFSET = 7919  # seed stream of the batch-norm recalibration batches
 
 
+def moving_statistics(model: keras.Model) -> list[Any]:
+    """Returns the model's batch-norm moving means and variances (empty: nothing to recalibrate)."""
+    return [v for v in model.variables if v.path.endswith(("/moving_mean", "/moving_variance"))]
+
+
 def skip_together(grads: list[tf.Tensor]) -> list[tf.Tensor]:
     """Makes every replica see a non-finite gradient when any replica has one (fp16).
 
@@ -168,9 +173,7 @@ class TrainLoop:
         self._eval_fn = tf.function(self._eval_loop)
         self._recalibrate_fn = tf.function(self._recalibrate_loop)
         # Batch-norm moving statistics: each replica updates its own copy from its own batch.
-        self.moving_statistics = [
-            v for v in model.variables if v.path.endswith(("/moving_mean", "/moving_variance"))
-        ]
+        self.moving_statistics = moving_statistics(model)
         self._sync_fn = tf.function(self._sync_statistics)
 
     def batch_stats(
