@@ -50,27 +50,31 @@ def _one_line_error(capsys, argv: list[str], status: int) -> str:
     return err
 
 
-def test_argument_errors_are_one_line(tmp_path, capsys):
+def _inputs(tmp_path) -> tuple[list[str], str]:
+    """An empty labels CSV and a tiny recipe: returns (--labels/--images/--output, flagfile)."""
     labels = tmp_path / "labels.csv"
     labels.write_text("id,boneage,male\n")
     flagfile = tmp_path / "r.flags"
     flagfile.write_text(TINY_FLAGS)
     base = ["--labels", str(labels), "--images", str(tmp_path), "--output", str(tmp_path / "o")]
+    return base, str(flagfile)
+
+
+def test_argument_errors_are_one_line(tmp_path, capsys):
+    base, flagfile = _inputs(tmp_path)
     assert "--labels" in _one_line_error(capsys, [], 2)
     assert "--flagfile needs a value" in _one_line_error(capsys, [*base, "--flagfile"], 2)
     err = _one_line_error(capsys, [*base, "--flagfile", str(tmp_path / "none.flags")], 2)
     assert "none.flags not found" in err
     err = _one_line_error(
-        capsys, [*base, f"--flagfile={flagfile}", "--test_labels", str(labels)], 2
+        capsys, [*base, f"--flagfile={flagfile}", "--test_labels", str(tmp_path / "labels.csv")], 2
     )
     assert "--test_labels and --test_images go together" in err
     err = _one_line_error(capsys, [*base, f"--flagfile={flagfile}", "--minutes", "0"], 2)
     assert "--minutes must be > 0" in err
     err = _one_line_error(capsys, [*base, f"--flagfile={flagfile}", "--seed", "-1"], 2)
     assert "--seed must be >= 0" in err
-    err = _one_line_error(
-        capsys, [*base, "--flagfile", str(flagfile), "--images", "/nonexistent"], 2
-    )
+    err = _one_line_error(capsys, [*base, "--flagfile", flagfile, "--images", "/nonexistent"], 2)
     assert "is not a folder" in err
     assert not (tmp_path / "o").exists()
 
@@ -265,12 +269,8 @@ def test_a_busy_machine_is_refused_unless_allowed(tmp_path, monkeypatch, capsys)
 
 
 def test_seed_images_need_the_comparison_and_a_fresh_conversion(tmp_path, capsys):
-    labels = tmp_path / "labels.csv"
-    labels.write_text("id,boneage,male\n")
-    flagfile = tmp_path / "r.flags"
-    flagfile.write_text(TINY_FLAGS)
-    base = ["--labels", str(labels), "--images", str(tmp_path), "--output", str(tmp_path / "o")]
-    base += ["--flagfile", str(flagfile), "--seed_images", str(tmp_path)]
+    base, flagfile = _inputs(tmp_path)
+    base += ["--flagfile", flagfile, "--seed_images", str(tmp_path)]
     assert "--seed_images needs --compare_seed" in _one_line_error(capsys, base, 2)
     err = _one_line_error(capsys, [*base, "--compare_seed", "--skip_convert"], 2)
     assert "drop --data/--skip_convert" in err
