@@ -333,10 +333,14 @@ def _fake_subprocesses(monkeypatch, tmp_path, val_ids):
             (out / "manifest.json").write_text(json.dumps(manifest))
             return []
         if module == "boneage_tpu.train":
-            done = {"step": 30, "metrics": {"train_minutes": 0.25}}
+            check = {"none": {"absolute": {"level": 0.9, "coverage": 0.91}}}
+            done = {"step": 30, "metrics": {"train_minutes": 0.25, "interval_check": check}}
             model_dir = pathlib.Path(value["--model_dir"])
             model_dir.mkdir(parents=True)
             (model_dir / "DONE").write_text(json.dumps(done))
+            scores = {"none": {"absolute": [1.0, 2.0, 3.0]}}
+            derived = {"label_std": 40.0, "interval_scores": scores}
+            (model_dir / "derived.json").write_text(json.dumps(derived))
             write_records(model_dir, _trainer_records(val_seconds=5.0))
             return []
         if module == "boneage_tpu.evaluate":
@@ -345,6 +349,8 @@ def _fake_subprocesses(monkeypatch, tmp_path, val_ids):
             mae = maes.get(out.name, 11.0)  # every shifted set: 11 = 1.1 x the plain MAE
             metrics = {"mae_months": mae, "mean_predictor_mae_months": 33.0, "n": len(val_ids)}
             metrics["mae_by_sex"] = {"male": mae, "female": mae}
+            if "--interval" in value:
+                metrics["interval"] = {"level": float(value["--interval"]), "coverage": 0.88}
             (out / "metrics.json").write_text(json.dumps(metrics))
             return []
         if module == "tools.benchmark_real_seed":
@@ -395,6 +401,13 @@ def test_json_has_the_keys_and_the_ratios(tmp_path, monkeypatch, capsys):
     assert set(result["robustness"]) == set(benchmark_real.TRANSFORMS)
     for entry in result["robustness"].values():
         assert entry["ratio"] == pytest.approx(1.1) and entry["within_target"]
+        assert entry["interval"] == {"level": 0.9, "coverage": 0.88}
+    # The run stored interval scores: every plain evaluation asks for them, TTA ones do not.
+    assert result["interval_val"]["level"] == result["interval_test"]["level"] == 0.9
+    assert result["interval_check"]["none"]["absolute"]["coverage"] == 0.91
+    for call in (c for c in calls if c[1] == "boneage_tpu.evaluate"):
+        tta = call[call.index("--tta") + 1]
+        assert ("--interval" in call) == (tta == "none"), call
     comparison = result["seed_comparison"]
     assert comparison["our_curve"] == [
         [pytest.approx(12 / 60), 21.5],

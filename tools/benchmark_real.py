@@ -75,6 +75,7 @@ DEFAULT_FLAGFILE = "configs/rsna_cpu.flags"
 VAL_FRACTION = 0.1
 ROBUSTNESS_TARGET = 1.15  # the issue's bar: each shifted MAE <= 1.15 x the plain val MAE
 CURVE_POINTS = 10  # validations per run when --eval_every is derived from --train_steps
+INTERVAL = 0.9  # the conformal intervals' level evaluated when the run fitted them
 TTA = "rotflip"  # Deeplasia's views: -10, -5, 0, 5, 10 degrees x flip
 LOAD_LIMIT = 0.5  # the 1-minute load average above which timings are refused (--allow_load)
 
@@ -487,10 +488,12 @@ def evaluate(
     tta: str,
     output: pathlib.Path,
     commands: list[str],
+    interval: float = 0.0,
 ) -> dict[str, Any]:
     """Runs boneage_tpu.evaluate into `output` (its log beside it); returns its metrics.json.
 
-    Several model directories are evaluated as their ensemble.
+    Several model directories are evaluated as their ensemble; `interval` > 0 asks for the
+    conformal intervals at that level (metrics.json "interval").
     """
     model_dirs = [model_dir] if isinstance(model_dir, pathlib.Path) else list(model_dir)
     args = ["-m", "boneage_tpu.evaluate"]
@@ -498,12 +501,30 @@ def evaluate(
         args += ["--model_dir", str(path)]
     args += ["--data", str(data_dir)]
     args += ["--split", split, "--tta", tta, "--output", str(output)]
+    if interval:
+        args += ["--interval", f"{interval:g}"]
     run_command(args, output.parent / f"{output.name}.log", commands)
     return json.loads((output / "metrics.json").read_text())
 
 
 # ---------------------------------------------------------------------------------------------
 # The benchmark.
+
+
+def interval_level(model_dir: pathlib.Path) -> float:
+    """INTERVAL when the run stored conformal scores for plain predictions (else 0: none)."""
+    from boneage_tpu.core import model_dir as model_dir_lib  # TensorFlow: only when used
+
+    derived = model_dir_lib.load_derived(str(model_dir))
+    return INTERVAL if derived.intervals("none", "absolute") is not None else 0.0
+
+
+def interval_check(model_dir: pathlib.Path) -> dict[str, Any] | None:
+    """The trainer's held-out coverage check of its intervals (DONE's interval_check), or None."""
+    from boneage_tpu.core import model_dir as model_dir_lib
+
+    done = model_dir_lib.read_done(str(model_dir)) or {}
+    return (done.get("metrics") or {}).get("interval_check")
 
 
 def _ratio(value: float | None, base: float | None) -> float | None:
@@ -659,7 +680,8 @@ def run(config: BenchConfig) -> dict[str, Any]:
         )
 
     evals = model_dir / "eval"
-    plain = evaluate(model_dir, data_dir, "val", "none", evals / "val", commands)
+    level = interval_level(model_dir)
+    plain = evaluate(model_dir, data_dir, "val", "none", evals / "val", commands, level)
     with_tta = evaluate(model_dir, data_dir, "val", TTA, evals / f"val-{TTA}", commands)
     corrected = plain.get("mae_corrected_months")
     if corrected is None:
@@ -680,13 +702,14 @@ def run(config: BenchConfig) -> dict[str, Any]:
         labels, images_dir = write_transformed(val_rows, paths, folder, name)
         shifted = folder / "data"
         convert(str(labels), str(images_dir), shifted, stored_size, logs, commands, "val", name)
-        values = evaluate(model_dir, shifted, "val", "none", evals / f"val-{name}", commands)
+        values = evaluate(model_dir, shifted, "val", "none", evals / f"val-{name}", commands, level)
         ratio = _ratio(plain_mae(values), plain_mae(plain))
         robustness[name] = {
             "mae_months": plain_mae(values),
             "mae_corrected_months": values.get("mae_corrected_months"),
             "ratio": ratio,
             "within_target": ratio is not None and ratio <= ROBUSTNESS_TARGET,
+            "interval": values.get("interval"),
         }
 
     result: dict[str, Any] = {
@@ -729,6 +752,10 @@ def run(config: BenchConfig) -> dict[str, Any]:
         "convert_minutes": convert_minutes,
         "robustness": robustness,
         "robustness_target_ratio": ROBUSTNESS_TARGET,
+        # val's coverage is in-sample (the scores were fitted on it); the trainer's held-out
+        # check (fit on half of val, cover the other) and the shift sets' are not.
+        "interval_val": plain.get("interval"),
+        "interval_check": interval_check(model_dir),
         "val_curve": train_log["curve"],
         "cores": os.cpu_count() or 1,
     }
@@ -738,12 +765,13 @@ def run(config: BenchConfig) -> dict[str, Any]:
             config.test_labels, config.test_images, test_dir, stored_size, logs, commands,
             "test", "test",
         )  # fmt: skip
-        test = evaluate(model_dir, test_dir, "test", "none", evals / "test", commands)
+        test = evaluate(model_dir, test_dir, "test", "none", evals / "test", commands, level)
         test_tta = evaluate(model_dir, test_dir, "test", TTA, evals / f"test-{TTA}", commands)
         result["test_mae_months"] = plain_mae(test)
         result["test_mae_tta_months"] = plain_mae(test_tta)
         result["test_mae_corrected_months"] = test.get("mae_corrected_months")
         result["test_mean_predictor_mae_months"] = test["mean_predictor_mae_months"]
+        result["interval_test"] = test.get("interval")
     if config.compare_seed:
         result["seed_comparison"] = _compare_seed(
             config, images, out, data_dir, recipe, eval_every, train_log, convert_minutes,

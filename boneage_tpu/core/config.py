@@ -46,6 +46,8 @@ BIG = 10**9  # The upper bound of counts that have no natural one.
 # The TTA modes (besides "none", the plain prediction) that can have their own bias correction;
 # inference.runner.TTA_MODES names the same views.
 TTA_CORRECTION_MODES = ("flip", "rotflip")
+# Conformal interval scores: |true - predicted| months, or that over the bins head's spread.
+INTERVAL_SCALES = ("absolute", "spread")
 
 
 @dataclasses.dataclass
@@ -163,6 +165,12 @@ class ModelConfig:
         "the widest: none (plain only) | flip (plain and flip: 2 views) | rotflip (plain, flip "
         "and rotflip: 10 views).",
         choices=("none", *TTA_CORRECTION_MODES),
+    )
+    fit_intervals: bool = option(
+        False,
+        "After training, store split-conformal interval scores of the --val_split predictions "
+        "for every TTA mode up to --bias_correction_tta (around the bias-corrected predictions "
+        "when --fit_bias_correction): evaluate/predict --interval 0.9 then give low/high months.",
     )
 
 
@@ -389,6 +397,10 @@ class TrainConfig:
     schedule: ScheduleConfig = group(ScheduleConfig)
     runtime: RuntimeConfig = group(RuntimeConfig)
 
+    def intervals(self, tta: str, scale: str) -> list[float] | None:
+        """Returns the sorted conformal scores fitted for TTA mode `tta` and `scale`, or None."""
+        return self.interval_scores.get(tta, {}).get(scale)
+
     def to_json(self) -> str:
         """Returns the config as pretty JSON, one object per group."""
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -427,6 +439,9 @@ class Derived:
         applies only this mode's line.
       train_split: the split(s) trained on (the other folds' under --fold; "" unknown).
       val_split: the split validated on (the fold's under --fold).
+      interval_scores: split-conformal calibration scores fitted on the validation predictions,
+        {mode: {scale: sorted scores}} (`inference.intervals`; scales `INTERVAL_SCALES`), each
+        mode's around the predictions its bias correction gives.
     """
 
     label_mean: float = 0.0
@@ -440,6 +455,7 @@ class Derived:
     tta_corrections: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
     train_split: str = ""
     val_split: str = ""
+    interval_scores: dict[str, dict[str, list[float]]] = dataclasses.field(default_factory=dict)
 
     def correction(self, tta: str) -> tuple[float, float] | None:
         """Returns the (slope, intercept) fitted for TTA mode `tta`, or None when none was.

@@ -32,6 +32,7 @@ def uncorrected(
         predicted=(result.predicted - intercept) / slope,
         spread=None if result.spread is None else result.spread / abs(slope),
         views=None if result.views is None else (result.views - intercept) / slope,
+        view_spreads=None if result.view_spreads is None else result.view_spreads / abs(slope),
     )
 
 
@@ -126,12 +127,15 @@ def same_folder(a: str, b: str) -> bool:
     return bool(a) and bool(b) and normal(a) == normal(b)
 
 
-def fitted_in_sample(loaded: restore.LoadedModel, data: str, split: str) -> bool:
-    """Whether the run fitted a bias correction on `split` of the data folder `data`."""
-    if not loaded.derived.fitted_modes():
-        return False
+def fit_split_matches(loaded: restore.LoadedModel, data: str, split: str) -> bool:
+    """Whether `split` of the data folder `data` is the one the run fits on after training."""
     fit_split = loaded.derived.val_split or loaded.config.data.val_split
     return fit_split == split and same_folder(loaded.config.data.path, data)
+
+
+def fitted_in_sample(loaded: restore.LoadedModel, data: str, split: str) -> bool:
+    """Whether the run fitted a bias correction on `split` of the data folder `data`."""
+    return bool(loaded.derived.fitted_modes()) and fit_split_matches(loaded, data, split)
 
 
 def view_metrics(raw: inference.SplitPredictions, tta: str) -> list[dict[str, Any]]:

@@ -28,7 +28,7 @@ from boneage_tpu.core.errors import Error, UsageError
 from boneage_tpu.core.options import check, from_flat, group, option
 from boneage_tpu.data import verify
 from boneage_tpu.evaluate import corrections, gallery, metrics, report
-from boneage_tpu.inference import heatmap, restore
+from boneage_tpu.inference import heatmap, intervals, restore
 from boneage_tpu.inference import runner as inference
 
 CORRECTION_CHOICES = ("fitted", "none")
@@ -62,6 +62,20 @@ class EvalConfig:
         "fitted: apply the bias correction the training run fitted for this --tta mode (none "
         "when it fitted none for it) | none: report the network's own predictions.",
         choices=CORRECTION_CHOICES,
+    )
+    interval: float = option(
+        0.0,
+        "Coverage level of split-conformal prediction intervals, e.g. 0.9 (0: none): "
+        "low_months/high_months in predictions.csv and the heatmap titles, the empirical "
+        "coverage and mean width in metrics.json. Needs a run trained with --fit_intervals.",
+        min=0,
+        max=0.999,
+    )
+    interval_scale: str = option(
+        "absolute",
+        "absolute: one half-width for every image | spread: the half-width scaled by the bins "
+        "head's per-image spread (wider where the model is unsure).",
+        choices=config_lib.INTERVAL_SCALES,
     )
     output: str = option(
         "",
@@ -120,6 +134,11 @@ def validate(config: EvalConfig) -> None:
         raise UsageError("--data is required: a folder written by boneage-make-tfrecords")
     if config.continuous and len(config.model_dirs) > 1:
         raise UsageError("--continuous follows one training run: give a single --model_dir")
+    if config.interval and len(config.model_dirs) > 1:
+        raise UsageError(
+            "--interval uses one run's calibration scores: give a single --model_dir (an "
+            "ensemble's mean has other residuals)"
+        )
     if config.continuous and config.checkpoint not in ("latest", ""):
         raise UsageError("--continuous evaluates every new checkpoint: drop --checkpoint")
 
@@ -272,6 +291,22 @@ def evaluate_once(
     )
     values["train_mean_source"] = train_mean[1]
     values.update(corrections.correction_metrics(result, raw, lines))
+    interval = None
+    if config.interval:
+        interval = _interval(config, result, derived[0], lines[0], first[0])
+        values["interval"] = {
+            **intervals.coverage_metrics(result.boneage, interval),
+            "n_calibration": len(derived[0].intervals(config.tta, config.interval_scale)),
+            "in_sample": corrections.fit_split_matches(first[0], config.data, config.split),
+            "centred_on": "corrected" if lines[0] is not None else "uncorrected",
+        }
+        covered = values["interval"]["coverage"]
+        print(
+            f"{config.interval:.0%} intervals ({config.interval_scale}): mean width "
+            f"{values['interval']['mean_width_months']:.1f} months"
+            + ("" if covered is None else f", coverage {covered:.3f}")
+            + (" (in-sample: fitted on these records)" if values["interval"]["in_sample"] else "")
+        )
     values.update(
         {
             "correction": config.correction,
@@ -312,6 +347,9 @@ def evaluate_once(
                 batch_size=first[1],
                 size=config.gallery_size,
                 strategy=strategy,
+                interval=None
+                if interval is None or headline is not result
+                else (interval.low, interval.high, interval.level),
             )
         except heatmap.HeatmapError as e:
             print(f"warning: no heatmaps: {e}", file=sys.stderr)
@@ -326,6 +364,34 @@ def evaluate_once(
         headline.predicted,
         title=title,
         spread=headline.spread,
+        interval=None if interval is None else (interval.low, interval.high),
         extra_html=section,
     )
     return values
+
+
+def _interval(
+    config: EvalConfig,
+    result: inference.SplitPredictions,
+    derived: config_lib.Derived,
+    line: tuple[float, float] | None,
+    loaded: restore.LoadedModel,
+) -> intervals.Bounds:
+    """Returns the conformal bounds around the evaluated predictions, or raises EvalError."""
+    if line is None and derived.correction(config.tta) is not None:
+        raise EvalError(
+            f"the intervals of {loaded.model_dir} were fitted around its bias-corrected "
+            "predictions: drop --correction none to use --interval"
+        )
+    try:
+        return intervals.around(
+            derived,
+            config.tta,
+            config.interval_scale,
+            config.interval,
+            result.predicted,
+            result.spread,
+            loaded.model_dir,
+        )
+    except intervals.IntervalError as e:
+        raise EvalError(str(e)) from None

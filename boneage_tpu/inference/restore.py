@@ -160,3 +160,16 @@ def tta_corrected(loaded: LoadedModel, months: Any, tta: str) -> Any:
     raw = (months - intercept) / slope
     line = loaded.derived.correction(tta)
     return raw if line is None else line[0] * raw + line[1]
+
+
+def tta_corrected_spread(loaded: LoadedModel, spread: Any, tta: str) -> Any:
+    """Returns a TTA mean's spread scaled as `tta_corrected` scales its predictions.
+
+    A line of slope a stretches the spread of the predictions by |a|: the plain line's is
+    undone and the mode's applied.
+    """
+    if tta == "none":
+        return spread
+    slope, _ = baked_correction(loaded.model)
+    line = loaded.derived.correction(tta)
+    return spread / abs(slope) * (1.0 if line is None else abs(line[0]))

@@ -40,6 +40,9 @@ class SplitPredictions:
     # float64 months [views, N]: each TTA view's own prediction (`tta_views` order); their mean
     # is `predicted` up to float32 rounding (`predicted` is averaged on the device).
     views: np.ndarray | None = None
+    # float64 months [views, N]: each view's own spread (None without a spread); a TTA mode's
+    # spread is the mean over its views, so a subset's can be recomputed from these.
+    view_spreads: np.ndarray | None = None
 
 
 def tta_views(tta: str) -> list[tuple[float, bool]]:
@@ -90,7 +93,7 @@ def tta_predict_fn(
     views_fn = tta_views_fn(model, tta)
 
     def run(images: tf.Tensor, male: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        months, spread, _ = views_fn(images, male)
+        months, spread, _, _ = views_fn(images, male)
         return months, spread
 
     return run
@@ -98,16 +101,19 @@ def tta_predict_fn(
 
 def tta_views_fn(
     model: Any, tta: str
-) -> Callable[[tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor, tf.Tensor]]:
-    """Returns fn(images, male) -> (months [B], spread [B], each view's months [views, B]).
+) -> Callable[[tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]]:
+    """Returns fn(images, male) -> (months [B], spread [B], views' months, views' spreads).
 
-    `months` and `spread` are `tta_predict_fn`'s; the third output keeps each view's own
-    prediction so that a report can show which views help.
+    `months` and `spread` are `tta_predict_fn`'s; the last two ([views, B] each) keep each
+    view's own prediction and spread, so that a report can show which views help and a subset
+    of the views (a narrower TTA mode) can be averaged on the host.
     """
     views = tta_views(tta)
     spread_model = heads.with_spread(model) if hasattr(model, "get_layer") else None
 
-    def run(images: tf.Tensor, male: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    def run(
+        images: tf.Tensor, male: tf.Tensor
+    ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
         images = tf.cast(images, tf.float32)
         male = tf.cast(male, tf.float32)
         months, spread = [], []
@@ -121,7 +127,7 @@ def tta_views_fn(
             months.append(tf.reshape(tf.cast(out, tf.float32), [-1]))
             spread.append(tf.reshape(tf.cast(std, tf.float32), [-1]))
         mean = tf.add_n(months) / len(views)
-        return mean, tf.add_n(spread) / len(views), tf.stack(months)
+        return mean, tf.add_n(spread) / len(views), tf.stack(months), tf.stack(spread)
 
     return run
 
@@ -151,8 +157,8 @@ def predict_dataset(
         predict = tf.function(predict, jit_compile=True)
 
     def predict_rows(images: tf.Tensor, male: tf.Tensor) -> tf.Tensor:
-        """[replicas, 2 + views, rows]: months, spread and each view's months of every
-        replica's rows, on every replica.
+        """[replicas, 2 + 2 views, rows]: months, spread, each view's months and each view's
+        spread of every replica's rows, on every replica.
 
         Each replica predicts its own slice into its row of a zero tensor (static shapes for
         XLA); one all-reduce (a sum) then gives every replica, and so every host, the whole
@@ -160,8 +166,8 @@ def predict_dataset(
         while every host reads (and masks) the whole batch.
         """
         context = tf.distribute.get_replica_context()
-        months, spread, views = predict(images, male)
-        own = tf.concat([tf.stack([months, spread]), views], axis=0)
+        months, spread, views, view_spreads = predict(images, male)
+        own = tf.concat([tf.stack([months, spread]), views, view_spreads], axis=0)
         slot = tf.one_hot(context.replica_id_in_sync_group, replicas, dtype=own.dtype)
         return context.all_reduce(tf.distribute.ReduceOp.SUM, slot[:, None, None] * own[None])
 
@@ -171,7 +177,8 @@ def predict_dataset(
 
     has_spread = hasattr(model, "get_layer") and heads.logits_of(model) is not None
     ids: list[str] = []
-    male, boneage, predicted, spread, views = [], [], [], [], []
+    male, boneage, predicted, spread, views, view_spreads = [], [], [], [], [], []
+    count = len(tta_views(tta))
     # Every host iterates the same global batches, so all run the same number of steps.
     for batch in dataset:
         size = int(batch["image"].shape[0])
@@ -199,7 +206,8 @@ def predict_dataset(
         boneage.append(np.asarray(batch["boneage"], np.float64)[keep])
         predicted.append(months[keep])
         spread.append(stds[keep])
-        views.append(rows[2:, keep])
+        views.append(rows[2 : 2 + count, keep])
+        view_spreads.append(rows[2 + count :, keep])
     if not ids:
         raise InferenceError("the evaluation dataset yielded no records")
     return SplitPredictions(
@@ -209,6 +217,7 @@ def predict_dataset(
         predicted=np.concatenate(predicted),
         spread=np.concatenate(spread) if has_spread else None,
         views=np.concatenate(views, axis=1),
+        view_spreads=np.concatenate(view_spreads, axis=1) if has_spread else None,
     )
 
 
@@ -271,4 +280,7 @@ def average(runs: list[SplitPredictions]) -> SplitPredictions:
         views=None
         if any(r.views is None for r in runs)
         else np.mean(np.stack([r.views for r in runs]), axis=0),
+        view_spreads=None
+        if any(r.view_spreads is None for r in runs)
+        else np.mean(np.stack([r.view_spreads for r in runs]), axis=0),
     )
