@@ -62,7 +62,13 @@ def _inputs(tmp_path) -> tuple[list[str], str]:
 
 def test_argument_errors_are_one_line(tmp_path, capsys):
     base, flagfile = _inputs(tmp_path)
-    assert "--labels" in _one_line_error(capsys, [], 2)
+    assert "--output" in _one_line_error(capsys, [], 2)
+    err = _one_line_error(capsys, ["--output", str(tmp_path / "o")], 2)
+    assert "--labels and --images are required (or --model_dir" in err
+    run = ["--output", str(tmp_path / "o"), "--model_dir", str(tmp_path)]
+    assert "give --test_labels" in _one_line_error(capsys, run, 2)
+    with_test = [*run, "--test_labels", base[1], "--test_images", str(tmp_path)]
+    assert "drop --labels" in _one_line_error(capsys, [*with_test, "--labels", base[1]], 2)
     assert "--flagfile needs a value" in _one_line_error(capsys, [*base, "--flagfile"], 2)
     err = _one_line_error(capsys, [*base, "--flagfile", str(tmp_path / "none.flags")], 2)
     assert "none.flags not found" in err
@@ -330,6 +336,7 @@ def _fake_subprocesses(monkeypatch, tmp_path, val_ids):
             out = pathlib.Path(value["--output"])
             out.mkdir(parents=True, exist_ok=True)
             manifest = {"image_size": 40, "schema_version": schema.SCHEMA_VERSION}
+            manifest["rows_skipped"] = 2 if value.get("--split_name") == "test" else 0
             (out / "manifest.json").write_text(json.dumps(manifest))
             return []
         if module == "boneage_tpu.train":
@@ -516,3 +523,26 @@ def test_end_to_end_on_phantom_with_the_seed_comparison(tmp_path):
     assert comparison["seed_settings"]["augmentation"]["fill_mode"] == "constant"
     assert set(comparison["seed_augmentation_untranslated"]) == {"aug_contrast", "aug_gamma"}
     assert isinstance(result["load_flagged"], bool)
+
+
+def test_model_dir_evaluates_a_trained_run_on_the_test_set_without_training(tmp_path, monkeypatch):
+    calls = _fake_subprocesses(monkeypatch, tmp_path, ["1", "2"])
+    run = tmp_path / "run"
+    run.mkdir()
+    derived = {"label_std": 40.0, "data_image_size": 40}
+    (run / "derived.json").write_text(json.dumps(derived))
+    labels = tmp_path / "test.csv"
+    labels.write_text("id,boneage,male\n1,100,True\n2,101,False\n")
+    out = tmp_path / "out"
+    argv = ["benchmark_real", "--model_dir", str(run), "--output", str(out)]
+    argv += ["--test_labels", str(labels), "--test_images", str(tmp_path)]
+    assert benchmark_real.main(argv) == 0
+    result = json.loads((out / "benchmark_real.json").read_text())
+    assert [c[1] for c in calls] == ["boneage_tpu.convert"] + ["boneage_tpu.evaluate"] * 2
+    convert = calls[0]
+    assert convert[convert.index("--image_size") + 1] == "40"  # stored like the run's data
+    assert convert[convert.index("--split_name") + 1] == "test"
+    assert result["test_mae_months"] == 12.0 and result["test_mae_tta_months"] == 11.0
+    assert result["test_skipped"] == 2 and result["model_dir"] == str(run.resolve())
+    assert result["interval_test"] is None  # the run stored no interval scores
+    assert not (run / "eval").exists()  # evaluations go to OUTPUT, not into the run

@@ -328,6 +328,10 @@ def evaluate_once(
             "data": config.data,
             "split": config.split,
             "data_manifest_sha256": checksum,
+            # Rows of the converted CSV the converter skipped (every split's; listed in the
+            # manifest's "skipped"): an MAE over what was left can flatter.
+            "conversion_skipped": int(manifest.get("rows_skipped", 0)),
+            "conversion_rows_in": manifest.get("rows_in"),
             "output": output,
             "boneage_tpu_version": __version__,
             "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(),
