@@ -57,6 +57,12 @@ class EvalConfig:
         "degrees (10 views).",
         choices=inference.TTA_MODES,
     )
+    tta_fill: str = option(
+        "black",
+        "What the corners uncovered by rotflip's rotated views read: black (as the training "
+        "augmentation pads) | background (each image's median border pixel).",
+        choices=inference.TTA_FILLS,
+    )
     correction: str = option(
         "fitted",
         "fitted: apply the bias correction the training run fitted for this --tta mode (none "
@@ -230,6 +236,7 @@ def evaluate_once(
                 tta=config.tta,
                 strategy=strategy,
                 jit_compile=runtime["jit_compile"],
+                tta_fill=config.tta_fill,
             )
         except tf.errors.DataLossError as e:  # Names no file: find the shard by its checksum.
             raise EvalError(
@@ -325,6 +332,7 @@ def evaluate_once(
             "checkpoint_step": steps[0] if len(steps) == 1 else steps,
             "models": members,
             "tta": config.tta,
+            "tta_fill": config.tta_fill,
             "data": config.data,
             "split": config.split,
             "data_manifest_sha256": checksum,

@@ -20,6 +20,10 @@ from boneage_tpu.data import pipeline as data
 from boneage_tpu.modeling import heads
 
 TTA_MODES = ("none", "flip", "rotflip")
+# What fills the corners a rotated view uncovers: black (the training augmentation's padding) or
+# the film's own background (the median of the image's border pixels), which on a grey,
+# low-contrast film is not black.
+TTA_FILLS = ("black", "background")
 # Deeplasia's test-time augmentation: these rotations, each with and without the mirror.
 ROTFLIP_ANGLES_DEG = (-10.0, -5.0, 0.0, 5.0, 10.0)
 
@@ -56,16 +60,33 @@ def tta_views(tta: str) -> list[tuple[float, bool]]:
     return [(angle, flip) for angle in ROTFLIP_ANGLES_DEG for flip in (False, True)]
 
 
-def view_images(images: tf.Tensor, angle_deg: float, flip: bool) -> tf.Tensor:
-    """Rotates (about the centre, black fill) and optionally mirrors float images [B,S,S,1].
+def border_median(images: tf.Tensor) -> tf.Tensor:
+    """Returns each image's median border pixel [B, 1, 1, 1]: its film background, mostly."""
+    border = tf.concat(
+        [images[:, 0, :, :], images[:, -1, :, :], images[:, :, 0, :], images[:, :, -1, :]], axis=1
+    )
+    values = tf.sort(tf.reshape(border, [tf.shape(images)[0], -1]), axis=1)
+    middle = values[:, values.shape[1] // 2]
+    return tf.reshape(middle, [-1, 1, 1, 1])
+
+
+def view_images(images: tf.Tensor, angle_deg: float, flip: bool, fill: str = "black") -> tf.Tensor:
+    """Rotates (about the centre) and optionally mirrors float images [B,S,S,1].
 
     Uses the training augmentation's XLA-safe warp; the unrotated views are exact (a mirror is
-    a reverse, the identity returns the input).
+    a reverse, the identity returns the input). The uncovered corners read `fill`: black, or
+    the image's `border_median` (the warp of image - background, plus the background: the same
+    bilinear samples inside, the background outside).
     """
+    if fill not in TTA_FILLS:
+        raise InferenceError(f"--tta_fill must be one of {TTA_FILLS}, got {fill!r}")
     if flip:
         images = tf.reverse(images, axis=[2])
     if angle_deg == 0.0:
         return images
+    background = border_median(images) if fill == "background" else None
+    if background is not None:
+        images = images - background
     batch = tf.shape(images)[0]
     zeros = tf.zeros([batch], tf.float32)
     params = {
@@ -77,11 +98,12 @@ def view_images(images: tf.Tensor, angle_deg: float, flip: bool) -> tf.Tensor:
         "flip": zeros,
     }
     _, height, width, _ = images.shape
-    return warp.warp_affine(images, augment.affine_matrices(params, height, width))
+    rotated = warp.warp_affine(images, augment.affine_matrices(params, height, width))
+    return rotated if background is None else rotated + background
 
 
 def tta_predict_fn(
-    model: Any, tta: str
+    model: Any, tta: str, fill: str = "black"
 ) -> Callable[[tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor]]:
     """Returns fn(images uint8|float32 [B,S,S,1], male float32 [B]) -> (months, spread) [B].
 
@@ -90,7 +112,7 @@ def tta_predict_fn(
     inputs); "rotflip" also rotates by +-5 and +-10 degrees. `spread` is the bins head's
     per-image std in months (averaged over the views), zeros for a regression head.
     """
-    views_fn = tta_views_fn(model, tta)
+    views_fn = tta_views_fn(model, tta, fill)
 
     def run(images: tf.Tensor, male: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         months, spread, _, _ = views_fn(images, male)
@@ -100,7 +122,7 @@ def tta_predict_fn(
 
 
 def tta_views_fn(
-    model: Any, tta: str
+    model: Any, tta: str, fill: str = "black"
 ) -> Callable[[tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]]:
     """Returns fn(images, male) -> (months [B], spread [B], views' months, views' spreads).
 
@@ -118,7 +140,7 @@ def tta_views_fn(
         male = tf.cast(male, tf.float32)
         months, spread = [], []
         for angle, flip in views:
-            inputs = {"image": view_images(images, angle, flip), "male": male}
+            inputs = {"image": view_images(images, angle, flip, fill), "male": male}
             if spread_model is None:
                 out = model(inputs, training=False)
                 std = tf.zeros_like(tf.reshape(tf.cast(out, tf.float32), [-1]))
@@ -139,6 +161,7 @@ def predict_dataset(
     tta: str = "none",
     strategy: tf.distribute.Strategy | None = None,
     jit_compile: bool = False,
+    tta_fill: str = "black",
 ) -> SplitPredictions:
     """Predicts every real (mask 1) row of an evaluation dataset.
 
@@ -149,10 +172,11 @@ def predict_dataset(
       tta: none | flip | rotflip.
       strategy: where to run; default: the current (default) strategy.
       jit_compile: compile each replica's forward pass (TTA views included) with XLA.
+      tta_fill: what the rotated views' uncovered corners read (`TTA_FILLS`).
     """
     strategy = strategy or tf.distribute.get_strategy()
     replicas = strategy.num_replicas_in_sync
-    predict = tta_views_fn(model, tta)
+    predict = tta_views_fn(model, tta, tta_fill)
     if jit_compile:
         predict = tf.function(predict, jit_compile=True)
 
@@ -232,6 +256,7 @@ def predict_split(
     tta: str = "none",
     strategy: tf.distribute.Strategy | None = None,
     jit_compile: bool = False,
+    tta_fill: str = "black",
 ) -> SplitPredictions:
     """Predicts every record of a TFRecord split exactly once.
 
@@ -245,6 +270,7 @@ def predict_split(
       tta: none | flip | rotflip.
       strategy: where to run; default: the current strategy.
       jit_compile: compile each replica's forward pass with XLA.
+      tta_fill: what the rotated views' uncovered corners read (`TTA_FILLS`).
     """
     strategy = strategy or tf.distribute.get_strategy()
     replicas = strategy.num_replicas_in_sync
@@ -262,7 +288,9 @@ def predict_split(
         manifest=manifest,
         cache="no",  # one pass: caching would only cost RAM
     )
-    return predict_dataset(model, dataset, tta=tta, strategy=strategy, jit_compile=jit_compile)
+    return predict_dataset(
+        model, dataset, tta=tta, strategy=strategy, jit_compile=jit_compile, tta_fill=tta_fill
+    )
 
 
 def average(runs: list[SplitPredictions]) -> SplitPredictions:
