@@ -267,8 +267,9 @@ def _run_locked(session: Session, after_loop: Callable[[int], None] | None) -> d
     )  # fmt: skip
     log(
         f"train: {distribute.describe(session.strategy)}, batch {config.data.batch_size} "
-        f"({session.per_replica_batch}/replica), {settings['precision']}, "
-        f"XLA: {settings['xla']}, warp: {settings['warp']}, {settings['steps_per_loop']} steps/loop, "
+        f"({session.per_replica_batch}/replica), {settings['precision']}"
+        + (f" ({settings['cpu_bf16']})" if settings["cpu_bf16"] else "")
+        + f", XLA: {settings['xla']}, warp: {settings['warp']}, {settings['steps_per_loop']} steps/loop, "
         + (f"resuming at step {session.start_step}" if session.start_step else "from step 0")
         + f" of {config.schedule.train_steps}"
     )
