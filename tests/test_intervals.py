@@ -90,7 +90,7 @@ def test_held_out_check_covers_at_the_level_on_the_other_half() -> None:
     rng = np.random.default_rng(2)
     true, predicted = _noisy(rng, 4000, 6.0)
     check = intervals.held_out_check(true, predicted, None, 0.9, "absolute")
-    assert check["coverage"] == pytest.approx(0.9, abs=0.015)
+    assert check["coverage"] == pytest.approx(0.9, abs=0.02)
     assert check["n_fit"] == check["n_checked"] == 2000
 
 
