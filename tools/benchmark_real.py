@@ -511,7 +511,7 @@ def evaluate(
 # The benchmark.
 
 
-def test_results(
+def evaluate_test_set(
     model_dir: pathlib.Path,
     test_dir: pathlib.Path,
     evals: pathlib.Path,
@@ -556,7 +556,9 @@ def evaluate_existing(
         commands, "test", "test",
     )  # fmt: skip
     # Into OUTPUT, not the run's folder: evaluating must not write into the model directory.
-    result = test_results(model_dir, test_dir, out / "eval", commands, interval_level(model_dir))
+    result = evaluate_test_set(
+        model_dir, test_dir, out / "eval", commands, interval_level(model_dir)
+    )
     notes.append(f"--model_dir: {model_dir} evaluated as trained, no conversion or training")
     result.update(
         model_dir=str(model_dir),
@@ -831,7 +833,7 @@ def run(config: BenchConfig) -> dict[str, Any]:
             config.test_labels, config.test_images, test_dir, stored_size, logs, commands,
             "test", "test",
         )  # fmt: skip
-        result.update(test_results(model_dir, test_dir, evals, commands, level))
+        result.update(evaluate_test_set(model_dir, test_dir, evals, commands, level))
     if config.compare_seed:
         result["seed_comparison"] = _compare_seed(
             config, images, out, data_dir, recipe, eval_every, train_log, convert_minutes,
