@@ -311,9 +311,15 @@ def run_config(config: Any, model_dir: str) -> dict[str, int]:
         raise PredictError(
             "--runner beam takes --input PATTERN and --output DIR (no IMAGE files, no --labels)"
         )
-    if config.heatmaps or config.tta != "none" or config.checkpoint not in ("auto", "export"):
+    if (
+        config.heatmaps
+        or config.tta != "none"
+        or config.interval
+        or config.checkpoint not in ("auto", "export")
+    ):
         raise PredictError(
-            "--runner beam serves the SavedModel export: no --heatmaps, --tta or --checkpoint"
+            "--runner beam serves the SavedModel export: no --heatmaps, --tta, --interval or "
+            "--checkpoint"
         )
     if config.sex and config.sex_csv:
         raise PredictError("give --sex or --sex_csv, not both")
