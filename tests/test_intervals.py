@@ -15,7 +15,7 @@ from boneage_tpu import UsageError
 from boneage_tpu.core import config as config_lib
 from boneage_tpu.core import model_dir, schema
 from boneage_tpu.evaluate import job as evaluate
-from boneage_tpu.evaluate import once, report
+from boneage_tpu.evaluate import report
 from boneage_tpu.inference import intervals
 from boneage_tpu.inference import runner as inference
 from boneage_tpu.train import calibrate
@@ -230,9 +230,9 @@ def test_heatmap_titles_show_the_interval_on_its_own_line() -> None:
 
 def test_evaluate_interval_refuses_runs_without_scores_and_ensembles(toy, tmp_path):
     common = {"data": toy["data"], "batch_size": BATCH, "no_gallery": True, "interval": 0.9}
-    with pytest.raises(once.EvalError, match="no absolute interval scores for --tta none"):
+    with pytest.raises(intervals.IntervalError, match="no absolute interval scores for --tta none"):
         evaluate.run(model_dir=toy["bare"], output=str(tmp_path / "bare"), **common)
-    with pytest.raises(once.EvalError, match="it has --tta none: absolute"):
+    with pytest.raises(intervals.IntervalError, match="it has --tta none: absolute"):
         evaluate.run(model_dir=toy["fitted"], tta="flip", output=str(tmp_path / "f"), **common)
     with pytest.raises(UsageError, match="single --model_dir"):
         evaluate.run(model_dirs=[toy["fitted"], toy["bare"]], output=str(tmp_path / "e"), **common)
@@ -257,7 +257,7 @@ def test_predict_interval_adds_low_and_high_to_rows_and_table(toy, tmp_path):
     bare = predict.PredictConfig(
         model_dir=toy["bare"], paths=(png,), sex="F", interval=0.9, force=True
     )
-    with pytest.raises(predict_io.PredictError, match="train it with --fit_intervals"):
+    with pytest.raises(intervals.IntervalError, match="train it with --fit_intervals"):
         predict.run(bare)
 
 

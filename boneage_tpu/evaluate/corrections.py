@@ -1,9 +1,10 @@
-"""The bias corrections of an evaluation: which line applies, in-sample checks, MAEs per view.
+"""The fits an evaluation applies: which bias correction, in-sample checks, per-view MAEs, intervals.
 
 A training run fits one linear correction per TTA mode (`Derived.correction`); the model holds
 the plain predictions' line itself. Evaluation undoes that line to get each member's own
 predictions, applies the line fitted for its --tta mode (or none), and reports both MAEs, whether
-the line was fitted on the evaluated records, and each TTA view's own MAE.
+the line was fitted on the evaluated records, and each TTA view's own MAE. With --interval, the
+run's conformal scores for the mode give each prediction its interval (`interval_metrics`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from typing import Any
 import numpy as np
 
 from boneage_tpu.core import config as config_lib
-from boneage_tpu.inference import restore
+from boneage_tpu.core.errors import UsageError
+from boneage_tpu.inference import intervals, restore
 from boneage_tpu.inference import runner as inference
 
 
@@ -151,3 +153,49 @@ def view_metrics(raw: inference.SplitPredictions, tta: str) -> list[dict[str, An
         }
         for i, (angle, flip) in enumerate(inference.tta_views(tta))
     ]
+
+
+def interval_metrics(
+    level: float,
+    scale: str,
+    tta: str,
+    result: inference.SplitPredictions,
+    loaded: restore.LoadedModel,
+    line: tuple[float, float] | None,
+    in_sample: bool,
+) -> tuple[intervals.Bounds, dict[str, Any]]:
+    """Returns the conformal bounds around the evaluated predictions and metrics.json's interval.
+
+    Args:
+      level, scale: --interval and --interval_scale.
+      tta: the evaluated TTA mode, whose stored scores apply.
+      result: the evaluated predictions (with the mode's correction when `line`).
+      loaded: the (single) evaluated run.
+      line: the applied bias correction, None for none.
+      in_sample: whether the evaluated split is the one the scores were fitted on.
+
+    Raises:
+      UsageError: --correction none on a run whose scores are around corrected predictions.
+      intervals.IntervalError: the run stored no scores for the mode and scale.
+    """
+    if line is None and loaded.derived.correction(tta) is not None:
+        raise UsageError(
+            f"the intervals of {loaded.model_dir} were fitted around its bias-corrected "
+            "predictions: drop --correction none to use --interval"
+        )
+    bounds = intervals.around(
+        loaded.derived, tta, scale, level, result.predicted, result.spread, loaded.model_dir
+    )
+    values = {
+        **intervals.coverage_metrics(result.boneage, bounds),
+        "n_calibration": len(loaded.derived.intervals(tta, scale)),
+        "in_sample": in_sample,
+        "centred_on": "corrected" if line is not None else "uncorrected",
+    }
+    covered = values["coverage"]
+    print(
+        f"{level:.0%} intervals ({scale}): mean width {values['mean_width_months']:.1f} months"
+        + ("" if covered is None else f", coverage {covered:.3f}")
+        + (" (in-sample: fitted on these records)" if in_sample else "")
+    )
+    return bounds, values

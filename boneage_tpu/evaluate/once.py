@@ -28,7 +28,7 @@ from boneage_tpu.core.errors import Error, UsageError
 from boneage_tpu.core.options import check, from_flat, group, option
 from boneage_tpu.data import verify
 from boneage_tpu.evaluate import corrections, gallery, metrics, report
-from boneage_tpu.inference import heatmap, intervals, restore
+from boneage_tpu.inference import heatmap, restore
 from boneage_tpu.inference import runner as inference
 
 CORRECTION_CHOICES = ("fitted", "none")
@@ -300,20 +300,10 @@ def evaluate_once(
     values.update(corrections.correction_metrics(result, raw, lines))
     interval = None
     if config.interval:
-        interval = _interval(config, result, derived[0], lines[0], first[0])
-        values["interval"] = {
-            **intervals.coverage_metrics(result.boneage, interval),
-            "n_calibration": len(derived[0].intervals(config.tta, config.interval_scale)),
-            "in_sample": corrections.fit_split_matches(first[0], config.data, config.split),
-            "centred_on": "corrected" if lines[0] is not None else "uncorrected",
-        }
-        covered = values["interval"]["coverage"]
-        print(
-            f"{config.interval:.0%} intervals ({config.interval_scale}): mean width "
-            f"{values['interval']['mean_width_months']:.1f} months"
-            + ("" if covered is None else f", coverage {covered:.3f}")
-            + (" (in-sample: fitted on these records)" if values["interval"]["in_sample"] else "")
-        )
+        interval, values["interval"] = corrections.interval_metrics(
+            config.interval, config.interval_scale, config.tta, result, first[0], lines[0],
+            corrections.fit_split_matches(first[0], config.data, config.split),
+        )  # fmt: skip
     values.update(
         {
             "correction": config.correction,
@@ -380,30 +370,3 @@ def evaluate_once(
         extra_html=section,
     )
     return values
-
-
-def _interval(
-    config: EvalConfig,
-    result: inference.SplitPredictions,
-    derived: config_lib.Derived,
-    line: tuple[float, float] | None,
-    loaded: restore.LoadedModel,
-) -> intervals.Bounds:
-    """Returns the conformal bounds around the evaluated predictions, or raises EvalError."""
-    if line is None and derived.correction(config.tta) is not None:
-        raise EvalError(
-            f"the intervals of {loaded.model_dir} were fitted around its bias-corrected "
-            "predictions: drop --correction none to use --interval"
-        )
-    try:
-        return intervals.around(
-            derived,
-            config.tta,
-            config.interval_scale,
-            config.interval,
-            result.predicted,
-            result.spread,
-            loaded.model_dir,
-        )
-    except intervals.IntervalError as e:
-        raise EvalError(str(e)) from None

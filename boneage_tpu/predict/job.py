@@ -14,7 +14,8 @@ exactly as the converter and the input pipeline prepared the training data, with
 decode to 8-bit grayscale -> resize the longest side to the training data's size -> encode as
 the training data was -> the input pipeline's decode + fit to the model's square input.
 With `--labels`, the CSV may be in any layout the converter reads (Kaggle, RSNA validation or
-test); the bone age, when present, is shown next to the prediction.
+test); the bone age, when present, is shown next to the prediction. The module is ~420 lines
+because the command's ~20 flags declare their help here, beside the local runner that reads them.
 """
 
 from __future__ import annotations
@@ -391,13 +392,10 @@ def _predict_chunk(
     )
     bounds = None
     if config.interval:
-        try:
-            found = intervals.around(
-                loaded.derived, config.tta, config.interval_scale, config.interval,
-                months, spread, loaded.model_dir,
-            )  # fmt: skip
-        except intervals.IntervalError as e:
-            raise PredictError(str(e)) from None
+        found = intervals.around(
+            loaded.derived, config.tta, config.interval_scale, config.interval,
+            months, spread, loaded.model_dir,
+        )  # fmt: skip
         bounds = (found.low, found.high, found.level)
     for i, (item, value, m) in enumerate(zip(items, months, sex, strict=True)):
         item.update(male=int(m > 0.5), predicted=float(value))
