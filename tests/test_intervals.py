@@ -234,6 +234,12 @@ def test_evaluate_interval_refuses_runs_without_scores_and_ensembles(toy, tmp_pa
         evaluate.run(model_dir=toy["bare"], output=str(tmp_path / "bare"), **common)
     with pytest.raises(intervals.IntervalError, match="it has --tta none: absolute"):
         evaluate.run(model_dir=toy["fitted"], tta="flip", output=str(tmp_path / "f"), **common)
+    corrected = make_run(
+        tmp_path / "corrected", toy["manifest"], bias_slope=1.1, bias_intercept=-3.0,
+        interval_scores={"none": {"absolute": [1.0, 2.0, 3.0]}},
+    )  # fmt: skip
+    with pytest.raises(UsageError, match="drop --correction none"):
+        evaluate.run(model_dir=corrected, correction="none", output=str(tmp_path / "c"), **common)
     with pytest.raises(UsageError, match="single --model_dir"):
         evaluate.run(model_dirs=[toy["fitted"], toy["bare"]], output=str(tmp_path / "e"), **common)
 
