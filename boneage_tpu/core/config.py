@@ -6,7 +6,7 @@ runtime); each field declares its flag with `option`, and the flag names stay fl
 config.json and never changed by a run. `Derived` holds what the run derives from the data
 (label statistics, the stored image format) and fits after training (the bias correction);
 it is saved beside it as derived.json. Both files are written and read by
-`boneage_tpu.core.model_dir`. The module is ~470 lines because it is where each of the
+`boneage_tpu.core.model_dir`. The module is ~475 lines because it is where each of the
 trainer's ~60 flags declares its help text, choices and range, once.
 """
 
@@ -428,6 +428,9 @@ class Derived:
       data_image_size: the longest side the data was stored at (0: unknown, an old run).
       data_encoding: the stored image encoding (jpeg | png | raw; "" unknown).
       data_jpeg_quality: the stored JPEG quality.
+      data_crop: the converter's crop (none | hand: `boneage-make-tfrecords --crop`); predict
+        applies it to new images before the resize. "none" for runs from before it existed.
+      data_crop_margin: the hand crop's margin (`--crop_margin`; 0.0 with crop none).
       schema_version: the record schema version of the data (0: unknown).
       bias_slope: the linear bias correction fitted on the plain (TTA "none") validation
         predictions (`heads.fit_linear_correction`); part of the model that the checkpoints
@@ -449,6 +452,8 @@ class Derived:
     data_image_size: int = 0
     data_encoding: str = ""
     data_jpeg_quality: int = 95
+    data_crop: str = "none"
+    data_crop_margin: float = 0.0
     schema_version: int = 0
     bias_slope: float = 1.0
     bias_intercept: float = 0.0

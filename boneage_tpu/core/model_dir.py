@@ -127,8 +127,8 @@ def load_derived(model_dir: str) -> Derived:
     """Reads and checks derived.json (runs before it: the same keys in the flat config.json).
 
     Raises:
-      ModelDirError: one line naming the file and the problem (a stored image size, encoding
-        or JPEG quality out of range, a non-finite or non-positive label statistic).
+      ModelDirError: one line naming the file and the problem (a stored image size, encoding,
+        JPEG quality or crop out of range, a non-finite or non-positive label statistic).
     """
     path = join(model_dir, DERIVED_NAME)
     if not tf.io.gfile.exists(path):
@@ -236,6 +236,16 @@ def derived_from_dict(values: Any, path: str = DERIVED_NAME) -> Derived:
         raise ModelDirError(
             f"{path}: data_encoding must be one of {', '.join(schema.ENCODINGS)}, got "
             f"{derived.data_encoding!r}"
+        )
+    if derived.data_crop not in schema.CROPS:
+        raise ModelDirError(
+            f"{path}: data_crop must be one of {', '.join(schema.CROPS)}, got {derived.data_crop!r}"
+        )
+    low, high = schema.CROP_MARGIN_RANGE
+    if derived.data_crop != "none" and not low <= derived.data_crop_margin <= high:
+        raise ModelDirError(
+            f"{path}: data_crop_margin must be in {low}..{high} with data_crop "
+            f"{derived.data_crop}, got {derived.data_crop_margin}"
         )
     if derived.schema_version not in (0, schema.SCHEMA_VERSION):
         raise ModelDirError(

@@ -7,14 +7,14 @@
       [--sex M|F | --sex_csv CSV] [--beam_options '...']  # batch: boneage_tpu.predict.beam
 
 IMAGEs are PNG (8/16-bit, palette, RGB), JPEG or DICOM files, local or gs://. `--model_dir`
-(`--model` is the same flag) is a training run's folder (its export/model.keras when present,
-else its latest checkpoint; pick with --checkpoint) or the path of that folder's
-export/model.keras. Each image is prepared
-exactly as the converter and the input pipeline prepared the training data, with their code:
-decode to 8-bit grayscale -> resize the longest side to the training data's size -> encode as
-the training data was -> the input pipeline's decode + fit to the model's square input.
-With `--labels`, the CSV may be in any layout the converter reads (Kaggle, RSNA validation or
-test); the bone age, when present, is shown next to the prediction. The module is ~420 lines
+(`--model` is the same flag) is a training run's folder (its export/model.keras when present, else
+its latest checkpoint; pick with --checkpoint) or the path of that folder's export/model.keras.
+Each image is prepared exactly as the converter and the input pipeline prepared the training data,
+with their code: decode to 8-bit grayscale -> the training data's crop (`--crop hand`: the hand's
+box; the whole image, with a warning, when none is found) -> resize the longest side to the
+training data's size -> encode as the training data was -> the input pipeline's decode + fit to
+the model's square input. With `--labels`, the CSV may be in any layout the converter reads
+(Kaggle, RSNA validation or test); the bone age, when present, is shown next to the prediction. The module is ~430 lines
 because the command's ~20 flags declare their help here, beside the local runner that reads them.
 """
 
@@ -65,7 +65,7 @@ def prepare_image(
 
     Args:
       path: the image file.
-      derived: the model's derived values (its training data's stored size and encoding).
+      derived: the model's derived values (its training data's stored size, encoding, crop).
       image_size: the model's square input size.
       force: predict an implausible image (tiny, blank, noise) too, with a warning on stderr.
 
@@ -78,15 +78,20 @@ def prepare_image(
             "the model directory has no data_image_size/data_encoding: the training data's "
             "preprocessing is unknown"
         )
+
+    def warning(text: str) -> None:
+        print(f"warning: {path}: {text}", file=sys.stderr)
+
     stored, height, width = images.prepare(
         images.read_bytes(path),
         path,
         derived.data_image_size,
         derived.data_encoding,
         derived.data_jpeg_quality,
-        warn=(lambda reason: print(f"warning: {path}: {reason}", file=sys.stderr))
-        if force
-        else None,
+        warn=warning if force else None,
+        crop=derived.data_crop,
+        crop_margin=derived.data_crop_margin,
+        on_crop_fallback=lambda why: warning(f"hand crop: {why}; predicting on the whole image"),
     )
     # Wrapped in a record and parsed by the input pipeline's own function: same decode, same
     # fit-to-square as the training and evaluation data.
