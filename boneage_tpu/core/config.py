@@ -6,7 +6,7 @@ runtime); each field declares its flag with `option`, and the flag names stay fl
 config.json and never changed by a run. `Derived` holds what the run derives from the data
 (label statistics, the stored image format) and fits after training (the bias correction);
 it is saved beside it as derived.json. Both files are written and read by
-`boneage_tpu.core.model_dir`. The module is ~475 lines because it is where each of the
+`boneage_tpu.core.model_dir`. The module is ~490 lines because it is where each of the
 trainer's ~60 flags declares its help text, choices and range, once.
 """
 

@@ -25,6 +25,9 @@ A model directory (local or gs://) holds:
                                 make it write (deleted after each); the chief writes the rest
   LOCK                        JSON {owner, host, pid, started, heartbeat}: the lease of the one
                                 trainer running here (`boneage_tpu.train.lease`); absent when idle
+
+The module is ~560 lines because it is the one owner of all of these: each file's writer sits
+beside its reader, which checks what it reads and names the file and key in one line.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ threshold mask, computed on the image as the model saw it, at `MASK_SIZE` px:
 The mask is a heuristic (on the RSNA images it cuts thin finger tips and takes a whole small
 film inside a dark frame for the hand): the number is for comparing models on the same data.
 
-One module of some 420 lines because the maps, the hand mask and the shortcut check are
+One module of some 480 lines because the maps, the hand mask and the shortcut check are
 one measurement, shared by predict and the gallery.
 """
 
