@@ -624,6 +624,8 @@ def test_bad_crop_settings_are_one_line_errors(tmp_path, capsys):
         convert(csv, folder, tmp_path / "a", crop="box")
     with pytest.raises(ConvertError, match=r"--crop_margin must be in 1.0..4.0, got 0.5"):
         convert(csv, folder, tmp_path / "b", crop="hand", crop_margin=0.5)
+    with pytest.raises(ConvertError, match="--crop_margin 1.3 needs --crop hand"):
+        convert(csv, folder, tmp_path / "m", crop_margin=1.3)
     argv = ["make_tfrecords", f"--labels={csv}", f"--images={folder}", f"--output={tmp_path}/c"]
     assert make_tfrecords_cmd.main([*argv, "--crop=box"]) == 2
     assert "value should be one of" in capsys.readouterr().err  # absl's enum check

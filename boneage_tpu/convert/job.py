@@ -79,6 +79,9 @@ def _check_crop(crop: str, crop_margin: float) -> None:
     low, high = schema.CROP_MARGIN_RANGE
     if crop != "none" and not low <= crop_margin <= high:
         raise ConvertError(f"--crop_margin must be in {low}..{high}, got {crop_margin}")
+    if crop == "none" and crop_margin != crop_lib.DEFAULT_MARGIN:
+        # A margin given alone would be silently ignored.
+        raise ConvertError(f"--crop_margin {crop_margin:g} needs --crop hand")
 
 
 def _shard_counts(splits: dict[str, list[layouts.Row]], options: dict[str, Any]) -> dict:
