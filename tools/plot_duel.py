@@ -88,7 +88,7 @@ def plot(config: PlotConfig) -> None:
     budget = result.get("budget_minutes")
     ax.set_title(
         config.title
-        or f"Time to accuracy, {budget:g}-minute budget each, "
+        or f"Time to accuracy, {f'{budget:g}-minute' if budget else 'the same'} budget each, "
         f"{'full-size PNGs' if result.get('seed_images') else 'the converted inputs'}",
         fontsize=10,
     )
