@@ -397,10 +397,6 @@ class TrainConfig:
     schedule: ScheduleConfig = group(ScheduleConfig)
     runtime: RuntimeConfig = group(RuntimeConfig)
 
-    def intervals(self, tta: str, scale: str) -> list[float] | None:
-        """Returns the sorted conformal scores fitted for TTA mode `tta` and `scale`, or None."""
-        return self.interval_scores.get(tta, {}).get(scale)
-
     def to_json(self) -> str:
         """Returns the config as pretty JSON, one object per group."""
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -473,6 +469,10 @@ class Derived:
         else:
             line = tuple(map(float, self.tta_corrections.get(tta, (1.0, 0.0))))
         return None if line == (1.0, 0.0) else line
+
+    def intervals(self, tta: str, scale: str) -> list[float] | None:
+        """Returns the sorted conformal scores fitted for TTA mode `tta` and `scale`, or None."""
+        return self.interval_scores.get(tta, {}).get(scale)
 
     def fitted_modes(self) -> list[str]:
         """Returns the TTA modes that have a fitted correction, in `TTA_CORRECTION_MODES` order."""
