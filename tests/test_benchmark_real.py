@@ -62,7 +62,13 @@ def _inputs(tmp_path) -> tuple[list[str], str]:
 
 def test_argument_errors_are_one_line(tmp_path, capsys):
     base, flagfile = _inputs(tmp_path)
-    assert "--labels" in _one_line_error(capsys, [], 2)
+    assert "--output" in _one_line_error(capsys, [], 2)
+    err = _one_line_error(capsys, ["--output", str(tmp_path / "o")], 2)
+    assert "--labels and --images are required (or --model_dir" in err
+    run = ["--output", str(tmp_path / "o"), "--model_dir", str(tmp_path)]
+    assert "give --test_labels" in _one_line_error(capsys, run, 2)
+    with_test = [*run, "--test_labels", base[1], "--test_images", str(tmp_path)]
+    assert "drop --labels" in _one_line_error(capsys, [*with_test, "--labels", base[1]], 2)
     assert "--flagfile needs a value" in _one_line_error(capsys, [*base, "--flagfile"], 2)
     err = _one_line_error(capsys, [*base, "--flagfile", str(tmp_path / "none.flags")], 2)
     assert "none.flags not found" in err
@@ -330,13 +336,18 @@ def _fake_subprocesses(monkeypatch, tmp_path, val_ids):
             out = pathlib.Path(value["--output"])
             out.mkdir(parents=True, exist_ok=True)
             manifest = {"image_size": 40, "schema_version": schema.SCHEMA_VERSION}
+            manifest["rows_skipped"] = 2 if "test" in args else 0  # --split_name test
             (out / "manifest.json").write_text(json.dumps(manifest))
             return []
         if module == "boneage_tpu.train":
-            done = {"step": 30, "metrics": {"train_minutes": 0.25}}
+            check = {"none": {"absolute": {"level": 0.9, "coverage": 0.91}}}
+            done = {"step": 30, "metrics": {"train_minutes": 0.25, "interval_check": check}}
             model_dir = pathlib.Path(value["--model_dir"])
             model_dir.mkdir(parents=True)
             (model_dir / "DONE").write_text(json.dumps(done))
+            scores = {"none": {"absolute": [1.0, 2.0, 3.0]}}
+            derived = {"label_std": 40.0, "interval_scores": scores}
+            (model_dir / "derived.json").write_text(json.dumps(derived))
             write_records(model_dir, _trainer_records(val_seconds=5.0))
             return []
         if module == "boneage_tpu.evaluate":
@@ -345,6 +356,8 @@ def _fake_subprocesses(monkeypatch, tmp_path, val_ids):
             mae = maes.get(out.name, 11.0)  # every shifted set: 11 = 1.1 x the plain MAE
             metrics = {"mae_months": mae, "mean_predictor_mae_months": 33.0, "n": len(val_ids)}
             metrics["mae_by_sex"] = {"male": mae, "female": mae}
+            if "--interval" in value:
+                metrics["interval"] = {"level": float(value["--interval"]), "coverage": 0.88}
             (out / "metrics.json").write_text(json.dumps(metrics))
             return []
         if module == "tools.benchmark_real_seed":
@@ -395,6 +408,13 @@ def test_json_has_the_keys_and_the_ratios(tmp_path, monkeypatch, capsys):
     assert set(result["robustness"]) == set(benchmark_real.TRANSFORMS)
     for entry in result["robustness"].values():
         assert entry["ratio"] == pytest.approx(1.1) and entry["within_target"]
+        assert entry["interval"] == {"level": 0.9, "coverage": 0.88}
+    # The run stored interval scores: every plain evaluation asks for them, TTA ones do not.
+    assert result["interval_val"]["level"] == result["interval_test"]["level"] == 0.9
+    assert result["interval_check"]["none"]["absolute"]["coverage"] == 0.91
+    for call in (c for c in calls if c[1] == "boneage_tpu.evaluate"):
+        tta = call[call.index("--tta") + 1]
+        assert ("--interval" in call) == (tta == "none"), call
     comparison = result["seed_comparison"]
     assert comparison["our_curve"] == [
         [pytest.approx(12 / 60), 21.5],
@@ -503,3 +523,26 @@ def test_end_to_end_on_phantom_with_the_seed_comparison(tmp_path):
     assert comparison["seed_settings"]["augmentation"]["fill_mode"] == "constant"
     assert set(comparison["seed_augmentation_untranslated"]) == {"aug_contrast", "aug_gamma"}
     assert isinstance(result["load_flagged"], bool)
+
+
+def test_model_dir_evaluates_a_trained_run_on_the_test_set_without_training(tmp_path, monkeypatch):
+    calls = _fake_subprocesses(monkeypatch, tmp_path, ["1", "2"])
+    run = tmp_path / "run"
+    run.mkdir()
+    derived = {"label_std": 40.0, "data_image_size": 40}
+    (run / "derived.json").write_text(json.dumps(derived))
+    labels = tmp_path / "test.csv"
+    labels.write_text("id,boneage,male\n1,100,True\n2,101,False\n")
+    out = tmp_path / "out"
+    argv = ["benchmark_real", "--model_dir", str(run), "--output", str(out)]
+    argv += ["--test_labels", str(labels), "--test_images", str(tmp_path)]
+    assert benchmark_real.main(argv) == 0
+    result = json.loads((out / "benchmark_real.json").read_text())
+    assert [c[1] for c in calls] == ["boneage_tpu.convert"] + ["boneage_tpu.evaluate"] * 2
+    convert = calls[0]
+    assert convert[convert.index("--image_size") + 1] == "40"  # stored like the run's data
+    assert convert[convert.index("--split_name") + 1] == "test"
+    assert result["test_mae_months"] == 12.0 and result["test_mae_tta_months"] == 11.0
+    assert result["test_skipped"] == 2 and result["model_dir"] == str(run.resolve())
+    assert result["interval_test"] is None  # the run stored no interval scores
+    assert not (run / "eval").exists()  # evaluations go to OUTPUT, not into the run

@@ -54,3 +54,16 @@ def test_detect_reads_a_file_and_survives_a_missing_one(tmp_path):
     path.write_text(_cpuinfo("avx512_bf16"))
     assert cpu_features.detect(str(path)).avx512_bf16
     assert not cpu_features.detect(str(tmp_path / "missing")).known
+
+
+def test_the_runtime_names_the_cpus_bf16_hardware_for_the_first_log_line() -> None:
+    from boneage_tpu.core import distribute
+    from boneage_tpu.core.config import RuntimeConfig
+
+    fast = cpu_features.Bf16Support(avx512_bf16=True)
+    settings = distribute.resolve_runtime(RuntimeConfig(), "cpu", cpu=fast)
+    assert settings["cpu_bf16"] == "CPU bf16: AVX-512 BF16"
+    assert settings["precision"] == "fp32"  # auto stays fp32 on CPU (BENCHMARKS "CPU step")
+    none = distribute.resolve_runtime(RuntimeConfig(), "cpu", cpu=cpu_features.Bf16Support())
+    assert "bf16 would be emulated" in none["cpu_bf16"]
+    assert distribute.resolve_runtime(RuntimeConfig(), "gpu")["cpu_bf16"] == ""

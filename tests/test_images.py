@@ -14,7 +14,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from boneage_tpu.core import schema
-from boneage_tpu.data import images
+from boneage_tpu.data import crop, images
 
 
 def _gray(height: int = 52, width: int = 40, seed: int = 0) -> np.ndarray:
@@ -57,6 +57,11 @@ def _dicom(pixels: np.ndarray, photometric: str = "MONOCHROME2", **extra) -> byt
 
 def test_encodings_match_schema():
     assert images.ENCODINGS == schema.ENCODINGS
+
+
+def test_crop_settings_match_schema():
+    assert crop.CROPS == schema.CROPS
+    assert (crop.MIN_MARGIN, crop.MAX_MARGIN) == schema.CROP_MARGIN_RANGE
 
 
 def test_8bit_png_is_lossless():

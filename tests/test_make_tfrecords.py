@@ -17,8 +17,9 @@ from boneage_tpu.cli import make_tfrecords as make_tfrecords_cmd
 from boneage_tpu.convert import job as make_tfrecords
 from boneage_tpu.convert import plan
 from boneage_tpu.core import schema
-from boneage_tpu.data import images, layouts
+from boneage_tpu.data import crop, images, layouts
 from boneage_tpu.data.layouts import ConvertError
+from tests.hands import write_hand_dataset
 from tests.helpers import (
     convert,
     gradient_image,
@@ -524,7 +525,9 @@ def test_object_store_code_paths_via_file_urls(tmp_path):
     state.prepare()
     row = layouts.Row(2, "a", 12.0, True, "a.png")
     job = convert_write.ShardJob("train", "train-00000-of-00001.tfrecord", (row,))
-    info = state.write_shard(job, iter([(row, (b"\x07" * 6, 2, 3))]), "raw", False, lambda: None)
+    info = state.write_shard(
+        job, iter([(row, (b"\x07" * 6, 2, 3, ""))]), "raw", False, lambda: None
+    )
     assert info["records"] == 1 and state.completed(job) == info
     assert sorted(p.name for p in (tmp_path / "direct" / ".convert").iterdir()) == [
         "train-00000-of-00001.tfrecord.json"
@@ -541,3 +544,115 @@ def test_runner_beam_without_beam_is_one_line_naming_the_extra(tmp_path, monkeyp
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "boneage-tpu[beam]" in err[0], err
     assert not (tmp_path / "o").exists()
+
+
+def test_hand_crop_is_recorded_in_the_manifest_and_the_records(tmp_path, capsys):
+    csv, folder = write_hand_dataset(tmp_path / "hands", n=6)
+    options = {"image_size": 48, "encoding": "png", "split_name": "test"}
+    manifest = convert(csv, folder, tmp_path / "out", crop="hand", quiet=False, **options)
+    assert (manifest["crop"], manifest["crop_margin"]) == ("hand", crop.DEFAULT_MARGIN)
+    assert schema.manifest_crop(manifest) == ("hand", crop.DEFAULT_MARGIN)
+    assert manifest["options"]["crop"] == "hand"
+    # The inverted image has no bright hand: stored whole, counted and listed, not skipped.
+    assert manifest["records_written"] == 6 and manifest["skipped"] == []
+    assert manifest["crop_fallbacks"] == 1
+    [kept] = manifest["crop_fallback_images"]
+    assert (kept["row"], kept["id"]) == (7, "h5") and kept["path"].endswith("h5.png")
+    assert "no hand found" in kept["reason"]
+    printed = capsys.readouterr().out
+    assert "crop hand (margin 1.15): no hand found in 1 image(s), stored uncropped: 'h5'" in printed
+    records = read_records(tmp_path / "out", "test")
+    assert len(records) == 6
+    for r in records:
+        image_id = r["id"].decode()
+        data = (folder / f"{image_id}.png").read_bytes()
+        # The records hold exactly what the shared preparation (predict's too) gives.
+        expected = images.prepare(data, image_id, 48, "png", crop="hand")
+        assert (r["image"], int(r["height"]), int(r["width"])) == expected, image_id
+        uncropped = images.prepare(data, image_id, 48, "png")
+        assert (expected == uncropped) == (image_id == "h5"), image_id
+    # Worker processes give the same shards and the same list.
+    pooled = convert(csv, folder, tmp_path / "pooled", crop="hand", num_workers=2, **options)
+    assert shard_bytes(tmp_path / "pooled") == shard_bytes(tmp_path / "out")
+    assert pooled["crop_fallback_images"] == manifest["crop_fallback_images"]
+
+
+def test_uncropped_conversion_records_crop_none_and_keeps_its_plan_key(tmp_path):
+    csv, folder = write_hand_dataset(tmp_path / "hands", n=4)
+    manifest = convert(csv, folder, tmp_path / "out", image_size=48, split_name="test")
+    assert (manifest["crop"], manifest["crop_margin"]) == ("none", None)
+    assert (manifest["crop_fallbacks"], manifest["crop_fallback_images"]) == (0, [])
+    assert schema.manifest_crop(manifest) == ("none", 0.0)
+    # Not in the options: the plan key of an uncropped conversion is what it was before --crop.
+    assert "crop" not in manifest["options"] and "crop_margin" not in manifest["options"]
+    older = {k: v for k, v in manifest.items() if not k.startswith("crop")}
+    assert schema.manifest_crop(older) == ("none", 0.0)
+    for bad, message in (
+        ({"crop": "box"}, "manifest crop must be one of none, hand"),
+        ({"crop": "hand"}, "crop_margin must be in 1.0..4.0, got None"),
+        ({"crop": "hand", "crop_margin": 0.5}, "crop_margin must be in 1.0..4.0, got 0.5"),
+    ):
+        with pytest.raises(schema.ManifestError, match=message):
+            schema.manifest_crop({**manifest, **bad})
+
+
+def test_reusing_an_output_with_another_crop_is_refused(tmp_path):
+    csv, folder = write_hand_dataset(tmp_path / "hands", n=6)
+    options = {"image_size": 48, "encoding": "png", "split_name": "test", "num_shards": 3}
+    convert(csv, folder, tmp_path / "plain", **options)
+    with pytest.raises(ConvertError, match="finished conversion of other inputs or options"):
+        convert(csv, folder, tmp_path / "plain", crop="hand", **options)
+    convert(csv, folder, tmp_path / "hand", crop="hand", **options)
+    assert convert(csv, folder, tmp_path / "hand", crop="hand", **options)["crop"] == "hand"
+    with pytest.raises(ConvertError, match="finished conversion of other inputs or options"):
+        convert(csv, folder, tmp_path / "hand", crop="hand", crop_margin=1.3, **options)
+
+    def stop(name):
+        raise _Stop
+
+    with pytest.raises(_Stop):
+        convert(csv, folder, tmp_path / "cut", on_shard_done=stop, **options)
+    with pytest.raises(ConvertError, match="unfinished conversion of other inputs"):
+        convert(csv, folder, tmp_path / "cut", crop="hand", **options)
+    redone = convert(csv, folder, tmp_path / "cut", crop="hand", overwrite=True, **options)
+    assert redone["crop"] == "hand" and redone["crop_fallbacks"] == 1
+
+
+def test_bad_crop_settings_are_one_line_errors(tmp_path, capsys):
+    csv, folder = write_hand_dataset(tmp_path / "hands", n=2)
+    with pytest.raises(ConvertError, match="--crop must be one of none, hand, got 'box'"):
+        convert(csv, folder, tmp_path / "a", crop="box")
+    with pytest.raises(ConvertError, match=r"--crop_margin must be in 1.0..4.0, got 0.5"):
+        convert(csv, folder, tmp_path / "b", crop="hand", crop_margin=0.5)
+    with pytest.raises(ConvertError, match="--crop_margin 1.3 needs --crop hand"):
+        convert(csv, folder, tmp_path / "m", crop_margin=1.3)
+    argv = ["make_tfrecords", f"--labels={csv}", f"--images={folder}", f"--output={tmp_path}/c"]
+    assert make_tfrecords_cmd.main([*argv, "--crop=box"]) == 2
+    assert "value should be one of" in capsys.readouterr().err  # absl's enum check
+    assert make_tfrecords_cmd.main([*argv, "--crop=hand", "--crop_margin=0.5"]) == 2
+    assert "--crop_margin must be >= 1.0, got 0.5" in capsys.readouterr().err
+    assert make_tfrecords_cmd.main(["make_tfrecords", "--help"]) == 0
+    assert "--crop_margin" in capsys.readouterr().out
+
+
+@pytest.mark.shared
+def test_real_rsna_sample_hand_crop(rsna_sample_dir, tmp_path):
+    csv = rsna_sample_dir / "boneage-training-dataset.csv"
+    folder = rsna_sample_dir / "boneage-training-dataset"
+    manifest = convert(csv, folder, tmp_path / "out", image_size=256, crop="hand", num_workers=2)
+    assert manifest["records_written"] == 12 and manifest["crop_fallbacks"] == 0
+    records = read_records(tmp_path / "out", "train") + read_records(tmp_path / "out", "val")
+    for r in records:
+        image_id = r["id"].decode()
+        original = images.read_grayscale(str(folder / f"{image_id}.png"))
+        box = crop.hand_box(original)
+        height, width = original.shape
+        # These films show the hand from fingertips to forearm: the box keeps all of its
+        # height and most of its width.
+        assert box.fallback == "" and box.bottom - box.top >= 0.9 * height, image_id
+        assert box.right - box.left >= 0.6 * width, image_id
+        cut = original[box.top : box.bottom, box.left : box.right]
+        stored = images.decode(r["image"], "jpeg", r["height"], r["width"])
+        expected = images.resize_longest_side(cut, 256)
+        assert stored.shape == expected.shape, image_id
+        assert np.corrcoef(stored.ravel(), expected.ravel())[0, 1] >= 0.99, image_id

@@ -21,6 +21,7 @@ from boneage_tpu.evaluate import job as evaluate
 from boneage_tpu.inference import runner as inference
 from boneage_tpu.modeling import backbones, heads
 from boneage_tpu.modeling import model as model_lib
+from boneage_tpu.train import calibrate
 from boneage_tpu.train import job as train
 from tests import helpers
 from tests.helpers import train_config
@@ -270,7 +271,7 @@ def test_bias_fit_gives_each_tta_mode_the_line_of_its_own_views(tmp_path, monkey
     )
     asked = []
     monkeypatch.setattr(inference, "predict_split", lambda *a, **k: asked.append(k["tta"]) or fake)
-    monkeypatch.setattr(train.schema, "read_manifest", lambda path: {})
+    monkeypatch.setattr(calibrate.schema, "read_manifest", lambda path: {})
     config = config_lib.TrainConfig.from_flags(
         data="d", model_dir=str(tmp_path), fit_bias_correction=True, bias_correction_tta="rotflip"
     )
@@ -281,7 +282,7 @@ def test_bias_fit_gives_each_tta_mode_the_line_of_its_own_views(tmp_path, monkey
         strategy=None,
         chief=True,
     )
-    result = train._fit_bias_correction(session)
+    result = calibrate.fit(session)
     assert asked == ["rotflip"]  # one pass over the widest mode's views
     saved = model_dir.load_derived(str(tmp_path))
     # true = 1.25 * (0.8 true + c) - 1.25 c for each mode's mean offset c.

@@ -75,6 +75,7 @@ DEFAULT_FLAGFILE = "configs/rsna_cpu.flags"
 VAL_FRACTION = 0.1
 ROBUSTNESS_TARGET = 1.15  # the issue's bar: each shifted MAE <= 1.15 x the plain val MAE
 CURVE_POINTS = 10  # validations per run when --eval_every is derived from --train_steps
+INTERVAL = 0.9  # the conformal intervals' level evaluated when the run fitted them
 TTA = "rotflip"  # Deeplasia's views: -10, -5, 0, 5, 10 degrees x flip
 LOAD_LIMIT = 0.5  # the 1-minute load average above which timings are refused (--allow_load)
 
@@ -487,10 +488,12 @@ def evaluate(
     tta: str,
     output: pathlib.Path,
     commands: list[str],
+    interval: float = 0.0,
 ) -> dict[str, Any]:
     """Runs boneage_tpu.evaluate into `output` (its log beside it); returns its metrics.json.
 
-    Several model directories are evaluated as their ensemble.
+    Several model directories are evaluated as their ensemble; `interval` > 0 asks for the
+    conformal intervals at that level (metrics.json "interval").
     """
     model_dirs = [model_dir] if isinstance(model_dir, pathlib.Path) else list(model_dir)
     args = ["-m", "boneage_tpu.evaluate"]
@@ -498,12 +501,88 @@ def evaluate(
         args += ["--model_dir", str(path)]
     args += ["--data", str(data_dir)]
     args += ["--split", split, "--tta", tta, "--output", str(output)]
+    if interval:
+        args += ["--interval", f"{interval:g}"]
     run_command(args, output.parent / f"{output.name}.log", commands)
     return json.loads((output / "metrics.json").read_text())
 
 
 # ---------------------------------------------------------------------------------------------
 # The benchmark.
+
+
+def evaluate_test_set(
+    model_dir: pathlib.Path,
+    test_dir: pathlib.Path,
+    evals: pathlib.Path,
+    commands: list[str],
+    level: float,
+) -> dict[str, Any]:
+    """Evaluates a converted test set plainly and with TTA; returns the JSON's test_* keys.
+
+    `test_skipped` is the number of CSV rows the conversion skipped (its manifest lists them):
+    the MAEs are over the rest.
+    """
+    test = evaluate(model_dir, test_dir, "test", "none", evals / "test", commands, level)
+    test_tta = evaluate(model_dir, test_dir, "test", TTA, evals / f"test-{TTA}", commands)
+    return {
+        "test_mae_months": plain_mae(test),
+        "test_mae_tta_months": plain_mae(test_tta),
+        "test_mae_corrected_months": test.get("mae_corrected_months"),
+        "test_mean_predictor_mae_months": test["mean_predictor_mae_months"],
+        "test_n": test["n"],
+        "test_skipped": int(read_manifest(test_dir).get("rows_skipped", 0)),
+        "test_tta_views": test_tta.get("tta_views"),
+        "interval_test": test.get("interval"),
+    }
+
+
+def evaluate_existing(
+    config: BenchConfig, out: pathlib.Path, commands: list[str], notes: list[str]
+) -> dict[str, Any]:
+    """--model_dir: converts the test set as the run's data was stored and evaluates it."""
+    from boneage_tpu.core import model_dir as model_dir_lib
+
+    model_dir = pathlib.Path(config.model_dir).resolve()
+    try:
+        derived = model_dir_lib.load_derived(str(model_dir))
+    except model_dir_lib.ModelDirError as e:
+        raise BenchError(str(e)) from None
+    if not derived.data_image_size:
+        raise BenchError(f"{model_dir}: derived.json does not say the data's stored size")
+    test_dir = out / "test-data"
+    convert(
+        config.test_labels, config.test_images, test_dir, derived.data_image_size, out / "logs",
+        commands, "test", "test",
+    )  # fmt: skip
+    # Into OUTPUT, not the run's folder: evaluating must not write into the model directory.
+    result = evaluate_test_set(
+        model_dir, test_dir, out / "eval", commands, interval_level(model_dir)
+    )
+    notes.append(f"--model_dir: {model_dir} evaluated as trained, no conversion or training")
+    result.update(
+        model_dir=str(model_dir),
+        data_image_size=derived.data_image_size,
+        notes=notes,
+        commands=commands,
+    )
+    return result
+
+
+def interval_level(model_dir: pathlib.Path) -> float:
+    """INTERVAL when the run stored conformal scores for plain predictions (else 0: none)."""
+    from boneage_tpu.core import model_dir as model_dir_lib  # TensorFlow: only when used
+
+    derived = model_dir_lib.load_derived(str(model_dir))
+    return INTERVAL if derived.intervals("none", "absolute") is not None else 0.0
+
+
+def interval_check(model_dir: pathlib.Path) -> dict[str, Any] | None:
+    """The trainer's held-out coverage check of its intervals (DONE's interval_check), or None."""
+    from boneage_tpu.core import model_dir as model_dir_lib
+
+    done = model_dir_lib.read_done(str(model_dir)) or {}
+    return (done.get("metrics") or {}).get("interval_check")
 
 
 def _ratio(value: float | None, base: float | None) -> float | None:
@@ -543,8 +622,8 @@ def trainer_minutes(model_dir: pathlib.Path) -> float | None:
 class BenchConfig:
     """The benchmark's settings (its flags; --flagfile is taken out of the command line first)."""
 
-    labels: str = option("", "Labels CSV of the training data.", required=True)
-    images: str = option("", "Folder of its images (searched recursively).", required=True)
+    labels: str = option("", "Labels CSV of the training data (not with --model_dir).")
+    images: str = option("", "Folder of its images (searched recursively).")
     output: str = option("", "Work folder: data, model, evaluations, logs.", required=True)
     minutes: float = option(
         60.0, "Training wall-time budget in minutes (--max_train_minutes).", min=0, max=10**6
@@ -562,6 +641,11 @@ class BenchConfig:
         f"--train_steps / {CURVE_POINTS}).",
         min=0,
         max=10**9,
+    )
+    model_dir: str = option(
+        "",
+        "Evaluate this trained run on --test_labels/--test_images instead of converting and "
+        "training (no --labels/--images).",
     )
     test_labels: str = option("", "Held-out labelled CSV to evaluate too.")
     test_images: str = option("", "Images of --test_labels.")
@@ -586,6 +670,11 @@ def run(config: BenchConfig) -> dict[str, Any]:
     commands: list[str] = []
     notes: list[str] = []
     load_before, load_flagged = check_load(config.allow_load)
+    if config.model_dir:
+        result = evaluate_existing(config, out, commands, notes)
+        result["load_average"] = {"before": load_before, "after": list(os.getloadavg())}
+        result["load_flagged"] = load_flagged
+        return result
     recipe_values = recipe_flags(config.flagfile)
     # With --seed_images both sides train from the full-size PNGs: the seed reads them, ours
     # converts them (timed, into a fresh folder) and trains on the conversion.
@@ -659,7 +748,8 @@ def run(config: BenchConfig) -> dict[str, Any]:
         )
 
     evals = model_dir / "eval"
-    plain = evaluate(model_dir, data_dir, "val", "none", evals / "val", commands)
+    level = interval_level(model_dir)
+    plain = evaluate(model_dir, data_dir, "val", "none", evals / "val", commands, level)
     with_tta = evaluate(model_dir, data_dir, "val", TTA, evals / f"val-{TTA}", commands)
     corrected = plain.get("mae_corrected_months")
     if corrected is None:
@@ -680,13 +770,14 @@ def run(config: BenchConfig) -> dict[str, Any]:
         labels, images_dir = write_transformed(val_rows, paths, folder, name)
         shifted = folder / "data"
         convert(str(labels), str(images_dir), shifted, stored_size, logs, commands, "val", name)
-        values = evaluate(model_dir, shifted, "val", "none", evals / f"val-{name}", commands)
+        values = evaluate(model_dir, shifted, "val", "none", evals / f"val-{name}", commands, level)
         ratio = _ratio(plain_mae(values), plain_mae(plain))
         robustness[name] = {
             "mae_months": plain_mae(values),
             "mae_corrected_months": values.get("mae_corrected_months"),
             "ratio": ratio,
             "within_target": ratio is not None and ratio <= ROBUSTNESS_TARGET,
+            "interval": values.get("interval"),
         }
 
     result: dict[str, Any] = {
@@ -729,6 +820,10 @@ def run(config: BenchConfig) -> dict[str, Any]:
         "convert_minutes": convert_minutes,
         "robustness": robustness,
         "robustness_target_ratio": ROBUSTNESS_TARGET,
+        # val's coverage is in-sample (the scores were fitted on it); the trainer's held-out
+        # check (fit on half of val, cover the other) and the shift sets' are not.
+        "interval_val": plain.get("interval"),
+        "interval_check": interval_check(model_dir),
         "val_curve": train_log["curve"],
         "cores": os.cpu_count() or 1,
     }
@@ -738,12 +833,7 @@ def run(config: BenchConfig) -> dict[str, Any]:
             config.test_labels, config.test_images, test_dir, stored_size, logs, commands,
             "test", "test",
         )  # fmt: skip
-        test = evaluate(model_dir, test_dir, "test", "none", evals / "test", commands)
-        test_tta = evaluate(model_dir, test_dir, "test", TTA, evals / f"test-{TTA}", commands)
-        result["test_mae_months"] = plain_mae(test)
-        result["test_mae_tta_months"] = plain_mae(test_tta)
-        result["test_mae_corrected_months"] = test.get("mae_corrected_months")
-        result["test_mean_predictor_mae_months"] = test["mean_predictor_mae_months"]
+        result.update(evaluate_test_set(model_dir, test_dir, evals, commands, level))
     if config.compare_seed:
         result["seed_comparison"] = _compare_seed(
             config, images, out, data_dir, recipe, eval_every, train_log, convert_minutes,
@@ -901,6 +991,20 @@ def check_config(config: BenchConfig) -> BenchConfig:
         raise UsageError(f"--minutes must be > 0, got {config.minutes:g}")
     if bool(config.test_labels) != bool(config.test_images):
         raise UsageError("--test_labels and --test_images go together")
+    if config.model_dir:
+        if not config.test_labels:
+            raise UsageError(
+                "--model_dir evaluates a trained run: give --test_labels/--test_images"
+            )
+        if config.labels or config.images or config.compare_seed or config.data:
+            raise UsageError(
+                "--model_dir evaluates without training: drop --labels/--images/--data/"
+                "--compare_seed"
+            )
+        if not os.path.isdir(config.model_dir):
+            raise UsageError(f"--model_dir {config.model_dir} is not a folder")
+    elif not (config.labels and config.images):
+        raise UsageError("--labels and --images are required (or --model_dir to evaluate a run)")
     if config.seed_images:
         if not config.compare_seed:
             raise UsageError("--seed_images needs --compare_seed (it is the duel's input)")

@@ -22,12 +22,16 @@ def _job(config: Any) -> None:
         print(f"evaluated steps {result['evaluated_steps']}; stopped: {result['stop_reason']}")
         return
     report_path = config_lib.join(result["output"], report.REPORT_HTML_NAME)
+    skipped = result.get("conversion_skipped") or 0
+    # Beside every MAE: rows the converter dropped are not in it.
+    dropped = f", {skipped} CSV rows skipped at conversion (manifest: skipped)" if skipped else ""
     if result["mae_months"] is None:
-        print(f"n={result['n']}, no labels: predictions only; report: {report_path}")
+        print(f"n={result['n']}{dropped}, no labels: predictions only; report: {report_path}")
     else:
         print(
             f"mae_months {result['mae_months']:.3f} (mean predictor "
-            f"{result['mean_predictor_mae_months']:.3f}) n={result['n']}; report: {report_path}"
+            f"{result['mean_predictor_mae_months']:.3f}) n={result['n']}{dropped}; "
+            f"report: {report_path}"
         )
 
 

@@ -28,6 +28,7 @@ import tensorflow as tf
 
 from boneage_tpu.convert import shards
 from boneage_tpu.core import beam_runtime
+from boneage_tpu.data import crop as crop_lib
 from boneage_tpu.data.layouts import ConvertError, Row
 
 _ROWS_SUFFIX = ".rows.json"
@@ -59,7 +60,12 @@ def _rows_of(name: str, output: str) -> Iterator[tuple[str, int, Row]]:
 def _convert(element: tuple[str, int, Row], options: dict[str, Any]) -> tuple[str, tuple]:
     name, position, row = element
     outcome = shards.convert_row(
-        row, options["image_size"], options["encoding"], options["jpeg_quality"]
+        row,
+        options["image_size"],
+        options["encoding"],
+        options["jpeg_quality"],
+        options.get("crop", "none"),
+        options.get("crop_margin", crop_lib.DEFAULT_MARGIN),
     )
     return name, (position, outcome)
 
@@ -86,7 +92,7 @@ def write_shards(
     Args:
       state: the output folder (prepared, with its plan saved).
       jobs: every shard of the plan.
-      options: the converter's options (image size, encoding, JPEG quality).
+      options: the converter's options (image size, encoding, JPEG quality, crop).
       beam_options: Beam pipeline options, e.g. "--runner=DataflowRunner --project=...".
       num_workers: worker processes of the local runner (default: the CPU count).
       strict: fail when any image was skipped (checked once the shards are written; they

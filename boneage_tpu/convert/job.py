@@ -1,13 +1,17 @@
 """Converts RSNA bone-age images + labels CSV into sharded TFRecords, a manifest and TFDS metadata.
 
     boneage-make-tfrecords --labels CSV --images DIR --output PATH [--image_size 512]
+        [--crop hand [--crop_margin 1.15]]
 
 PATH is a local folder or gs://bucket/prefix. The result: `<split>-NNNNN-of-NNNNN.tfrecord`
 shards (records as in `boneage_tpu.core.schema`), TFDS `dataset_info.json`/`features.json`, and
 `manifest.json`, written last. An interrupted run resumes where it stopped when rerun with the
 same arguments, and gives the same bytes as an uninterrupted one; `--overwrite` starts again.
+`--crop hand` cuts each decoded image to its hand's box (`boneage_tpu.data.crop`) before the
+resize; the manifest records the crop and every image where no hand was found and the whole
+image was kept.
 
-One module of some 410 lines because resuming, racing workers and the disk-full path all
+One module of some 500 lines because resuming, racing workers and the disk-full path all
 guard the one write of the manifest.
 """
 
@@ -34,6 +38,7 @@ from boneage_tpu.convert import shards as convert_write
 from boneage_tpu.convert import workers as convert_workers
 from boneage_tpu.core import beam_runtime, guard, schema
 from boneage_tpu.core.errors import UsageError
+from boneage_tpu.data import crop as crop_lib
 from boneage_tpu.data import images, layouts
 from boneage_tpu.data import verify as convert_verify
 from boneage_tpu.data.layouts import ConvertError
@@ -68,6 +73,17 @@ def _check_options(
         raise ConvertError("--target_shard_mb must be > 0; --num_shards, --num_workers >= 0")
 
 
+def _check_crop(crop: str, crop_margin: float) -> None:
+    if crop not in schema.CROPS:
+        raise ConvertError(f"--crop must be one of {', '.join(schema.CROPS)}, got {crop!r}")
+    low, high = schema.CROP_MARGIN_RANGE
+    if crop != "none" and not low <= crop_margin <= high:
+        raise ConvertError(f"--crop_margin must be in {low}..{high}, got {crop_margin}")
+    if crop == "none" and crop_margin != crop_lib.DEFAULT_MARGIN:
+        # A margin given alone would be silently ignored.
+        raise ConvertError(f"--crop_margin {crop_margin:g} needs --crop hand")
+
+
 def _shard_counts(splits: dict[str, list[layouts.Row]], options: dict[str, Any]) -> dict:
     """Shards per split: --num_shards, or enough for ~target_shard_mb each, at least MIN_SHARDS."""
     if options["num_shards"]:
@@ -80,9 +96,7 @@ def _shard_counts(splits: dict[str, list[layouts.Row]], options: dict[str, Any])
     everything = [r for rows in splits.values() for r in rows]
     step = max(1, len(everything) // _SAMPLE_IMAGES)
     sizes = []
-    with convert_workers.Preparer(
-        0, options["image_size"], options["encoding"], options["jpeg_quality"]
-    ) as preparer:
+    with convert_workers.Preparer(0, *_prepare_args(options)) as preparer:
         for _, result in preparer.map(everything[::step][:_SAMPLE_IMAGES]):
             if not isinstance(result, images.ImageError):
                 sizes.append(len(result[0]) + _RECORD_OVERHEAD)
@@ -91,6 +105,17 @@ def _shard_counts(splits: dict[str, list[layouts.Row]], options: dict[str, Any])
         s: min(len(rows), max(MIN_SHARDS, math.ceil(len(rows) * record_bytes / target)))
         for s, rows in splits.items()
     }
+
+
+def _prepare_args(options: dict[str, Any]) -> tuple[int, str, int, str, float]:
+    """The `Preparer` arguments of a conversion's options: size, encoding, quality, crop."""
+    return (
+        options["image_size"],
+        options["encoding"],
+        options["jpeg_quality"],
+        options.get("crop", "none"),
+        options.get("crop_margin", crop_lib.DEFAULT_MARGIN),
+    )
 
 
 @contextlib.contextmanager
@@ -133,6 +158,8 @@ def convert(
     image_size: int = 512,
     encoding: str = "jpeg",
     jpeg_quality: int = 95,
+    crop: str = "none",
+    crop_margin: float = crop_lib.DEFAULT_MARGIN,
     val_fraction: float = 0.1,
     split_seed: int = 0,
     split_name: str = "",
@@ -156,6 +183,10 @@ def convert(
       image_size: longest side of the stored images.
       encoding: jpeg | png | raw.
       jpeg_quality: JPEG quality (1..100).
+      crop: none | hand: cut each decoded image to its hand's box before the resize
+        (`boneage_tpu.data.crop`); an image without a plausible hand is kept whole and listed
+        in the manifest's `crop_fallback_images`.
+      crop_margin: the hand box's enlargement about its centre (1.0..4.0; hand crop only).
       val_fraction: fraction of each age band x sex stratum put in the `val` split.
       split_seed: seed of the split and of the record order.
       split_name: write every row to this one split instead (default `test` for the RSNA
@@ -185,6 +216,7 @@ def convert(
         beam_runtime.import_beam()  # Before any work: a missing extra is one line, at once.
     num_workers = _cpu_count() if num_workers is None else num_workers
     _check_options(image_size, encoding, jpeg_quality, target_shard_mb, num_shards, num_workers)
+    _check_crop(crop, crop_margin)
     output = output.rstrip("/")
     # The output folder may hold the inputs (data/ with data/images/), not be one of them.
     guard.check_outputs(
@@ -219,6 +251,9 @@ def convert(
         "image_size": image_size,
         "encoding": encoding,
         "jpeg_quality": jpeg_quality,
+        # Only when cropping: an uncropped conversion keeps the plan key it had before --crop
+        # existed (a finished one is still recognised), a cropped one gets its own.
+        **({"crop": crop, "crop_margin": float(crop_margin)} if crop != "none" else {}),
         "val_fraction": val_fraction,
         "split_seed": split_seed,
         "split_name": split_name,
@@ -342,9 +377,7 @@ def _write_shards(
     todo = [job for job in jobs if infos[job.name] is None]
     total = sum(len(job.rows) for job in todo)
     bar = tqdm.tqdm(total=total, unit="img", desc="convert", disable=quiet or not total)
-    preparer = convert_workers.Preparer(
-        num_workers, options["image_size"], options["encoding"], options["jpeg_quality"]
-    )
+    preparer = convert_workers.Preparer(num_workers, *_prepare_args(options))
     with bar, preparer:
         prepared = preparer.map(row for job in todo for row in job.rows)
         for job in todo:
@@ -379,6 +412,19 @@ class ConvertConfig:
     )
     encoding: str = option("jpeg", "Stored image encoding.", choices=schema.ENCODINGS)
     jpeg_quality: int = option(95, "JPEG quality.", min=1, max=100)
+    crop: str = option(
+        "none",
+        "none | hand: cut each image to the bounding box of its hand (a mask's largest "
+        "component) before resizing, as published bone-age models do; images without a "
+        "plausible hand are kept whole and counted in the manifest. Predict replays it.",
+        choices=schema.CROPS,
+    )
+    crop_margin: float = option(
+        crop_lib.DEFAULT_MARGIN,
+        "With --crop hand: the hand box's sides are multiplied by this about its centre.",
+        min=schema.CROP_MARGIN_RANGE[0],
+        max=schema.CROP_MARGIN_RANGE[1],
+    )
     val_fraction: float = option(
         0.1, "Fraction of each age band x sex stratum put in 'val'.", min=0, max=0.99
     )

@@ -92,6 +92,8 @@ def build_manifest(
     for split, split_jobs in by_split.items():
         splits[split], written[split] = _split_entry(split_jobs, infos)
     failed = [entry for job in jobs for entry in infos[job.name]["skipped"]]
+    # Shard infos of a run from before the crop existed have no list: nothing was cropped.
+    uncropped = [e for job in jobs for e in infos[job.name].get("crop_fallbacks", [])]
     rows_skipped = sorted([*skipped_rows, *failed], key=_skip_order)
     records = sum(s["count"] for s in splits.values())
     if records + len(rows_skipped) != rows_in:
@@ -107,6 +109,11 @@ def build_manifest(
         "image_size": options["image_size"],
         "encoding": options["encoding"],
         "jpeg_quality": options["jpeg_quality"],
+        **schema.crop_entries(
+            options.get("crop", "none"),
+            options.get("crop_margin", 0.0),
+            sorted(uncropped, key=_skip_order),
+        ),
         "options": options,
         "plan_sha256": plan_key,
         "splits": splits,
@@ -169,6 +176,20 @@ def _write_tfds_metadata(output: str, manifest: dict[str, Any]) -> None:
     )
 
 
+def _crop_line(manifest: dict[str, Any]) -> str:
+    """The summary's line on the hand crop: the margin and the images it kept whole."""
+    kept = manifest["crop_fallback_images"]
+    line = (
+        f"crop {manifest['crop']} (margin {manifest['crop_margin']:g}): no hand found in "
+        f"{len(kept)} image(s), stored uncropped"
+    )
+    if kept:
+        shown = ", ".join(repr(entry["id"]) for entry in kept[:5])
+        more = f", ... (all in {schema.MANIFEST_NAME})" if len(kept) > 5 else ""
+        line += f": {shown}{more}"
+    return line
+
+
 def summary(manifest: dict[str, Any]) -> str:
     """Returns the final summary table: splits, then every skipped input with its reason."""
     lines = [
@@ -186,6 +207,8 @@ def summary(manifest: dict[str, Any]) -> str:
         f"rows skipped {manifest['rows_skipped']}; images without a CSV row: "
         f"{manifest['images_without_row']}"
     )
+    if manifest.get("crop", "none") != "none":
+        lines.append(_crop_line(manifest))
     skipped = manifest["skipped"]
     if skipped:
         reasons = collections.Counter(" ".join(s["reason"].split()) for s in skipped)

@@ -5,8 +5,9 @@ output never depends on the number of workers.
 
 Resumability: a shard is written to `.convert/<name>.tmp` and renamed when complete (on gs://,
 where there is no rename, it is written under its final name: objects appear only on close).
-Then `.convert/<name>.json` records its record count, size, sha256 and skipped inputs. A shard
-counts as done on a rerun only when both exist and the sizes agree.
+Then `.convert/<name>.json` records its record count, size, sha256, skipped inputs and the
+images whose hand crop kept the whole image. A shard counts as done on a rerun only when both
+exist and the sizes agree.
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ import dataclasses
 import json
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import tensorflow as tf
 
 from boneage_tpu.convert.workers import Prepared, is_remote, prepare_all
 from boneage_tpu.core import schema
+from boneage_tpu.data import crop as crop_lib
 from boneage_tpu.data import images
 from boneage_tpu.data.layouts import ConvertError, Row, skip
 from boneage_tpu.data.verify import sha256_file
@@ -29,7 +31,17 @@ STATE_DIR = ".convert"
 PLAN_NAME = "plan.json"
 SHARD_PATTERN = re.compile(r"\w+-\d{5}-of-\d{5}\.tfrecord")
 TFDS_FILES = ("dataset_info.json", "features.json")
-Outcome = bytes | dict[str, Any]  # A row's serialized record, or its manifest skip entry.
+
+
+class CropFallback(NamedTuple):
+    """A record whose hand crop found no hand (the whole image is stored), and its entry."""
+
+    record: bytes
+    entry: dict[str, Any]  # {row, id, path, reason}, as a skip entry: listed in the manifest
+
+
+# A row's serialized record, its manifest skip entry, or a record stored uncropped.
+Outcome = bytes | dict[str, Any] | CropFallback
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,13 +160,16 @@ class OutputState:
         """
         final = join(self.output, job.name)
         path = final if is_remote(final) else join(self.state_dir, f"{job.name}.tmp")
-        skipped, records, seen = [], 0, 0
+        skipped, fallbacks, records, seen = [], [], 0, 0
         with tf.io.TFRecordWriter(path) as writer:
             for outcome in outcomes:
                 seen += 1
                 if isinstance(outcome, dict):
                     skipped.append(outcome)
                     continue
+                if isinstance(outcome, tuple):  # A CropFallback (or one a coder made a tuple).
+                    outcome, entry = outcome
+                    fallbacks.append(entry)
                 writer.write(outcome)
                 records += 1
         if seen != len(job.rows):
@@ -167,13 +182,15 @@ class OutputState:
             "bytes": tf.io.gfile.stat(final).length,
             "sha256": sha256_file(final),
             "skipped": skipped,
+            "crop_fallbacks": fallbacks,
         }
         write_text_atomic(join(self.state_dir, f"{job.name}.json"), json.dumps(info))
         return info
 
 
 def record_or_skip(row: Row, result: Prepared, encoding: str, strict: bool) -> Outcome:
-    """Returns one row's outcome: its serialized record, or its manifest skip entry.
+    """Returns one row's outcome: its serialized record (a `CropFallback` when the hand crop
+    kept the whole image), or its manifest skip entry.
 
     Raises:
       ConvertError: under `strict`, for an image that would be skipped.
@@ -184,8 +201,8 @@ def record_or_skip(row: Row, result: Prepared, encoding: str, strict: bool) -> O
                 f"--strict: line {row.line}, id {row.image_id} ({row.path}): {result}"
             )
         return skip(row.line, row.image_id, row.path, str(result))
-    data, height, width = result
-    return schema.encode_example(
+    data, height, width, crop_fallback = result
+    record = schema.encode_example(
         image_id=row.image_id,
         image=data,
         height=height,
@@ -194,15 +211,25 @@ def record_or_skip(row: Row, result: Prepared, encoding: str, strict: bool) -> O
         boneage=row.boneage,
         male=row.male,
     )
+    if crop_fallback:
+        return CropFallback(record, skip(row.line, row.image_id, row.path, crop_fallback))
+    return record
 
 
-def convert_row(row: Row, image_size: int, encoding: str, jpeg_quality: int) -> Outcome:
+def convert_row(
+    row: Row,
+    image_size: int,
+    encoding: str,
+    jpeg_quality: int,
+    crop: str = "none",
+    crop_margin: float = crop_lib.DEFAULT_MARGIN,
+) -> Outcome:
     """Reads and prepares one row's image: its serialized record, or its skip entry.
 
     The whole of "one row -> one record or one skip" in one call, for runners that distribute
     rows themselves (Beam); the local runner spreads `prepare_all` over its pool instead.
     """
-    result = prepare_all([row.path], None, image_size, encoding, jpeg_quality)[0]
+    result = prepare_all([row.path], None, image_size, encoding, jpeg_quality, crop, crop_margin)[0]
     return record_or_skip(row, result, encoding, strict=False)
 
 

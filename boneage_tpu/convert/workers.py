@@ -20,6 +20,7 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import tensorflow as tf
 
+from boneage_tpu.data import crop as crop_lib
 from boneage_tpu.data import images
 from boneage_tpu.data.layouts import ConvertError, Row
 
@@ -29,7 +30,8 @@ _PR_SET_PDEATHSIG = 1  # From <linux/prctl.h>.
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # From <malloc.h>.
 _CHUNK = 4  # Local images per worker task: amortises the per-task cost of the process pool.
 
-Prepared = tuple[bytes, int, int] | images.ImageError
+# (encoded bytes, height, width, why the hand crop kept the whole image: "" when it did not).
+Prepared = tuple[bytes, int, int, str] | images.ImageError
 
 
 def is_remote(path: str) -> bool:
@@ -63,7 +65,13 @@ def _init_worker(parent_pid: int) -> None:
 
 
 def prepare_all(
-    paths: Sequence[str], data: Sequence[bytes] | None, size: int, encoding: str, quality: int
+    paths: Sequence[str],
+    data: Sequence[bytes] | None,
+    size: int,
+    encoding: str,
+    quality: int,
+    crop: str = "none",
+    crop_margin: float = crop_lib.DEFAULT_MARGIN,
 ) -> list[Prepared]:
     """A worker task: prepares several images (read here when `data` is None), in order.
 
@@ -71,9 +79,20 @@ def prepare_all(
     """
     results: list[Prepared] = []
     for i, path in enumerate(paths):
+        fallbacks: list[str] = []
         try:
             blob = images.read_bytes(path) if data is None else data[i]
-            results.append(images.prepare(blob, path, size, encoding, quality))
+            prepared = images.prepare(
+                blob,
+                path,
+                size,
+                encoding,
+                quality,
+                crop=crop,
+                crop_margin=crop_margin,
+                on_crop_fallback=fallbacks.append,
+            )
+            results.append((*prepared, "; ".join(fallbacks)))
         except images.ImageError as e:
             results.append(e)
         except (OSError, MemoryError) as e:  # This image only: skipped with the reason.
@@ -92,9 +111,17 @@ class Preparer:
     `num_workers=0` does everything in this process (tests, debugging).
     """
 
-    def __init__(self, num_workers: int, image_size: int, encoding: str, jpeg_quality: int):
+    def __init__(
+        self,
+        num_workers: int,
+        image_size: int,
+        encoding: str,
+        jpeg_quality: int,
+        crop: str = "none",
+        crop_margin: float = crop_lib.DEFAULT_MARGIN,
+    ):
         self.num_workers = num_workers
-        self.args = (image_size, encoding, jpeg_quality)
+        self.args = (image_size, encoding, jpeg_quality, crop, crop_margin)
         self.io_threads = max(8, 4 * num_workers)
         self._procs: concurrent.futures.ProcessPoolExecutor | None = None
         self._readers: concurrent.futures.ThreadPoolExecutor | None = None
@@ -118,7 +145,7 @@ class Preparer:
             self._procs.shutdown(wait=True, cancel_futures=True)
 
     def map(self, rows: Iterable[Row]) -> Iterator[tuple[Row, Prepared]]:
-        """Yields (row, (bytes, height, width) or ImageError) for each row, in order."""
+        """Yields (row, (bytes, height, width, crop fallback) or ImageError) per row, in order."""
         source = iter(rows)
         first = next(source, None)
         if first is None:

@@ -6,7 +6,7 @@ runtime); each field declares its flag with `option`, and the flag names stay fl
 config.json and never changed by a run. `Derived` holds what the run derives from the data
 (label statistics, the stored image format) and fits after training (the bias correction);
 it is saved beside it as derived.json. Both files are written and read by
-`boneage_tpu.core.model_dir`. The module is ~470 lines because it is where each of the
+`boneage_tpu.core.model_dir`. The module is ~490 lines because it is where each of the
 trainer's ~60 flags declares its help text, choices and range, once.
 """
 
@@ -46,6 +46,8 @@ BIG = 10**9  # The upper bound of counts that have no natural one.
 # The TTA modes (besides "none", the plain prediction) that can have their own bias correction;
 # inference.runner.TTA_MODES names the same views.
 TTA_CORRECTION_MODES = ("flip", "rotflip")
+# Conformal interval scores: |true - predicted| months, or that over the bins head's spread.
+INTERVAL_SCALES = ("absolute", "spread")
 
 
 @dataclasses.dataclass
@@ -163,6 +165,12 @@ class ModelConfig:
         "the widest: none (plain only) | flip (plain and flip: 2 views) | rotflip (plain, flip "
         "and rotflip: 10 views).",
         choices=("none", *TTA_CORRECTION_MODES),
+    )
+    fit_intervals: bool = option(
+        False,
+        "After training, store split-conformal interval scores of the --val_split predictions "
+        "for every TTA mode up to --bias_correction_tta (around the bias-corrected predictions "
+        "when --fit_bias_correction): evaluate/predict --interval 0.9 then give low/high months.",
     )
 
 
@@ -416,6 +424,9 @@ class Derived:
       data_image_size: the longest side the data was stored at (0: unknown, an old run).
       data_encoding: the stored image encoding (jpeg | png | raw; "" unknown).
       data_jpeg_quality: the stored JPEG quality.
+      data_crop: the converter's crop (none | hand: `boneage-make-tfrecords --crop`); predict
+        applies it to new images before the resize. "none" for runs from before it existed.
+      data_crop_margin: the hand crop's margin (`--crop_margin`; 0.0 with crop none).
       schema_version: the record schema version of the data (0: unknown).
       bias_slope: the linear bias correction fitted on the plain (TTA "none") validation
         predictions (`heads.fit_linear_correction`); part of the model that the checkpoints
@@ -427,6 +438,9 @@ class Derived:
         applies only this mode's line.
       train_split: the split(s) trained on (the other folds' under --fold; "" unknown).
       val_split: the split validated on (the fold's under --fold).
+      interval_scores: split-conformal calibration scores fitted on the validation predictions,
+        {mode: {scale: sorted scores}} (`inference.intervals`; scales `INTERVAL_SCALES`), each
+        mode's around the predictions its bias correction gives.
     """
 
     label_mean: float = 0.0
@@ -434,12 +448,15 @@ class Derived:
     data_image_size: int = 0
     data_encoding: str = ""
     data_jpeg_quality: int = 95
+    data_crop: str = "none"
+    data_crop_margin: float = 0.0
     schema_version: int = 0
     bias_slope: float = 1.0
     bias_intercept: float = 0.0
     tta_corrections: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
     train_split: str = ""
     val_split: str = ""
+    interval_scores: dict[str, dict[str, list[float]]] = dataclasses.field(default_factory=dict)
 
     def correction(self, tta: str) -> tuple[float, float] | None:
         """Returns the (slope, intercept) fitted for TTA mode `tta`, or None when none was.
@@ -452,6 +469,10 @@ class Derived:
         else:
             line = tuple(map(float, self.tta_corrections.get(tta, (1.0, 0.0))))
         return None if line == (1.0, 0.0) else line
+
+    def intervals(self, tta: str, scale: str) -> list[float] | None:
+        """Returns the sorted conformal scores fitted for TTA mode `tta` and `scale`, or None."""
+        return self.interval_scores.get(tta, {}).get(scale)
 
     def fitted_modes(self) -> list[str]:
         """Returns the TTA modes that have a fitted correction, in `TTA_CORRECTION_MODES` order."""

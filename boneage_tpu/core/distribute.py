@@ -27,7 +27,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from boneage_tpu.core import tpu_runtime
+from boneage_tpu.core import cpu_features, tpu_runtime
 from boneage_tpu.core.config import RuntimeConfig
 from boneage_tpu.core.errors import Error, UsageError
 
@@ -238,17 +238,24 @@ def describe(strategy: tf.distribute.Strategy) -> str:
 DEFAULT_PRECISION = {"tpu": "bf16", "gpu": "fp16", "cpu": "fp32"}
 
 
-def resolve_runtime(runtime: RuntimeConfig, platform: str, replicas: int = 1) -> dict[str, Any]:
+def resolve_runtime(
+    runtime: RuntimeConfig,
+    platform: str,
+    replicas: int = 1,
+    cpu: cpu_features.Bf16Support | None = None,
+) -> dict[str, Any]:
     """Resolves the "auto" precision and XLA settings of train and evaluate for the platform.
 
     Args:
       runtime: the run's runtime settings.
       platform: "tpu", "gpu" or "cpu" (`platform`).
       replicas: replicas in sync (one replica compiles its whole training step).
+      cpu: on CPU, its bfloat16 features (default: `cpu_features.detect()`).
 
     Returns:
       {"precision": fp32 | bf16 | fp16, "jit_compile": wrap the replica's work in
-      jit_compile=True, "xla": what of a training step runs under XLA, for the log}.
+      jit_compile=True, "xla": what of a training step runs under XLA, for the log,
+      "cpu_bf16": on CPU the bf16 hardware it has, for the first log line ("" elsewhere)}.
 
     Raises:
       UsageError: fp16 on a TPU.
@@ -275,4 +282,7 @@ def resolve_runtime(runtime: RuntimeConfig, platform: str, replicas: int = 1) ->
     # One replica compiles its optimizer update too; several all-reduce the gradients in the
     # optimizer, outside XLA (`train.loop`).
     xla = ("whole step" if replicas == 1 else "augment to gradients") if jit else "off"
-    return {"precision": precision, "jit_compile": jit, "xla": xla}
+    described = ""
+    if platform == "cpu":
+        described = (cpu or cpu_features.detect()).describe()
+    return {"precision": precision, "jit_compile": jit, "xla": xla, "cpu_bf16": described}

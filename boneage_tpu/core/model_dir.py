@@ -5,7 +5,8 @@ A model directory (local or gs://) holds:
   derived.json                what the run derived from the data (label stats, stored image
                                 format, splits) and fitted after training (bias corrections:
                                 bias_slope/bias_intercept for plain predictions, the model's;
-                                tta_corrections {flip|rotflip: [slope, intercept]})
+                                tta_corrections {flip|rotflip: [slope, intercept]};
+                                interval_scores {mode: {absolute|spread: sorted scores}})
   checkpoints/ckpt-<step>.*   tf.train.CheckpointManager output (model, optimizer, step, rng)
   logs/train, logs/val        TensorBoard event files of training
   logs/eval[_<split>][_flip]  TensorBoard event files of the continuous evaluator
@@ -24,6 +25,9 @@ A model directory (local or gs://) holds:
                                 make it write (deleted after each); the chief writes the rest
   LOCK                        JSON {owner, host, pid, started, heartbeat}: the lease of the one
                                 trainer running here (`boneage_tpu.train.lease`); absent when idle
+
+The module is ~560 lines because it is the one owner of all of these: each file's writer sits
+beside its reader, which checks what it reads and names the file and key in one line.
 """
 
 from __future__ import annotations
@@ -39,7 +43,13 @@ from typing import Any
 import tensorflow as tf
 
 from boneage_tpu.core import guard, options, schema
-from boneage_tpu.core.config import TTA_CORRECTION_MODES, Derived, TrainConfig, join
+from boneage_tpu.core.config import (
+    INTERVAL_SCALES,
+    TTA_CORRECTION_MODES,
+    Derived,
+    TrainConfig,
+    join,
+)
 from boneage_tpu.core.errors import Error, UsageError
 
 CONFIG_NAME = "config.json"
@@ -120,8 +130,8 @@ def load_derived(model_dir: str) -> Derived:
     """Reads and checks derived.json (runs before it: the same keys in the flat config.json).
 
     Raises:
-      ModelDirError: one line naming the file and the problem (a stored image size, encoding
-        or JPEG quality out of range, a non-finite or non-positive label statistic).
+      ModelDirError: one line naming the file and the problem (a stored image size, encoding,
+        JPEG quality or crop out of range, a non-finite or non-positive label statistic).
     """
     path = join(model_dir, DERIVED_NAME)
     if not tf.io.gfile.exists(path):
@@ -219,6 +229,7 @@ def derived_from_dict(values: Any, path: str = DERIVED_NAME) -> Derived:
             )
     fields = {k: v for k, v in values.items() if k in hints}
     fields["tta_corrections"] = _tta_corrections(values.get("tta_corrections", {}), path)
+    fields["interval_scores"] = _interval_scores(values.get("interval_scores", {}), path)
     derived = Derived(**fields)
     for name, low, high in _MANIFEST_FIELD_RANGES:
         value = getattr(derived, name)
@@ -228,6 +239,16 @@ def derived_from_dict(values: Any, path: str = DERIVED_NAME) -> Derived:
         raise ModelDirError(
             f"{path}: data_encoding must be one of {', '.join(schema.ENCODINGS)}, got "
             f"{derived.data_encoding!r}"
+        )
+    if derived.data_crop not in schema.CROPS:
+        raise ModelDirError(
+            f"{path}: data_crop must be one of {', '.join(schema.CROPS)}, got {derived.data_crop!r}"
+        )
+    low, high = schema.CROP_MARGIN_RANGE
+    if derived.data_crop != "none" and not low <= derived.data_crop_margin <= high:
+        raise ModelDirError(
+            f"{path}: data_crop_margin must be in {low}..{high} with data_crop "
+            f"{derived.data_crop}, got {derived.data_crop_margin}"
         )
     if derived.schema_version not in (0, schema.SCHEMA_VERSION):
         raise ModelDirError(
@@ -270,6 +291,46 @@ def _tta_corrections(value: Any, path: str) -> dict[str, tuple[float, float]]:
             )
         lines[mode] = (float(line[0]), float(line[1]))
     return lines
+
+
+def _interval_scores(value: Any, path: str) -> dict[str, dict[str, list[float]]]:
+    """Checks derived.json's interval_scores: {mode: {scale: sorted finite scores >= 0}}.
+
+    Raises:
+      ModelDirError: one line naming the file and the bad entry.
+    """
+    if not isinstance(value, dict):
+        raise ModelDirError(
+            f"{path}: interval_scores is {json.dumps(value)[:80]}, expected an object"
+        )
+    modes = ("none", *TTA_CORRECTION_MODES)
+    checked: dict[str, dict[str, list[float]]] = {}
+    for mode, by_scale in value.items():
+        if mode not in modes:
+            raise ModelDirError(
+                f"{path}: interval_scores has {json.dumps(mode)[:40]}, expected only "
+                f"{', '.join(modes)}"
+            )
+        if not isinstance(by_scale, dict) or not by_scale:
+            raise ModelDirError(f"{path}: interval_scores.{mode} must be a non-empty object")
+        checked[mode] = {}
+        for scale, scores in by_scale.items():
+            where = f"{path}: interval_scores.{mode}.{scale}"
+            if scale not in INTERVAL_SCALES:
+                raise ModelDirError(
+                    f"{where}: unknown scale, expected {', '.join(INTERVAL_SCALES)}"
+                )
+            if not (
+                isinstance(scores, list)
+                and scores
+                and all(_has_type(v, float) and math.isfinite(v) for v in scores)
+            ):
+                raise ModelDirError(f"{where} must be a non-empty list of finite numbers")
+            floats = [float(v) for v in scores]
+            if floats[0] < 0 or any(b < a for a, b in zip(floats, floats[1:], strict=False)):
+                raise ModelDirError(f"{where} must be scores >= 0 in ascending order")
+            checked[mode][scale] = floats
+    return checked
 
 
 def _has_type(value: Any, hint: Any) -> bool:

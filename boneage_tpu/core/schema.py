@@ -21,6 +21,9 @@ SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 MAX_MANIFEST_BYTES = 256 * 2**20  # Its skip list grows with bad rows; RSNA's is ~10 KB.
 ENCODINGS = ("jpeg", "png", "raw")
+# --crop of the converter (boneage_tpu.data.crop holds the same values, TF-free).
+CROPS = ("none", "hand")
+CROP_MARGIN_RANGE = (1.0, 4.0)
 
 # Age bands in months (0-2, 2-6, 6-10, 10-13, 13-16, 16-20 years): used for the stratified
 # split, the balanced sampler (band x sex strata) and the per-band evaluation metrics.
@@ -154,6 +157,55 @@ def read_manifest(data_dir: str) -> dict[str, Any]:
             "re-run boneage-make-tfrecords with this version"
         )
     return manifest
+
+
+def crop_entries(
+    crop: str, margin: float, fallbacks: Sequence[Mapping[str, Any]]
+) -> dict[str, Any]:
+    """Returns the manifest keys that describe the converter's crop (see `manifest_crop`).
+
+    Args:
+      crop: none | hand.
+      margin: the hand box's enlargement (recorded for `hand` only; null for `none`).
+      fallbacks: one entry ({row, id, path, reason}) per image whose hand crop found no hand
+        and kept the whole image.
+    """
+    return {
+        "crop": crop,
+        "crop_margin": float(margin) if crop != "none" else None,
+        "crop_fallbacks": len(fallbacks),
+        "crop_fallback_images": list(fallbacks),
+    }
+
+
+def manifest_crop(manifest: Mapping[str, Any]) -> tuple[str, float]:
+    """Returns (crop, margin) a data folder was converted with: ("none", 0.0) without a crop.
+
+    Manifests from before the crop existed have no `crop` key: their images are uncropped.
+
+    Raises:
+      ManifestError: an unknown crop, or a hand crop without a valid margin.
+    """
+    crop = manifest.get("crop") or "none"
+    if crop not in CROPS:
+        raise ManifestError(f"manifest crop must be one of {', '.join(CROPS)}, got {crop!r}")
+    if crop == "none":
+        return "none", 0.0
+    margin = manifest.get("crop_margin")
+    low, high = CROP_MARGIN_RANGE
+    if isinstance(margin, bool) or not isinstance(margin, int | float) or not low <= margin <= high:
+        raise ManifestError(f"manifest crop_margin must be in {low}..{high}, got {margin!r}")
+    return crop, float(margin)
+
+
+def crop_flags(crop: str, margin: float) -> str:
+    """The converter flags of a crop, for messages: "--crop hand --crop_margin 1.15"."""
+    return f"--crop {crop}" + (f" --crop_margin {margin:g}" if crop != "none" else "")
+
+
+def same_crop(a: tuple[str, float], b: tuple[str, float]) -> bool:
+    """Whether two (crop, margin) pairs prepare images alike (the margin matters for hand only)."""
+    return a[0] == b[0] and (a[0] == "none" or math.isclose(a[1], b[1]))
 
 
 def split_info(manifest: Mapping[str, Any], split: str) -> Mapping[str, Any]:

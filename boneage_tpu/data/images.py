@@ -16,11 +16,12 @@ unless forced.
 
 Resizing always makes the longest side exactly `size` (the aspect ratio is kept), upsampling
 small images too, so every record and every prediction input follows one scale convention:
-"longest side = image_size".
+"longest side = image_size". With `crop="hand"` the decoded full-resolution image is first cut
+to the hand's box (`boneage_tpu.data.crop`); converter and predict crop with the same call.
 
 Importing this module does not import TensorFlow (only `read_bytes` needs it).
 
-One module of some 440 lines because every input kind's decoding must stay beside the
+One module of some 450 lines because every input kind's decoding must stay beside the
 others: the converter and predict must prepare pixels identically.
 """
 
@@ -38,6 +39,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from boneage_tpu.core import guard
 from boneage_tpu.core.errors import Error
+from boneage_tpu.data import crop as crop_lib
 
 ENCODINGS = ("jpeg", "png", "raw")  # Same values as schema.ENCODINGS (kept TF-free here).
 PNG_COMPRESS_LEVEL = 6
@@ -163,11 +165,15 @@ def prepare(
     jpeg_quality: int = 95,
     *,
     warn: Callable[[str], None] | None = None,
+    crop: str = "none",
+    crop_margin: float = crop_lib.DEFAULT_MARGIN,
+    on_crop_fallback: Callable[[str], None] | None = None,
 ) -> tuple[bytes, int, int]:
-    """Decodes, checks, resizes and encodes one input file: the converter's per-image work.
+    """Decodes, checks, crops, resizes and encodes one input file: the converter's per-image work.
 
-    Gives exactly `encode(resize_longest_side(decode_grayscale(data, name), size), ...)` but
-    stays in Pillow throughout (no NumPy round trips), which keeps the converter decode-bound.
+    Gives exactly `encode(resize_longest_side(decode_grayscale(data, name), size), ...)` (with
+    the decoded image first cut to `crop.hand_box` under `crop="hand"`) but stays in Pillow
+    throughout (no NumPy round trips), which keeps the converter decode-bound.
 
     Args:
       data: the file's bytes.
@@ -177,6 +183,10 @@ def prepare(
       jpeg_quality: JPEG quality.
       warn: called with the reason when the image is implausible (`plausibility_problem`)
         instead of raising; None raises `ImplausibleImageError`.
+      crop: none | hand (`boneage_tpu.data.crop`), applied before the resize.
+      crop_margin: the hand box's enlargement about its centre.
+      on_crop_fallback: called with the reason when the hand crop found no hand and kept the
+        whole image (the converter counts these; predict warns).
 
     Returns:
       (encoded bytes, height, width) of the stored image.
@@ -185,7 +195,11 @@ def prepare(
       ImageError: the input cannot be decoded or is implausible (`ImplausibleImageError`).
     """
     source = _decode_pil(data, name)
-    image = _resize_pil(source, size)
+    cropped, fallback = crop_lib.crop_image(source, crop, crop_margin)
+    if fallback and on_crop_fallback is not None:
+        on_crop_fallback(fallback)
+    image = _resize_pil(cropped, size)
+    # The source's own size: "too small" is about the file's resolution, not the crop's.
     problem = plausibility_problem(np.asarray(image), source.size)
     if problem and warn is None:
         raise ImplausibleImageError(problem)
@@ -195,10 +209,17 @@ def prepare(
 
 
 def prepare_file(
-    path: str, size: int, encoding: str, jpeg_quality: int = 95
+    path: str,
+    size: int,
+    encoding: str,
+    jpeg_quality: int = 95,
+    crop: str = "none",
+    crop_margin: float = crop_lib.DEFAULT_MARGIN,
 ) -> tuple[bytes, int, int]:
     """`prepare` on a file read through `tf.io.gfile`; a missing file raises `ImageError`."""
-    return prepare(read_bytes(path), path, size, encoding, jpeg_quality)
+    return prepare(
+        read_bytes(path), path, size, encoding, jpeg_quality, crop=crop, crop_margin=crop_margin
+    )
 
 
 def plausibility_problem(image: np.ndarray, source_size: tuple[int, int] | None = None) -> str:

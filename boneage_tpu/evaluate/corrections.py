@@ -1,9 +1,10 @@
-"""The bias corrections of an evaluation: which line applies, in-sample checks, MAEs per view.
+"""The fits an evaluation applies: which bias correction, in-sample checks, per-view MAEs, intervals.
 
 A training run fits one linear correction per TTA mode (`Derived.correction`); the model holds
 the plain predictions' line itself. Evaluation undoes that line to get each member's own
 predictions, applies the line fitted for its --tta mode (or none), and reports both MAEs, whether
-the line was fitted on the evaluated records, and each TTA view's own MAE.
+the line was fitted on the evaluated records, and each TTA view's own MAE. With --interval, the
+run's conformal scores for the mode give each prediction its interval (`interval_metrics`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from typing import Any
 import numpy as np
 
 from boneage_tpu.core import config as config_lib
-from boneage_tpu.inference import restore
+from boneage_tpu.core.errors import UsageError
+from boneage_tpu.inference import intervals, restore
 from boneage_tpu.inference import runner as inference
 
 
@@ -32,6 +34,7 @@ def uncorrected(
         predicted=(result.predicted - intercept) / slope,
         spread=None if result.spread is None else result.spread / abs(slope),
         views=None if result.views is None else (result.views - intercept) / slope,
+        view_spreads=None if result.view_spreads is None else result.view_spreads / abs(slope),
     )
 
 
@@ -126,12 +129,15 @@ def same_folder(a: str, b: str) -> bool:
     return bool(a) and bool(b) and normal(a) == normal(b)
 
 
-def fitted_in_sample(loaded: restore.LoadedModel, data: str, split: str) -> bool:
-    """Whether the run fitted a bias correction on `split` of the data folder `data`."""
-    if not loaded.derived.fitted_modes():
-        return False
+def fit_split_matches(loaded: restore.LoadedModel, data: str, split: str) -> bool:
+    """Whether `split` of the data folder `data` is the one the run fits on after training."""
     fit_split = loaded.derived.val_split or loaded.config.data.val_split
     return fit_split == split and same_folder(loaded.config.data.path, data)
+
+
+def fitted_in_sample(loaded: restore.LoadedModel, data: str, split: str) -> bool:
+    """Whether the run fitted a bias correction on `split` of the data folder `data`."""
+    return bool(loaded.derived.fitted_modes()) and fit_split_matches(loaded, data, split)
 
 
 def view_metrics(raw: inference.SplitPredictions, tta: str) -> list[dict[str, Any]]:
@@ -147,3 +153,49 @@ def view_metrics(raw: inference.SplitPredictions, tta: str) -> list[dict[str, An
         }
         for i, (angle, flip) in enumerate(inference.tta_views(tta))
     ]
+
+
+def interval_metrics(
+    level: float,
+    scale: str,
+    tta: str,
+    result: inference.SplitPredictions,
+    loaded: restore.LoadedModel,
+    line: tuple[float, float] | None,
+    in_sample: bool,
+) -> tuple[intervals.Bounds, dict[str, Any]]:
+    """Returns the conformal bounds around the evaluated predictions and metrics.json's interval.
+
+    Args:
+      level, scale: --interval and --interval_scale.
+      tta: the evaluated TTA mode, whose stored scores apply.
+      result: the evaluated predictions (with the mode's correction when `line`).
+      loaded: the (single) evaluated run.
+      line: the applied bias correction, None for none.
+      in_sample: whether the evaluated split is the one the scores were fitted on.
+
+    Raises:
+      UsageError: --correction none on a run whose scores are around corrected predictions.
+      intervals.IntervalError: the run stored no scores for the mode and scale.
+    """
+    if line is None and loaded.derived.correction(tta) is not None:
+        raise UsageError(
+            f"the intervals of {loaded.model_dir} were fitted around its bias-corrected "
+            "predictions: drop --correction none to use --interval"
+        )
+    bounds = intervals.around(
+        loaded.derived, tta, scale, level, result.predicted, result.spread, loaded.model_dir
+    )
+    values = {
+        **intervals.coverage_metrics(result.boneage, bounds),
+        "n_calibration": len(loaded.derived.intervals(tta, scale)),
+        "in_sample": in_sample,
+        "centred_on": "corrected" if line is not None else "uncorrected",
+    }
+    covered = values["coverage"]
+    print(
+        f"{level:.0%} intervals ({scale}): mean width {values['mean_width_months']:.1f} months"
+        + ("" if covered is None else f", coverage {covered:.3f}")
+        + (" (in-sample: fitted on these records)" if in_sample else "")
+    )
+    return bounds, values

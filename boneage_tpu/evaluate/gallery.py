@@ -148,6 +148,7 @@ def build(
     batch_size: int,
     size: int = DEFAULT_SIZE,
     strategy: tf.distribute.Strategy | None = None,
+    interval: tuple[np.ndarray, np.ndarray, float] | None = None,
 ) -> tuple[str, dict[str, Any]]:
     """Runs the heatmap pass over a split; returns (the report's HTML section, shortcut check).
 
@@ -158,6 +159,7 @@ def build(
       result: the evaluation's predictions (ensemble mean for ensembles), to pick the cases.
       image_size: the model's input size.
       batch_size: global evaluation batch.
+      interval: (low [N], high [N], level) conformal bounds of `result`'s rows, for the titles.
       size: k, the number of worst and of best cases shown.
       strategy: where the model runs.
     """
@@ -182,7 +184,8 @@ def build(
         if result.spread is not None:
             # The evaluation's own spread (TTA views and ensemble members averaged).
             std = float(result.spread[i])
-        title = heatmap.title_text(image_id, float(result.predicted[i]), std)
+        bounds = None if interval is None else (interval[0][i], interval[1][i], interval[2])
+        title = heatmap.title_text(image_id, float(result.predicted[i]), std, bounds)
         return Case(
             image_id=image_id,
             male=float(result.male[i]),

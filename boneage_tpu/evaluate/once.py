@@ -57,11 +57,31 @@ class EvalConfig:
         "degrees (10 views).",
         choices=inference.TTA_MODES,
     )
+    tta_fill: str = option(
+        "black",
+        "What the corners uncovered by rotflip's rotated views read: black (as the training "
+        "augmentation pads) | background (each image's median border pixel).",
+        choices=inference.TTA_FILLS,
+    )
     correction: str = option(
         "fitted",
         "fitted: apply the bias correction the training run fitted for this --tta mode (none "
         "when it fitted none for it) | none: report the network's own predictions.",
         choices=CORRECTION_CHOICES,
+    )
+    interval: float = option(
+        0.0,
+        "Coverage level of split-conformal prediction intervals, e.g. 0.9 (0: none): "
+        "low_months/high_months in predictions.csv and the heatmap titles, the empirical "
+        "coverage and mean width in metrics.json. Needs a run trained with --fit_intervals.",
+        min=0,
+        max=0.999,
+    )
+    interval_scale: str = option(
+        "absolute",
+        "absolute: one half-width for every image | spread: the half-width scaled by the bins "
+        "head's per-image spread (wider where the model is unsure).",
+        choices=config_lib.INTERVAL_SCALES,
     )
     output: str = option(
         "",
@@ -120,6 +140,11 @@ def validate(config: EvalConfig) -> None:
         raise UsageError("--data is required: a folder written by boneage-make-tfrecords")
     if config.continuous and len(config.model_dirs) > 1:
         raise UsageError("--continuous follows one training run: give a single --model_dir")
+    if config.interval and len(config.model_dirs) > 1:
+        raise UsageError(
+            "--interval uses one run's calibration scores: give a single --model_dir (an "
+            "ensemble's mean has other residuals)"
+        )
     if config.continuous and config.checkpoint not in ("latest", ""):
         raise UsageError("--continuous evaluates every new checkpoint: drop --checkpoint")
 
@@ -211,6 +236,7 @@ def evaluate_once(
                 tta=config.tta,
                 strategy=strategy,
                 jit_compile=runtime["jit_compile"],
+                tta_fill=config.tta_fill,
             )
         except tf.errors.DataLossError as e:  # Names no file: find the shard by its checksum.
             raise EvalError(
@@ -272,6 +298,12 @@ def evaluate_once(
     )
     values["train_mean_source"] = train_mean[1]
     values.update(corrections.correction_metrics(result, raw, lines))
+    interval = None
+    if config.interval:
+        interval, values["interval"] = corrections.interval_metrics(
+            config.interval, config.interval_scale, config.tta, result, first[0], lines[0],
+            corrections.fit_split_matches(first[0], config.data, config.split),
+        )  # fmt: skip
     values.update(
         {
             "correction": config.correction,
@@ -290,9 +322,14 @@ def evaluate_once(
             "checkpoint_step": steps[0] if len(steps) == 1 else steps,
             "models": members,
             "tta": config.tta,
+            "tta_fill": config.tta_fill,
             "data": config.data,
             "split": config.split,
             "data_manifest_sha256": checksum,
+            # Rows of the converted CSV the converter skipped (every split's; listed in the
+            # manifest's "skipped"): an MAE over what was left can flatter.
+            "conversion_skipped": int(manifest.get("rows_skipped", 0)),
+            "conversion_rows_in": manifest.get("rows_in"),
             "output": output,
             "boneage_tpu_version": __version__,
             "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(),
@@ -312,6 +349,9 @@ def evaluate_once(
                 batch_size=first[1],
                 size=config.gallery_size,
                 strategy=strategy,
+                interval=None
+                if interval is None or headline is not result
+                else (interval.low, interval.high, interval.level),
             )
         except heatmap.HeatmapError as e:
             print(f"warning: no heatmaps: {e}", file=sys.stderr)
@@ -326,6 +366,7 @@ def evaluate_once(
         headline.predicted,
         title=title,
         spread=headline.spread,
+        interval=None if interval is None else (interval.low, interval.high),
         extra_html=section,
     )
     return values

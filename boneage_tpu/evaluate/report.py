@@ -28,6 +28,7 @@ REPORT_PNG_NAME = "report.png"
 REPORT_HTML_NAME = "report.html"
 PREDICTION_COLUMNS = ("id", "male", "boneage", "predicted", "error")
 SPREAD_COLUMN = "spread_months"  # the bins head's per-image std, when it has one
+INTERVAL_COLUMNS = ("low_months", "high_months")  # with --interval: the conformal bounds
 # report.png is exactly FIGURE_INCHES * DPI pixels (width, height): no tight bbox cropping.
 FIGURE_INCHES = (15.0, 5.0)
 DPI = 100
@@ -46,6 +47,7 @@ def predictions_csv(
     true: np.ndarray,
     predicted: np.ndarray,
     spread: np.ndarray | None = None,
+    interval: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> str:
     """Returns predictions.csv text; unlabeled records get empty boneage and error cells.
 
@@ -53,13 +55,21 @@ def predictions_csv(
     leading `'` (`guard.csv_cell`); numbers are written as numbers. Floats are written with
     Python's shortest round-trip repr, so parsing the file gives back
     exactly the values the metrics were computed from. With `spread` (the bins head's
-    per-image std in months, an uncertainty) a `spread_months` column is added.
+    per-image std in months, an uncertainty) a `spread_months` column is added; with
+    `interval` ((low, high) months, `evaluate --interval`) `low_months` and `high_months`.
     """
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow([*PREDICTION_COLUMNS, *([SPREAD_COLUMN] if spread is not None else [])])
+    writer.writerow(
+        [
+            *PREDICTION_COLUMNS,
+            *([SPREAD_COLUMN] if spread is not None else []),
+            *(INTERVAL_COLUMNS if interval is not None else ()),
+        ]
+    )
     spreads = spread if spread is not None else [None] * len(ids)
-    for image_id, m, y, p, s in zip(ids, male, true, predicted, spreads, strict=True):
+    bounds = zip(*interval, strict=True) if interval is not None else [None] * len(ids)
+    for image_id, m, y, p, s, b in zip(ids, male, true, predicted, spreads, bounds, strict=True):
         labeled = y >= 0
         row = [
             guard.csv_cell(guard.printable(image_id)),  # No spreadsheet formula (guard).
@@ -68,7 +78,8 @@ def predictions_csv(
             repr(float(p)),
             repr(float(p) - float(y)) if labeled else "",
         ]
-        writer.writerow(row if s is None else [*row, repr(float(s))])
+        row += [] if s is None else [repr(float(s))]
+        writer.writerow(row if b is None else [*row, repr(float(b[0])), repr(float(b[1]))])
     return buf.getvalue()
 
 
@@ -195,6 +206,7 @@ def write_outputs(
     *,
     title: str = "Bone age evaluation",
     spread: np.ndarray | None = None,
+    interval: tuple[np.ndarray, np.ndarray] | None = None,
     extra_html: str = "",
 ) -> dict[str, str]:
     """Writes predictions.csv, report.png, report.html and (last) metrics.json.
@@ -211,7 +223,7 @@ def write_outputs(
         name: join(output_dir, name)
         for name in (PREDICTIONS_NAME, REPORT_PNG_NAME, REPORT_HTML_NAME, METRICS_NAME)
     }
-    _write(paths[PREDICTIONS_NAME], predictions_csv(ids, male, true, predicted, spread))
+    _write(paths[PREDICTIONS_NAME], predictions_csv(ids, male, true, predicted, spread, interval))
     png = render_png(metrics, male, true, predicted)
     _write(paths[REPORT_PNG_NAME], png)
     _write(paths[REPORT_HTML_NAME], render_html(metrics, png, title, extra_html))

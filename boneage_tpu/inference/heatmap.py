@@ -23,7 +23,7 @@ threshold mask, computed on the image as the model saw it, at `MASK_SIZE` px:
 The mask is a heuristic (on the RSNA images it cuts thin finger tips and takes a whole small
 film inside a dark frame for the hand): the number is for comparing models on the same data.
 
-One module of some 420 lines because the maps, the hand mask and the shortcut check are
+One module of some 480 lines because the maps, the hand mask and the shortcut check are
 one measurement, shared by predict and the gallery.
 """
 
@@ -368,14 +368,31 @@ def overlay_png(
     return buf.getvalue()
 
 
-def title_text(image_id: str, months: float, std: float | None = None) -> str:
-    """Returns an overlay title: id, predicted months (years) and the uncertainty if any."""
+def title_text(
+    image_id: str,
+    months: float,
+    std: float | None = None,
+    interval: tuple[float, float, float] | None = None,
+) -> str:
+    """Returns an overlay title: id, predicted months (years), the spread and interval if any.
+
+    Args:
+      image_id: the image's name.
+      months: the prediction.
+      std: the bins head's per-image standard deviation (months), shown as "± std".
+      interval: (low, high, level) of a conformal interval (`inference.intervals`), shown on a
+        line of its own: unlike the spread, its coverage is calibrated.
+    """
     spread = f" ± {std:.1f}" if std is not None and np.isfinite(std) else ""
     # Control characters and undecodable bytes of a file name are escaped (matplotlib cannot
     # draw them); `$` stays text: overlay_png turns mathtext off.
-    return (
+    text = (
         f"{guard.printable(image_id)}\npredicted {months:.1f}{spread} months ({months / 12:.1f} y)"
     )
+    if interval is not None:
+        low, high, level = interval
+        text += f"\n{level:.0%} interval {low:.1f}–{high:.1f} months"
+    return text
 
 
 def file_names(ids: Sequence[str], sources: Sequence[str] | None = None) -> list[str]:
@@ -423,6 +440,7 @@ def write_overlays(
     batch_size: int = 16,
     names: Sequence[str] | None = None,
     fn: Callable[[tf.Tensor, tf.Tensor], dict[str, tf.Tensor]] | None = None,
+    intervals: tuple[np.ndarray, np.ndarray, float] | None = None,
 ) -> list[str]:
     """Writes one overlay PNG per image into `output_dir` (local or gs://); returns the paths.
 
@@ -436,6 +454,7 @@ def write_overlays(
       batch_size: images per map computation.
       names: the PNG file names (default `file_names(ids)`).
       fn: `tf.function(map_fn(model))` to reuse (chunked callers trace it once).
+      intervals: (low [N], high [N], level) conformal bounds shown in the titles.
     """
     run = fn or tf.function(map_fn(model))
     kind = map_kind(model)
@@ -448,7 +467,10 @@ def write_overlays(
         std = out["std"].numpy() if "std" in out else [None] * len(maps)
         for j, i in enumerate(range(start, min(stop, len(images)))):
             spread = None if std[j] is None else float(std[j])
-            title = title_text(ids[i], float(months[i]), spread)
+            bounds = None
+            if intervals is not None:
+                bounds = (float(intervals[0][i]), float(intervals[1][i]), intervals[2])
+            title = title_text(ids[i], float(months[i]), spread, bounds)
             with tf.io.gfile.GFile(paths[i], "wb") as f:
                 f.write(overlay_png(images[i], maps[j], title, kind))
     return paths

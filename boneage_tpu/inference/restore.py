@@ -14,6 +14,7 @@ import tensorflow as tf
 
 from boneage_tpu.core import config as config_lib
 from boneage_tpu.core import model_dir as model_dir_lib
+from boneage_tpu.core import schema
 from boneage_tpu.core.model_dir import ModelDirError, list_checkpoints
 
 
@@ -68,6 +69,8 @@ def check_data_compatible(
 
     The model saw images stored at `data_image_size` px and then fitted to `image_size`; data
     stored at another size would be resampled differently, so its results would not be valid.
+    Likewise hand-cropped images show the hand larger than uncropped ones: the data's crop
+    (`boneage-make-tfrecords --crop`) must be the training data's.
     """
     version = manifest.get("schema_version")
     if derived.schema_version and version != derived.schema_version:
@@ -81,6 +84,14 @@ def check_data_compatible(
             f"data images are stored at {size} px but the model was trained on "
             f"{derived.data_image_size} px data: reconvert with "
             f"boneage-make-tfrecords --image_size {derived.data_image_size}"
+        )
+    crop = schema.manifest_crop(manifest)
+    trained = (derived.data_crop, derived.data_crop_margin)
+    if not schema.same_crop(crop, trained):
+        raise ModelDirError(
+            f"data was converted with {schema.crop_flags(*crop)} but "
+            f"{model_dir or 'the model'} was trained on {schema.crop_flags(*trained)} data: "
+            f"reconvert with boneage-make-tfrecords {schema.crop_flags(*trained)}"
         )
 
 
@@ -160,3 +171,16 @@ def tta_corrected(loaded: LoadedModel, months: Any, tta: str) -> Any:
     raw = (months - intercept) / slope
     line = loaded.derived.correction(tta)
     return raw if line is None else line[0] * raw + line[1]
+
+
+def tta_corrected_spread(loaded: LoadedModel, spread: Any, tta: str) -> Any:
+    """Returns a TTA mean's spread scaled as `tta_corrected` scales its predictions.
+
+    A line of slope a stretches the spread of the predictions by |a|: the plain line's is
+    undone and the mode's applied.
+    """
+    if tta == "none":
+        return spread
+    slope, _ = baked_correction(loaded.model)
+    line = loaded.derived.correction(tta)
+    return spread / abs(slope) * (1.0 if line is None else abs(line[0]))

@@ -20,6 +20,10 @@ from boneage_tpu.data import pipeline as data
 from boneage_tpu.modeling import heads
 
 TTA_MODES = ("none", "flip", "rotflip")
+# What fills the corners a rotated view uncovers: black (the training augmentation's padding) or
+# the film's own background (the median of the image's border pixels), which on a grey,
+# low-contrast film is not black.
+TTA_FILLS = ("black", "background")
 # Deeplasia's test-time augmentation: these rotations, each with and without the mirror.
 ROTFLIP_ANGLES_DEG = (-10.0, -5.0, 0.0, 5.0, 10.0)
 
@@ -40,6 +44,9 @@ class SplitPredictions:
     # float64 months [views, N]: each TTA view's own prediction (`tta_views` order); their mean
     # is `predicted` up to float32 rounding (`predicted` is averaged on the device).
     views: np.ndarray | None = None
+    # float64 months [views, N]: each view's own spread (None without a spread); a TTA mode's
+    # spread is the mean over its views, so a subset's can be recomputed from these.
+    view_spreads: np.ndarray | None = None
 
 
 def tta_views(tta: str) -> list[tuple[float, bool]]:
@@ -53,16 +60,33 @@ def tta_views(tta: str) -> list[tuple[float, bool]]:
     return [(angle, flip) for angle in ROTFLIP_ANGLES_DEG for flip in (False, True)]
 
 
-def view_images(images: tf.Tensor, angle_deg: float, flip: bool) -> tf.Tensor:
-    """Rotates (about the centre, black fill) and optionally mirrors float images [B,S,S,1].
+def border_median(images: tf.Tensor) -> tf.Tensor:
+    """Returns each image's median border pixel [B, 1, 1, 1]: its film background, mostly."""
+    border = tf.concat(
+        [images[:, 0, :, :], images[:, -1, :, :], images[:, :, 0, :], images[:, :, -1, :]], axis=1
+    )
+    values = tf.sort(tf.reshape(border, [tf.shape(images)[0], -1]), axis=1)
+    middle = values[:, values.shape[1] // 2]
+    return tf.reshape(middle, [-1, 1, 1, 1])
+
+
+def view_images(images: tf.Tensor, angle_deg: float, flip: bool, fill: str = "black") -> tf.Tensor:
+    """Rotates (about the centre) and optionally mirrors float images [B,S,S,1].
 
     Uses the training augmentation's XLA-safe warp; the unrotated views are exact (a mirror is
-    a reverse, the identity returns the input).
+    a reverse, the identity returns the input). The uncovered corners read `fill`: black, or
+    the image's `border_median` (the warp of image - background, plus the background: the same
+    bilinear samples inside, the background outside).
     """
+    if fill not in TTA_FILLS:
+        raise InferenceError(f"--tta_fill must be one of {TTA_FILLS}, got {fill!r}")
     if flip:
         images = tf.reverse(images, axis=[2])
     if angle_deg == 0.0:
         return images
+    background = border_median(images) if fill == "background" else None
+    if background is not None:
+        images = images - background
     batch = tf.shape(images)[0]
     zeros = tf.zeros([batch], tf.float32)
     params = {
@@ -74,11 +98,12 @@ def view_images(images: tf.Tensor, angle_deg: float, flip: bool) -> tf.Tensor:
         "flip": zeros,
     }
     _, height, width, _ = images.shape
-    return warp.warp_affine(images, augment.affine_matrices(params, height, width))
+    rotated = warp.warp_affine(images, augment.affine_matrices(params, height, width))
+    return rotated if background is None else rotated + background
 
 
 def tta_predict_fn(
-    model: Any, tta: str
+    model: Any, tta: str, fill: str = "black"
 ) -> Callable[[tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor]]:
     """Returns fn(images uint8|float32 [B,S,S,1], male float32 [B]) -> (months, spread) [B].
 
@@ -87,32 +112,35 @@ def tta_predict_fn(
     inputs); "rotflip" also rotates by +-5 and +-10 degrees. `spread` is the bins head's
     per-image std in months (averaged over the views), zeros for a regression head.
     """
-    views_fn = tta_views_fn(model, tta)
+    views_fn = tta_views_fn(model, tta, fill)
 
     def run(images: tf.Tensor, male: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        months, spread, _ = views_fn(images, male)
+        months, spread, _, _ = views_fn(images, male)
         return months, spread
 
     return run
 
 
 def tta_views_fn(
-    model: Any, tta: str
-) -> Callable[[tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor, tf.Tensor]]:
-    """Returns fn(images, male) -> (months [B], spread [B], each view's months [views, B]).
+    model: Any, tta: str, fill: str = "black"
+) -> Callable[[tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]]:
+    """Returns fn(images, male) -> (months [B], spread [B], views' months, views' spreads).
 
-    `months` and `spread` are `tta_predict_fn`'s; the third output keeps each view's own
-    prediction so that a report can show which views help.
+    `months` and `spread` are `tta_predict_fn`'s; the last two ([views, B] each) keep each
+    view's own prediction and spread, so that a report can show which views help and a subset
+    of the views (a narrower TTA mode) can be averaged on the host.
     """
     views = tta_views(tta)
     spread_model = heads.with_spread(model) if hasattr(model, "get_layer") else None
 
-    def run(images: tf.Tensor, male: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    def run(
+        images: tf.Tensor, male: tf.Tensor
+    ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
         images = tf.cast(images, tf.float32)
         male = tf.cast(male, tf.float32)
         months, spread = [], []
         for angle, flip in views:
-            inputs = {"image": view_images(images, angle, flip), "male": male}
+            inputs = {"image": view_images(images, angle, flip, fill), "male": male}
             if spread_model is None:
                 out = model(inputs, training=False)
                 std = tf.zeros_like(tf.reshape(tf.cast(out, tf.float32), [-1]))
@@ -121,7 +149,7 @@ def tta_views_fn(
             months.append(tf.reshape(tf.cast(out, tf.float32), [-1]))
             spread.append(tf.reshape(tf.cast(std, tf.float32), [-1]))
         mean = tf.add_n(months) / len(views)
-        return mean, tf.add_n(spread) / len(views), tf.stack(months)
+        return mean, tf.add_n(spread) / len(views), tf.stack(months), tf.stack(spread)
 
     return run
 
@@ -133,6 +161,7 @@ def predict_dataset(
     tta: str = "none",
     strategy: tf.distribute.Strategy | None = None,
     jit_compile: bool = False,
+    tta_fill: str = "black",
 ) -> SplitPredictions:
     """Predicts every real (mask 1) row of an evaluation dataset.
 
@@ -143,16 +172,17 @@ def predict_dataset(
       tta: none | flip | rotflip.
       strategy: where to run; default: the current (default) strategy.
       jit_compile: compile each replica's forward pass (TTA views included) with XLA.
+      tta_fill: what the rotated views' uncovered corners read (`TTA_FILLS`).
     """
     strategy = strategy or tf.distribute.get_strategy()
     replicas = strategy.num_replicas_in_sync
-    predict = tta_views_fn(model, tta)
+    predict = tta_views_fn(model, tta, tta_fill)
     if jit_compile:
         predict = tf.function(predict, jit_compile=True)
 
     def predict_rows(images: tf.Tensor, male: tf.Tensor) -> tf.Tensor:
-        """[replicas, 2 + views, rows]: months, spread and each view's months of every
-        replica's rows, on every replica.
+        """[replicas, 2 + 2 views, rows]: months, spread, each view's months and each view's
+        spread of every replica's rows, on every replica.
 
         Each replica predicts its own slice into its row of a zero tensor (static shapes for
         XLA); one all-reduce (a sum) then gives every replica, and so every host, the whole
@@ -160,8 +190,8 @@ def predict_dataset(
         while every host reads (and masks) the whole batch.
         """
         context = tf.distribute.get_replica_context()
-        months, spread, views = predict(images, male)
-        own = tf.concat([tf.stack([months, spread]), views], axis=0)
+        months, spread, views, view_spreads = predict(images, male)
+        own = tf.concat([tf.stack([months, spread]), views, view_spreads], axis=0)
         slot = tf.one_hot(context.replica_id_in_sync_group, replicas, dtype=own.dtype)
         return context.all_reduce(tf.distribute.ReduceOp.SUM, slot[:, None, None] * own[None])
 
@@ -171,7 +201,8 @@ def predict_dataset(
 
     has_spread = hasattr(model, "get_layer") and heads.logits_of(model) is not None
     ids: list[str] = []
-    male, boneage, predicted, spread, views = [], [], [], [], []
+    male, boneage, predicted, spread, views, view_spreads = [], [], [], [], [], []
+    count = len(tta_views(tta))
     # Every host iterates the same global batches, so all run the same number of steps.
     for batch in dataset:
         size = int(batch["image"].shape[0])
@@ -199,7 +230,8 @@ def predict_dataset(
         boneage.append(np.asarray(batch["boneage"], np.float64)[keep])
         predicted.append(months[keep])
         spread.append(stds[keep])
-        views.append(rows[2:, keep])
+        views.append(rows[2 : 2 + count, keep])
+        view_spreads.append(rows[2 + count :, keep])
     if not ids:
         raise InferenceError("the evaluation dataset yielded no records")
     return SplitPredictions(
@@ -209,6 +241,7 @@ def predict_dataset(
         predicted=np.concatenate(predicted),
         spread=np.concatenate(spread) if has_spread else None,
         views=np.concatenate(views, axis=1),
+        view_spreads=np.concatenate(view_spreads, axis=1) if has_spread else None,
     )
 
 
@@ -223,6 +256,7 @@ def predict_split(
     tta: str = "none",
     strategy: tf.distribute.Strategy | None = None,
     jit_compile: bool = False,
+    tta_fill: str = "black",
 ) -> SplitPredictions:
     """Predicts every record of a TFRecord split exactly once.
 
@@ -236,6 +270,7 @@ def predict_split(
       tta: none | flip | rotflip.
       strategy: where to run; default: the current strategy.
       jit_compile: compile each replica's forward pass with XLA.
+      tta_fill: what the rotated views' uncovered corners read (`TTA_FILLS`).
     """
     strategy = strategy or tf.distribute.get_strategy()
     replicas = strategy.num_replicas_in_sync
@@ -253,7 +288,9 @@ def predict_split(
         manifest=manifest,
         cache="no",  # one pass: caching would only cost RAM
     )
-    return predict_dataset(model, dataset, tta=tta, strategy=strategy, jit_compile=jit_compile)
+    return predict_dataset(
+        model, dataset, tta=tta, strategy=strategy, jit_compile=jit_compile, tta_fill=tta_fill
+    )
 
 
 def average(runs: list[SplitPredictions]) -> SplitPredictions:
@@ -271,4 +308,7 @@ def average(runs: list[SplitPredictions]) -> SplitPredictions:
         views=None
         if any(r.views is None for r in runs)
         else np.mean(np.stack([r.views for r in runs]), axis=0),
+        view_spreads=None
+        if any(r.view_spreads is None for r in runs)
+        else np.mean(np.stack([r.view_spreads for r in runs]), axis=0),
     )

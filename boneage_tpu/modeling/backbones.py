@@ -67,41 +67,57 @@ class NormalizeIntensity(keras.layers.Layer):
         return {**super().get_config(), "mode": self.mode}
 
 
-def _conv_bn(x: Any, filters: int, stride: int, name: str, relu: bool = True) -> Any:
+def _conv_bn(
+    x: Any, filters: int, stride: int, name: str, relu: bool = True, fmt: str = "channels_last"
+) -> Any:
     x = keras.layers.Conv2D(
-        filters, 3, strides=stride, padding="same", use_bias=False, name=f"{name}_conv"
+        filters,
+        3,
+        strides=stride,
+        padding="same",
+        use_bias=False,
+        data_format=fmt,
+        name=f"{name}_conv",
     )(x)
     # momentum 0.9: the moving statistics settle within a short CPU run (see model.tiny).
-    x = keras.layers.BatchNormalization(momentum=0.9, name=f"{name}_bn")(x)
+    axis = 1 if fmt == "channels_first" else -1
+    x = keras.layers.BatchNormalization(axis=axis, momentum=0.9, name=f"{name}_bn")(x)
     return keras.layers.ReLU(name=f"{name}_relu")(x) if relu else x
 
 
-def _basic_block(x: Any, filters: int, stride: int, name: str) -> Any:
+def _basic_block(x: Any, filters: int, stride: int, name: str, fmt: str = "channels_last") -> Any:
     shortcut = x
-    if stride != 1 or x.shape[-1] != filters:
+    axis = 1 if fmt == "channels_first" else -1
+    if stride != 1 or x.shape[axis] != filters:
         shortcut = keras.layers.Conv2D(
-            filters, 1, strides=stride, use_bias=False, name=f"{name}_proj"
+            filters, 1, strides=stride, use_bias=False, data_format=fmt, name=f"{name}_proj"
         )(x)
-        shortcut = keras.layers.BatchNormalization(momentum=0.9, name=f"{name}_proj_bn")(shortcut)
-    y = _conv_bn(x, filters, stride, f"{name}_a")
-    y = _conv_bn(y, filters, 1, f"{name}_b", relu=False)
+        shortcut = keras.layers.BatchNormalization(axis=axis, momentum=0.9, name=f"{name}_proj_bn")(
+            shortcut
+        )
+    y = _conv_bn(x, filters, stride, f"{name}_a", fmt=fmt)
+    y = _conv_bn(y, filters, 1, f"{name}_b", relu=False, fmt=fmt)
     return keras.layers.ReLU(name=f"{name}_out")(
         keras.layers.Add(name=f"{name}_add")([y, shortcut])
     )
 
 
-def resnet_small(image_size: int) -> keras.Model:
+def resnet_small(image_size: int, data_format: str = "channels_last") -> keras.Model:
     """Returns a compact ResNet (basic blocks, batch norm; 32x downsampling, 192 channels).
 
     Args:
       image_size: square input size (3-channel input scaled to [0, 1]).
+      data_format: channels_last (the model's) or channels_first (input [B, 3, S, S]; for
+        `tools.benchmark_layout`, which measures whether the layout matters on a CPU).
     """
-    inputs = keras.Input((image_size, image_size, 3), name="pixels")
-    x = _conv_bn(inputs, 32, 2, "stem1")
-    x = _conv_bn(x, 32, 1, "stem2")
+    shape = (3, image_size, image_size) if data_format == "channels_first" else None
+    inputs = keras.Input(shape or (image_size, image_size, 3), name="pixels")
+    x = _conv_bn(inputs, 32, 2, "stem1", fmt=data_format)
+    x = _conv_bn(x, 32, 1, "stem2", fmt=data_format)
     for s, (filters, blocks, stride) in enumerate(_RESNET_SMALL_STAGES):
         for b in range(blocks):
-            x = _basic_block(x, filters, stride if b == 0 else 1, f"stage{s}_block{b}")
+            name = f"stage{s}_block{b}"
+            x = _basic_block(x, filters, stride if b == 0 else 1, name, fmt=data_format)
     return keras.Model(inputs, x, name="resnet_small")
 
 

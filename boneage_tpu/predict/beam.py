@@ -4,8 +4,8 @@
         --output gs://b/scores [--sex_csv CSV | --sex M|F] [--beam_options '--runner=...']
 
 The pipeline: the pattern -> its files (`tf.io.gfile.glob`) -> Reshuffle -> each file read and
-prepared as the training data was (`images.prepare` with the run's stored size and encoding:
-the local predict's preparation) -> RunInference with `SavedModelHandler` over the run's
+prepared as the training data was (`images.prepare` with the run's stored size, encoding and
+crop: the local predict's preparation) -> RunInference with `SavedModelHandler` over the run's
 `export/saved_model` (its serving signature decodes as the input pipeline does) -> CSV shards.
 Beam's own TensorFlow handler loads with `tf.keras.models.load_model`, which cannot read a
 Keras 3 SavedModel (apache/beam#30616), hence the handler here over `tf.saved_model.load`.
@@ -13,8 +13,9 @@ Keras 3 SavedModel (apache/beam#30616), hence the handler here over `tf.saved_mo
 Output in `--output`: `predictions-SSSSS-of-NNNNN.csv` (id, path, male, predicted_months,
 plausible, problem; sorted by path in each shard) and `unreadable-SSSSS-of-NNNNN.csv` (path,
 reason) for files that cannot be read or decoded: itemised, never fatal. An image that does not
-look like a radiograph is predicted and flagged (plausible 0, the reason in `problem`): in a
-batch over an archive a flag is more useful than a refusal. All file I/O goes through
+look like a radiograph, or in which a `--crop hand` run's crop found no hand (predicted on the
+whole image), is predicted and flagged (plausible 0, the reason in `problem`): in a batch over
+an archive a flag is more useful than a refusal. All file I/O goes through
 `tf.io.gfile` (local, gs://), not Beam's file systems. Imports Apache Beam: import this module
 only after `beam_runtime.import_beam()`.
 """
@@ -102,6 +103,8 @@ def _settings(model_dir: str, sex: float | None, sex_csv: str) -> dict[str, Any]
         # The SavedModel decodes PNG or JPEG: raw records' pixels travel as lossless PNG.
         "encoding": "png" if derived.data_encoding == "raw" else derived.data_encoding,
         "quality": derived.data_jpeg_quality,
+        "crop": derived.data_crop,
+        "crop_margin": derived.data_crop_margin,
         "use_sex": config.model.use_sex,
         "sex": sex,
         "males": males,
@@ -130,6 +133,11 @@ def prepare(path: str, model_dir: str, sex: float | None, sex_csv: str) -> tuple
             settings["encoding"],
             settings["quality"],
             warn=problems.append,
+            crop=settings["crop"],
+            crop_margin=settings["crop_margin"],
+            on_crop_fallback=lambda reason: problems.append(
+                f"hand crop: {reason}; predicted on the whole image"
+            ),
         )
     except images.ImageError as e:
         return "unreadable", path, str(e)
@@ -311,9 +319,15 @@ def run_config(config: Any, model_dir: str) -> dict[str, int]:
         raise PredictError(
             "--runner beam takes --input PATTERN and --output DIR (no IMAGE files, no --labels)"
         )
-    if config.heatmaps or config.tta != "none" or config.checkpoint not in ("auto", "export"):
+    if (
+        config.heatmaps
+        or config.tta != "none"
+        or config.interval
+        or config.checkpoint not in ("auto", "export")
+    ):
         raise PredictError(
-            "--runner beam serves the SavedModel export: no --heatmaps, --tta or --checkpoint"
+            "--runner beam serves the SavedModel export: no --heatmaps, --tta, --interval or "
+            "--checkpoint"
         )
     if config.sex and config.sex_csv:
         raise PredictError("give --sex or --sex_csv, not both")

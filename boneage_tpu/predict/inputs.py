@@ -107,27 +107,37 @@ def list_inputs(
     ]
 
 
-def _columns(labeled: bool) -> list[str]:
-    return ["id", "path", "male", "predicted_months"] + (["boneage", "error"] if labeled else [])
+def _columns(labeled: bool, interval: bool = False) -> list[str]:
+    return (
+        ["id", "path", "male", "predicted_months"]
+        + (["low_months", "high_months"] if interval else [])
+        + (["boneage", "error"] if labeled else [])
+    )
 
 
 def _csv_row(r: dict[str, Any], labeled: bool) -> list[Any]:
     # Text cells are neutralised (`guard.csv_cell`: an id like `=2+5` is no formula); the
     # numbers stay numbers.
     extra = [r["boneage"], r["error"]] if labeled else []
+    bounds = [repr(r["low_months"]), repr(r["high_months"])] if "low_months" in r else []
     cells = [guard.printable(r["id"]), guard.printable(r["path"])]
-    return [*guard.csv_row(cells), r["male"], repr(r["predicted"]), *extra]
+    return [*guard.csv_row(cells), r["male"], repr(r["predicted"]), *bounds, *extra]
 
 
-def _table_header(labeled: bool) -> str:
-    return f"{'id':<20} {'sex':>3} {'months':>8} {'years':>6}" + (
-        "  boneage   error" if labeled else ""
+def _table_header(labeled: bool, interval: bool = False) -> str:
+    return (
+        f"{'id':<20} {'sex':>3} {'months':>8} {'years':>6}"
+        + (f" {'interval (months)':>17}" if interval else "")
+        + ("  boneage   error" if labeled else "")
     )
 
 
 def _table_line(r: dict[str, Any]) -> str:
     name = guard.printable(r["id"])
     line = f"{name:<20} {'M' if r['male'] else 'F':>3} {r['predicted']:8.1f} {r['predicted'] / 12:6.1f}"
+    if "low_months" in r:
+        bounds = f"{r['low_months']:.1f}–{r['high_months']:.1f}"
+        line += f" {bounds:>17}"
     if r["boneage"] is not None:
         line += f"  {r['boneage']:7.1f} {r['error']:+7.1f}"
     return line
@@ -149,13 +159,17 @@ class RowWriter:
         self._csv = csv.writer(stream, lineterminator="\n") if as_csv else None
 
     def write(self, rows: list[dict[str, Any]], labeled: bool) -> None:
-        """Writes rows (with the header first, once); `labeled` adds boneage and error."""
+        """Writes rows (with the header first, once); `labeled` adds boneage and error.
+
+        Rows with `low_months`/`high_months` (predict --interval) add those columns.
+        """
+        interval = bool(rows) and "low_months" in rows[0]
         if self._csv is not None:
             if not self.count:
-                self._csv.writerow(_columns(labeled))
+                self._csv.writerow(_columns(labeled, interval))
             self._csv.writerows(_csv_row(r, labeled) for r in rows)
         else:
-            lines = ([_table_header(labeled)] if not self.count else []) + [
+            lines = ([_table_header(labeled, interval)] if not self.count else []) + [
                 _table_line(r) for r in rows
             ]
             self.stream.write("".join(line + "\n" for line in lines))

@@ -7,14 +7,15 @@
       [--sex M|F | --sex_csv CSV] [--beam_options '...']  # batch: boneage_tpu.predict.beam
 
 IMAGEs are PNG (8/16-bit, palette, RGB), JPEG or DICOM files, local or gs://. `--model_dir`
-(`--model` is the same flag) is a training run's folder (its export/model.keras when present,
-else its latest checkpoint; pick with --checkpoint) or the path of that folder's
-export/model.keras. Each image is prepared
-exactly as the converter and the input pipeline prepared the training data, with their code:
-decode to 8-bit grayscale -> resize the longest side to the training data's size -> encode as
-the training data was -> the input pipeline's decode + fit to the model's square input.
-With `--labels`, the CSV may be in any layout the converter reads (Kaggle, RSNA validation or
-test); the bone age, when present, is shown next to the prediction.
+(`--model` is the same flag) is a training run's folder (its export/model.keras when present, else
+its latest checkpoint; pick with --checkpoint) or the path of that folder's export/model.keras.
+Each image is prepared exactly as the converter and the input pipeline prepared the training data,
+with their code: decode to 8-bit grayscale -> the training data's crop (`--crop hand`: the hand's
+box; the whole image, with a warning, when none is found) -> resize the longest side to the
+training data's size -> encode as the training data was -> the input pipeline's decode + fit to
+the model's square input. With `--labels`, the CSV may be in any layout the converter reads
+(Kaggle, RSNA validation or test); the bone age, when present, is shown next to the prediction. The module is ~430 lines
+because the command's ~20 flags declare their help here, beside the local runner that reads them.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from boneage_tpu.core import model_dir as model_dir_lib
 from boneage_tpu.core.config import BIG
 from boneage_tpu.data import images
 from boneage_tpu.data import pipeline as data
-from boneage_tpu.inference import heatmap, restore
+from boneage_tpu.inference import heatmap, intervals, restore
 from boneage_tpu.inference import runner as inference
 from boneage_tpu.predict import inputs as predict_io
 from boneage_tpu.predict.inputs import PredictError
@@ -64,7 +65,7 @@ def prepare_image(
 
     Args:
       path: the image file.
-      derived: the model's derived values (its training data's stored size and encoding).
+      derived: the model's derived values (its training data's stored size, encoding, crop).
       image_size: the model's square input size.
       force: predict an implausible image (tiny, blank, noise) too, with a warning on stderr.
 
@@ -77,15 +78,20 @@ def prepare_image(
             "the model directory has no data_image_size/data_encoding: the training data's "
             "preprocessing is unknown"
         )
+
+    def warning(text: str) -> None:
+        print(f"warning: {path}: {text}", file=sys.stderr)
+
     stored, height, width = images.prepare(
         images.read_bytes(path),
         path,
         derived.data_image_size,
         derived.data_encoding,
         derived.data_jpeg_quality,
-        warn=(lambda reason: print(f"warning: {path}: {reason}", file=sys.stderr))
-        if force
-        else None,
+        warn=warning if force else None,
+        crop=derived.data_crop,
+        crop_margin=derived.data_crop_margin,
+        on_crop_fallback=lambda why: warning(f"hand crop: {why}; predicting on the whole image"),
     )
     # Wrapped in a record and parsed by the input pipeline's own function: same decode, same
     # fit-to-square as the training and evaluation data.
@@ -146,21 +152,25 @@ def predict_batch(
     tta: str = "none",
     batch_size: int = 16,
     fn: Callable[..., Any] | None = None,
-) -> np.ndarray:
-    """Runs a restored model over prepared inputs uint8 [N,S,S,1]; returns months float64 [N].
+) -> tuple[np.ndarray, np.ndarray]:
+    """Runs a restored model over prepared inputs uint8 [N,S,S,1]; returns (months, spread).
 
-    `fn` is a `predict_fn(loaded, tta)` to reuse (chunked callers trace it once).
+    Both are float64 [N] months with the bias correction fitted for `tta`; the spread is the
+    bins head's per-image std (zeros for a regression head). `fn` is a `predict_fn(loaded,
+    tta)` to reuse (chunked callers trace it once).
     """
     run = fn or predict_fn(loaded, tta)
-    months = [np.zeros((0,), np.float32)]
+    months, spread = [np.zeros((0,), np.float32)], [np.zeros((0,), np.float32)]
     for start in range(0, len(batch), batch_size):
         stop = start + batch_size
-        out, _ = run(tf.constant(batch[start:stop]), tf.constant(male[start:stop]))
+        out, std = run(tf.constant(batch[start:stop]), tf.constant(male[start:stop]))
         months.append(out.numpy())
+        spread.append(std.numpy())
     result = restore.tta_corrected(loaded, np.concatenate(months).astype(np.float64), tta)
     if not np.all(np.isfinite(result)):
         raise PredictError(f"the model in {loaded.model_dir} returned non-finite predictions")
-    return result
+    std = restore.tta_corrected_spread(loaded, np.concatenate(spread).astype(np.float64), tta)
+    return result, std
 
 
 def predict_images(
@@ -201,7 +211,7 @@ def predict_images(
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise images.ImageError(f"cannot read {problems[0][0]}: {problems[0][1]}{more}")
-    months = predict_batch(loaded, batch, male, tta=tta, batch_size=batch_size)
+    months, _ = predict_batch(loaded, batch, male, tta=tta, batch_size=batch_size)
     return [float(v) for v in months]
 
 
@@ -229,6 +239,18 @@ class PredictConfig:
         "flip: mean of the image and its mirror; rotflip: also rotated by +-5 and +-10 degrees. "
         "Applies the bias correction fitted for the mode (none when the run fitted none).",
         choices=inference.TTA_MODES,
+    )
+    interval: float = option(
+        0.0,
+        "Coverage level of split-conformal intervals, e.g. 0.9 (0: none): low and high months "
+        "per image, in the table, the CSV and the heatmap titles (needs --fit_intervals).",
+        min=0,
+        max=0.999,
+    )
+    interval_scale: str = option(
+        "absolute",
+        "absolute: one half-width for all | spread: scaled by the bins head's per-image spread.",
+        choices=config_lib.INTERVAL_SCALES,
     )
     output: str = option("", "Write a CSV here (local or gs://) instead of printing a table.")
     batch_size: int = option(16, "Images per forward pass.", min=1, max=BIG)
@@ -370,11 +392,20 @@ def _predict_chunk(
     fns: dict[str, Callable[..., Any]],
 ) -> None:
     """Predicts one chunk of prepared inputs into its row dicts (and writes its heatmaps)."""
-    months = predict_batch(
+    months, spread = predict_batch(
         loaded, batch, sex, tta=config.tta, batch_size=config.batch_size, fn=fns["predict"]
     )
-    for item, value, m in zip(items, months, sex, strict=True):
+    bounds = None
+    if config.interval:
+        found = intervals.around(
+            loaded.derived, config.tta, config.interval_scale, config.interval,
+            months, spread, loaded.model_dir,
+        )  # fmt: skip
+        bounds = (found.low, found.high, found.level)
+    for i, (item, value, m) in enumerate(zip(items, months, sex, strict=True)):
         item.update(male=int(m > 0.5), predicted=float(value))
+        if bounds is not None:
+            item.update(low_months=float(bounds[0][i]), high_months=float(bounds[1][i]))
         labeled = item["boneage"] is not None
         item["error"] = float(value) - item["boneage"] if labeled else None
     if config.heatmaps:
@@ -390,6 +421,7 @@ def _predict_chunk(
             batch_size=config.batch_size,
             names=names,
             fn=fns["map"],
+            intervals=bounds,
         )
         for item, path in zip(items, written, strict=True):
             item["heatmap"] = path

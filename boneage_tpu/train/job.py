@@ -9,7 +9,6 @@ The loop is our own (`boneage_tpu.train.loop`): `strategy.run` inside a `tf.func
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -19,19 +18,18 @@ from typing import Any
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
-import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from boneage_tpu.core import config as config_lib  # noqa: E402
-from boneage_tpu.core import distribute, schema  # noqa: E402
+from boneage_tpu.core import distribute  # noqa: E402
 from boneage_tpu.core import model_dir as model_dir_lib  # noqa: E402
 from boneage_tpu.core.errors import Error, UsageError  # noqa: E402
 from boneage_tpu.data import (
     augment,  # noqa: E402
     verify,  # noqa: E402
 )
-from boneage_tpu.inference import runner as inference  # noqa: E402
-from boneage_tpu.modeling import export, heads  # noqa: E402
+from boneage_tpu.modeling import export  # noqa: E402
+from boneage_tpu.train import calibrate  # noqa: E402
 from boneage_tpu.train import state as train_state  # noqa: E402
 from boneage_tpu.train.setup import DatasetFn, Session, prepare  # noqa: E402
 
@@ -216,59 +214,6 @@ def _train(
     return result
 
 
-def _fit_bias_correction(session: Session) -> dict[str, Any]:
-    """Fits the linear bias correction per TTA mode on the validation predictions.
-
-    One pass predicts every view of `--bias_correction_tta`'s mode; each mode up to it gets
-    the line fitted on its own views' mean, since TTA averaging changes the predictions' bias
-    and a line fitted to plain predictions does not fit averaged ones. The plain line becomes
-    bias_slope/bias_intercept (the exports apply it), the others tta_corrections; all are
-    saved in derived.json.
-    """
-    config, val_split = session.config, session.derived.val_split
-    widest = config.model.bias_correction_tta
-    predictions = inference.predict_split(
-        session.model,
-        config.data.path,
-        val_split,
-        schema.read_manifest(config.data.path),
-        image_size=config.data.image_size,
-        batch_size=config.data.eval_batch_size or config.data.batch_size,
-        tta=widest,
-        strategy=session.strategy,
-    )
-    views = inference.tta_views(widest)
-    labeled = predictions.boneage >= 0
-    lines: dict[str, tuple[float, float]] = {}
-    result: dict[str, Any] = {}
-    for mode in inference.TTA_MODES[: inference.TTA_MODES.index(widest) + 1]:
-        if mode == widest:
-            predicted = predictions.predicted  # averaged on the device, as evaluate's is
-        else:
-            chosen = [i for i, view in enumerate(views) if view in inference.tta_views(mode)]
-            predicted = np.mean(predictions.views[chosen], axis=0)
-        slope, intercept = heads.fit_linear_correction(predictions.boneage, predicted)
-        lines[mode] = (slope, intercept)
-        corrected = slope * predicted + intercept
-        mae = float(np.mean(np.abs(corrected - predictions.boneage)[labeled]))
-        suffix = "" if mode == "none" else f"_{mode}"
-        result[f"val_mae{suffix}_corrected_months"] = mae
-        log(
-            f"bias correction{'' if mode == 'none' else f' (--tta {mode})'}: months = "
-            f"{slope:.4f} x prediction + {intercept:.2f} (fitted on {val_split}: mae "
-            f"{mae:.2f} mo, in-sample)"
-        )
-    slope, intercept = lines.pop("none")
-    session.derived = dataclasses.replace(
-        session.derived, bias_slope=slope, bias_intercept=intercept, tta_corrections=lines
-    )
-    if session.chief:
-        model_dir_lib.save_derived(config.model_dir, session.derived)
-    result.update(bias_slope=slope, bias_intercept=intercept)
-    result["tta_corrections"] = {mode: list(line) for mode, line in lines.items()}
-    return result
-
-
 def run(
     config: config_lib.TrainConfig,
     strategy: tf.distribute.Strategy | None = None,
@@ -298,8 +243,9 @@ def run(
        "val_loss", "val_count", "exports"}; the train keys are those of the last loop (absent
       when the run was already finished), the val keys need a validation split.
     """
-    if config.model.fit_bias_correction and not (config.data.path and config.data.val_split):
-        raise UsageError("--fit_bias_correction needs --data and a --val_split to fit on")
+    for name in ("fit_bias_correction", "fit_intervals"):
+        if getattr(config.model, name) and not (config.data.path and config.data.val_split):
+            raise UsageError(f"--{name} needs --data and a --val_split to fit on")
     session = prepare(config, strategy, datasets, log, derived)
     try:
         return _run_locked(session, after_loop)
@@ -321,8 +267,9 @@ def _run_locked(session: Session, after_loop: Callable[[int], None] | None) -> d
     )  # fmt: skip
     log(
         f"train: {distribute.describe(session.strategy)}, batch {config.data.batch_size} "
-        f"({session.per_replica_batch}/replica), {settings['precision']}, "
-        f"XLA: {settings['xla']}, warp: {settings['warp']}, {settings['steps_per_loop']} steps/loop, "
+        f"({session.per_replica_batch}/replica), {settings['precision']}"
+        + (f" ({settings['cpu_bf16']})" if settings["cpu_bf16"] else "")
+        + f", XLA: {settings['xla']}, warp: {settings['warp']}, {settings['steps_per_loop']} steps/loop, "
         + (f"resuming at step {session.start_step}" if session.start_step else "from step 0")
         + f" of {config.schedule.train_steps}"
     )
@@ -366,8 +313,8 @@ def _run_locked(session: Session, after_loop: Callable[[int], None] | None) -> d
         if val_log is not None:
             val_log.close()
     result["step"] = current
-    if config.model.fit_bias_correction:
-        result.update(_fit_bias_correction(session))
+    if config.model.fit_bias_correction or config.model.fit_intervals:
+        result.update(calibrate.fit(session, log))
     # Every worker exports (saving reads distributed variables); a non-chief into its private
     # folder, deleted when the run ends. Only the chief writes DONE.
     result["exports"] = export.export_all(session.model, config, session.derived, session.write_dir)

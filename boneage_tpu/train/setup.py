@@ -89,12 +89,15 @@ def derive(config: config_lib.TrainConfig) -> tuple[dict[str, Any], config_lib.D
     stats = train_info.get("label_stats") or manifest.get("label_stats", {})
     if not stats.get("std_months"):
         raise schema.ManifestError(f"{config.data.path}: manifest has no training label stats")
+    crop, crop_margin = schema.manifest_crop(manifest)
     derived = config_lib.Derived(
         label_mean=float(stats["mean_months"]),
         label_std=float(stats["std_months"]),
         data_image_size=int(manifest.get("image_size", 0)),
         data_encoding=str(manifest.get("encoding", "")),
         data_jpeg_quality=int(manifest.get("jpeg_quality") or 95),
+        data_crop=crop,
+        data_crop_margin=crop_margin,
         schema_version=int(manifest["schema_version"]),
         train_split=train_split,
         val_split=val_split,

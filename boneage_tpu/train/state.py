@@ -14,7 +14,7 @@ import tensorflow as tf
 
 from boneage_tpu.core import config as config_lib
 from boneage_tpu.core import model_dir as model_dir_lib
-from boneage_tpu.core import options
+from boneage_tpu.core import options, schema
 from boneage_tpu.core.errors import Error
 
 # Fields that define the network: resuming with other values cannot restore the checkpoint.
@@ -60,6 +60,15 @@ def check_resume(config: config_lib.TrainConfig, derived: config_lib.Derived) ->
                 f"{what}, but --data {config.data.path} is stored at {new} {what}: resume with data "
                 f"converted with boneage-make-tfrecords {flag} {old}, or use a new --model_dir"
             )
+    old_crop = (stored.data_crop, stored.data_crop_margin)
+    new_crop = (derived.data_crop, derived.data_crop_margin)
+    if not schema.same_crop(old_crop, new_crop):
+        raise ResumeError(
+            f"{config.model_dir} holds checkpoints trained on data converted with "
+            f"{schema.crop_flags(*old_crop)}, but --data {config.data.path} was converted with "
+            f"{schema.crop_flags(*new_crop)}: resume with data converted with "
+            f"boneage-make-tfrecords {schema.crop_flags(*old_crop)}, or use a new --model_dir"
+        )
     settings = options.flat(config)
     for name in ARCHITECTURE_FIELDS:
         old, new = previous[name], settings[name]
