@@ -63,7 +63,29 @@ def test_the_runtime_names_the_cpus_bf16_hardware_for_the_first_log_line() -> No
     fast = cpu_features.Bf16Support(avx512_bf16=True)
     settings = distribute.resolve_runtime(RuntimeConfig(), "cpu", cpu=fast)
     assert settings["cpu_bf16"] == "CPU bf16: AVX-512 BF16"
-    assert settings["precision"] == "fp32"  # auto stays fp32 on CPU (BENCHMARKS "CPU step")
+    assert settings["precision"] == "fp32"  # auto alone stays fp32 on CPU
     none = distribute.resolve_runtime(RuntimeConfig(), "cpu", cpu=cpu_features.Bf16Support())
     assert "bf16 would be emulated" in none["cpu_bf16"]
     assert distribute.resolve_runtime(RuntimeConfig(), "gpu")["cpu_bf16"] == ""
+
+
+def test_cpu_bf16_switches_auto_to_bf16_only_where_the_cpu_computes_it(monkeypatch) -> None:
+    from boneage_tpu.core import distribute
+    from boneage_tpu.core.config import RuntimeConfig
+
+    def precision(cpu: cpu_features.Bf16Support, **runtime) -> str:
+        return distribute.resolve_runtime(RuntimeConfig(**runtime), "cpu", cpu=cpu)["precision"]
+
+    avx, amx = cpu_features.Bf16Support(avx512_bf16=True), cpu_features.Bf16Support(amx=True)
+    emulated, unknown = cpu_features.Bf16Support(), cpu_features.Bf16Support(known=False)
+    assert precision(avx, cpu_bf16=True) == "bf16"
+    assert precision(amx, cpu_bf16=True) == "bf16"
+    assert precision(emulated, cpu_bf16=True) == "fp32"
+    assert precision(unknown, cpu_bf16=True) == "fp32"
+    # An explicit precision is what the user asked for, with or without the hardware.
+    assert precision(avx, cpu_bf16=True, precision="fp32") == "fp32"
+    assert precision(emulated, cpu_bf16=True, precision="bf16") == "bf16"
+    # On a GPU the flag changes nothing: a T4-class GPU keeps fp16 with loss scaling.
+    monkeypatch.setattr(distribute, "gpu_compute_capability", lambda: (7, 5))
+    gpu = distribute.resolve_runtime(RuntimeConfig(cpu_bf16=True), "gpu", cpu=avx)
+    assert gpu["precision"] == "fp16"

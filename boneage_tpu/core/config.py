@@ -364,8 +364,13 @@ class RuntimeConfig:
     precision: str = option(
         "auto",
         "auto (bf16 on TPU and on GPUs of compute capability >= 8.0, fp16 with loss scaling on "
-        "older GPUs, fp32 on CPU) | bf16 | fp16 (not on TPU) | fp32.",
+        "older GPUs, fp32 on CPU unless --cpu_bf16) | bf16 | fp16 (not on TPU) | fp32.",
         choices=PRECISION_CHOICES,
+    )
+    cpu_bf16: bool = option(
+        False,
+        "With --precision auto on a CPU that computes bfloat16 natively (AVX-512 BF16 or AMX, "
+        "from /proc/cpuinfo): mixed bf16 instead of fp32. Other CPUs stay fp32.",
     )
     jit_compile: str = option(
         "auto",

@@ -250,7 +250,8 @@ def resolve_runtime(
       runtime: the run's runtime settings.
       platform: "tpu", "gpu" or "cpu" (`platform`).
       replicas: replicas in sync (one replica compiles its whole training step).
-      cpu: on CPU, its bfloat16 features (default: `cpu_features.detect()`).
+      cpu: on CPU, its bfloat16 features (default: `cpu_features.detect()`); with
+        `runtime.cpu_bf16` they decide the "auto" precision.
 
     Returns:
       {"precision": fp32 | bf16 | fp16, "jit_compile": wrap the replica's work in
@@ -261,8 +262,13 @@ def resolve_runtime(
       UsageError: fp16 on a TPU.
     """
     precision = runtime.precision
+    if platform == "cpu":
+        cpu = cpu or cpu_features.detect()
     if precision == "auto":
         precision = DEFAULT_PRECISION[platform]
+        # Emulated bf16 is slower than fp32, so only CPUs with bf16 arithmetic are switched.
+        if platform == "cpu" and runtime.cpu_bf16 and cpu is not None and cpu.fast:
+            precision = "bf16"
         # Ampere (8.0) and newer run bf16 at fp16 speed with fp32's range: no loss scaling,
         # hence no overflow-skipped steps.
         capability = gpu_compute_capability() if platform == "gpu" else None
@@ -282,7 +288,5 @@ def resolve_runtime(
     # One replica compiles its optimizer update too; several all-reduce the gradients in the
     # optimizer, outside XLA (`train.loop`).
     xla = ("whole step" if replicas == 1 else "augment to gradients") if jit else "off"
-    described = ""
-    if platform == "cpu":
-        described = (cpu or cpu_features.detect()).describe()
+    described = cpu.describe() if platform == "cpu" and cpu is not None else ""
     return {"precision": precision, "jit_compile": jit, "xla": xla, "cpu_bf16": described}
