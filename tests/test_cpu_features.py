@@ -62,11 +62,11 @@ def test_the_runtime_names_the_cpus_bf16_hardware_for_the_first_log_line() -> No
 
     fast = cpu_features.Bf16Support(avx512_bf16=True)
     settings = distribute.resolve_runtime(RuntimeConfig(), "cpu", cpu=fast)
-    assert settings["cpu_bf16"] == "CPU bf16: AVX-512 BF16"
+    assert settings["cpu_hardware"] == "CPU bf16: AVX-512 BF16"
     assert settings["precision"] == "fp32"  # auto alone stays fp32 on CPU
     none = distribute.resolve_runtime(RuntimeConfig(), "cpu", cpu=cpu_features.Bf16Support())
-    assert "bf16 would be emulated" in none["cpu_bf16"]
-    assert distribute.resolve_runtime(RuntimeConfig(), "gpu")["cpu_bf16"] == ""
+    assert "bf16 would be emulated" in none["cpu_hardware"]
+    assert distribute.resolve_runtime(RuntimeConfig(), "gpu")["cpu_hardware"] == ""
 
 
 def test_cpu_bf16_switches_auto_to_bf16_only_where_the_cpu_computes_it(monkeypatch) -> None:

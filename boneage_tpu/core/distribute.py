@@ -256,7 +256,7 @@ def resolve_runtime(
     Returns:
       {"precision": fp32 | bf16 | fp16, "jit_compile": wrap the replica's work in
       jit_compile=True, "xla": what of a training step runs under XLA, for the log,
-      "cpu_bf16": on CPU the bf16 hardware it has, for the first log line ("" elsewhere)}.
+      "cpu_hardware": on CPU the bf16 hardware it has, for the first log line ("" elsewhere)}.
 
     Raises:
       UsageError: fp16 on a TPU.
@@ -289,4 +289,4 @@ def resolve_runtime(
     # optimizer, outside XLA (`train.loop`).
     xla = ("whole step" if replicas == 1 else "augment to gradients") if jit else "off"
     described = cpu.describe() if platform == "cpu" and cpu is not None else ""
-    return {"precision": precision, "jit_compile": jit, "xla": xla, "cpu_bf16": described}
+    return {"precision": precision, "jit_compile": jit, "xla": xla, "cpu_hardware": described}

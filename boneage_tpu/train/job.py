@@ -268,7 +268,7 @@ def _run_locked(session: Session, after_loop: Callable[[int], None] | None) -> d
     log(
         f"train: {distribute.describe(session.strategy)}, batch {config.data.batch_size} "
         f"({session.per_replica_batch}/replica), {settings['precision']}"
-        + (f" ({settings['cpu_bf16']})" if settings["cpu_bf16"] else "")
+        + (f" ({settings['cpu_hardware']})" if settings["cpu_hardware"] else "")
         + f", XLA: {settings['xla']}, warp: {settings['warp']}, {settings['steps_per_loop']} steps/loop, "
         + (f"resuming at step {session.start_step}" if session.start_step else "from step 0")
         + f" of {config.schedule.train_steps}"
