@@ -2,7 +2,8 @@
 
     python -m tools.benchmark_real --labels CSV --images DIR --output DIR [--minutes 60]
         [--flagfile configs/rsna_cpu.flags] [--json PATH] [--seed 0] [--image_size S]
-        [--data DIR] [--skip_convert] [--eval_every N] [--crop hand [--crop_margin 1.15]]
+        [--data_image_size S] [--data DIR] [--skip_convert] [--eval_every N]
+        [--crop hand [--crop_margin 1.15]]
         [--test_labels CSV --test_images DIR] [--compare_seed [--seed_images FULLSIZE_DIR]]
         [--allow_load]
 
@@ -11,9 +12,10 @@ skew every time it reports. --allow_load runs anyway and sets "load_flagged" in 
 
 Every step runs the project's command-line tools as subprocesses, one at a time, with the
 commands recorded in the JSON:
-  1. `boneage_tpu.convert` (val fraction 0.1, --crop) of --images into OUTPUT/data, or
-     --data; a folder whose manifest already matches the inputs and options is reused. With
-     --seed_images, of that folder instead, always afresh into OUTPUT/data-seed-images.
+  1. `boneage_tpu.convert` (val fraction 0.1, --crop, --data_image_size: by default 1.25x
+     the training size) of --images into OUTPUT/data, or --data; a folder whose manifest
+     already matches the inputs and options is reused. With --seed_images, of that folder
+     instead, always afresh into OUTPUT/data-seed-images.
   2. `boneage_tpu.train --flagfile F ... --max_train_minutes M` into OUTPUT/model-seed<N>:
      the trainer stops at the first loop end after M minutes of its wall time (validation
      and checkpoints included) and fits its cosine's end to the budget. `train_minutes` is
@@ -28,7 +30,8 @@ commands recorded in the JSON:
   4. Export-window robustness: the val images (the converter's val ids) decoded from the
      source files, transformed (contrast x0.5 about the image mean; gamma 0.7; gamma 1.4; the
      1st-99th percentile range mapped linearly to 20-100), written as grey PNGs, converted with
-     `--split_name val` (and the training data's crop) and evaluated plainly; each MAE and its ratio to the plain val MAE.
+     `--split_name val` (and the training data's crop) and evaluated plainly; each MAE and
+     its ratio to the plain val MAE.
   5. --test_labels/--test_images: converted with `--split_name test` and evaluated.
   6. --compare_seed: `tools.benchmark_real_seed` trains the same model (built from the same
      flagfile and overrides) the seed's way (tf_keras ImageDataGenerator.flow_from_dataframe
@@ -79,6 +82,9 @@ CURVE_POINTS = 10  # validations per run when --eval_every is derived from --tra
 INTERVAL = 0.9  # the conformal intervals' level evaluated when the run fitted them
 TTA = "rotflip"  # Deeplasia's views: -10, -5, 0, 5, 10 degrees x flip
 LOAD_LIMIT = 0.5  # the 1-minute load average above which timings are refused (--allow_load)
+# The recipes store images 1.25x their training size (160 px for 128): the zoom and rotation
+# augmentation then resamples real pixels rather than upsampling.
+STORE_MARGIN = 1.25
 NO_CROP = ("none", 0.0)  # (crop, margin) as schema.manifest_crop gives it for uncropped data
 
 
@@ -649,8 +655,13 @@ class BenchConfig:
     )
     json: str = option("", "JSON output (default OUTPUT/benchmark_real.json).")
     seed: int = option(0, "Training seed.", min=0, max=2**31 - 1)
-    image_size: int = option(
-        0, "Conversion and training size (0: the flagfile's).", min=0, max=4096
+    image_size: int = option(0, "Training size (0: the flagfile's).", min=0, max=4096)
+    data_image_size: int = option(
+        0,
+        f"Conversion size (0: {STORE_MARGIN:g} x the training size, as the recipes' data: "
+        "160 px for 128, 200 px for 160).",
+        min=0,
+        max=4096,
     )
     data: str = option("", "Converted data folder (default OUTPUT/data).")
     crop: str = option(
@@ -712,6 +723,7 @@ def run(config: BenchConfig) -> dict[str, Any]:
     # converts them (timed, into a fresh folder) and trains on the conversion.
     images = config.seed_images or config.images
     image_size = config.image_size or recipe_values["image_size"].value
+    data_image_size = config.data_image_size or round(image_size * STORE_MARGIN)
     model_dir = out / f"model-seed{config.seed}"
     if model_dir.exists() and any(model_dir.iterdir()):
         raise BenchError(f"{model_dir} exists: remove it or use another --output (no resuming)")
@@ -731,7 +743,7 @@ def run(config: BenchConfig) -> dict[str, Any]:
         notes.append(f"data used as converted: {data_dir} (conversion time not measured)")
     else:
         convert_minutes = convert(
-            config.labels, images, data_dir, image_size, logs, commands,
+            config.labels, images, data_dir, data_image_size, logs, commands,
             crop=(config.crop, config.crop_margin if config.crop != "none" else 0.0),
         )  # fmt: skip
     # Shifted and test sets are stored (and cropped) like the training data, so that only the
