@@ -337,6 +337,9 @@ def _fake_subprocesses(monkeypatch, tmp_path, val_ids):
             out.mkdir(parents=True, exist_ok=True)
             manifest = {"image_size": 40, "schema_version": schema.SCHEMA_VERSION}
             manifest["rows_skipped"] = 2 if "test" in args else 0  # --split_name test
+            if "--crop" in args:  # after the lone --quiet: not in `value`'s pairs
+                manifest["crop"] = args[args.index("--crop") + 1]
+                manifest["crop_margin"] = float(args[args.index("--crop_margin") + 1])
             (out / "manifest.json").write_text(json.dumps(manifest))
             return []
         if module == "boneage_tpu.train":
@@ -442,6 +445,46 @@ def test_json_has_the_keys_and_the_ratios(tmp_path, monkeypatch, capsys):
     # A second run into the same output refuses to resume the finished model.
     assert benchmark_real.main(argv) == 1
     assert "model-seed0 exists" in capsys.readouterr().err
+
+
+def test_a_hand_crop_reaches_every_conversion_and_the_stored_size_is_the_margin(
+    tmp_path, monkeypatch, capsys
+):
+    images = tmp_path / "images"
+    images.mkdir()
+    ids = ["1", "2"]
+    for i in ids:
+        pixels = np.random.default_rng(int(i)).integers(0, 256, (30, 20)).astype(np.uint8)
+        Image.fromarray(pixels, mode="L").save(images / f"{i}.jpg")
+    labels = tmp_path / "labels.csv"
+    labels.write_text("id,boneage,male\n1,100,True\n2,101,False\n")
+    flagfile = tmp_path / "r.flags"
+    flagfile.write_text(TINY_FLAGS)  # --image_size=40
+    calls = _fake_subprocesses(monkeypatch, tmp_path, ids)
+    argv = ["benchmark_real", "--labels", str(labels), "--images", str(images)]
+    argv += ["--output", str(tmp_path / "out"), "--flagfile", str(flagfile), "--minutes", "0.2"]
+    argv += ["--crop", "hand", "--test_labels", str(labels), "--test_images", str(images)]
+    assert benchmark_real.main([*argv, "--compare_seed"]) == 2
+    assert "the seed's pipeline does not crop" in capsys.readouterr().err
+    assert benchmark_real.main(argv) == 0
+    capsys.readouterr()
+    result = json.loads((tmp_path / "out" / "benchmark_real.json").read_text())
+    assert result["data_crop"] == "--crop hand --crop_margin 1.15"
+    converts = [c for c in calls if c[1] == "boneage_tpu.convert"]
+    # The training data, four shifted sets and the test set: all cropped alike.
+    assert len(converts) == 6
+    for call in converts:
+        assert call[call.index("--crop") + 1 :][:3] == ["hand", "--crop_margin", "1.15"], call
+    # The training data is stored at 1.25 x the training size (50 px for 40).
+    assert converts[0][converts[0].index("--image_size") + 1] == "50"
+    # Data converted without the crop is refused for --crop hand, in one line.
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    manifest = {"image_size": 40, "schema_version": schema.SCHEMA_VERSION}
+    (plain / "manifest.json").write_text(json.dumps(manifest))
+    argv = [a if a != str(tmp_path / "out") else str(tmp_path / "out2") for a in argv]
+    err = _one_line_error(capsys, [*argv[1:], "--data", str(plain)], 1)
+    assert "was converted with --crop none" in err
 
 
 def test_seed_images_are_the_input_of_both_sides(tmp_path, monkeypatch):

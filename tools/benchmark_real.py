@@ -2,7 +2,8 @@
 
     python -m tools.benchmark_real --labels CSV --images DIR --output DIR [--minutes 60]
         [--flagfile configs/rsna_cpu.flags] [--json PATH] [--seed 0] [--image_size S]
-        [--data DIR] [--skip_convert] [--eval_every N]
+        [--data_image_size S] [--data DIR] [--skip_convert] [--eval_every N]
+        [--crop hand [--crop_margin 1.15]]
         [--test_labels CSV --test_images DIR] [--compare_seed [--seed_images FULLSIZE_DIR]]
         [--allow_load]
 
@@ -11,9 +12,10 @@ skew every time it reports. --allow_load runs anyway and sets "load_flagged" in 
 
 Every step runs the project's command-line tools as subprocesses, one at a time, with the
 commands recorded in the JSON:
-  1. `boneage_tpu.convert` (val fraction 0.1) of --images into OUTPUT/data, or --data; a
-     folder whose manifest already matches the inputs and options is reused. With
-     --seed_images, of that folder instead, always afresh into OUTPUT/data-seed-images.
+  1. `boneage_tpu.convert` (val fraction 0.1, --crop, --data_image_size: by default 1.25x
+     the training size) of --images into OUTPUT/data, or --data; a folder whose manifest
+     already matches the inputs and options is reused. With --seed_images, of that folder
+     instead, always afresh into OUTPUT/data-seed-images.
   2. `boneage_tpu.train --flagfile F ... --max_train_minutes M` into OUTPUT/model-seed<N>:
      the trainer stops at the first loop end after M minutes of its wall time (validation
      and checkpoints included) and fits its cosine's end to the budget. `train_minutes` is
@@ -28,7 +30,8 @@ commands recorded in the JSON:
   4. Export-window robustness: the val images (the converter's val ids) decoded from the
      source files, transformed (contrast x0.5 about the image mean; gamma 0.7; gamma 1.4; the
      1st-99th percentile range mapped linearly to 20-100), written as grey PNGs, converted with
-     `--split_name val` and evaluated plainly; each MAE and its ratio to the plain val MAE.
+     `--split_name val` (and the training data's crop) and evaluated plainly; each MAE and
+     its ratio to the plain val MAE.
   5. --test_labels/--test_images: converted with `--split_name test` and evaluated.
   6. --compare_seed: `tools.benchmark_real_seed` trains the same model (built from the same
      flagfile and overrides) the seed's way (tf_keras ImageDataGenerator.flow_from_dataframe
@@ -69,6 +72,7 @@ from absl import flags  # noqa: E402
 from boneage_tpu import cli  # noqa: E402
 from boneage_tpu.cli import option  # noqa: E402
 from boneage_tpu.core.errors import Error, UsageError  # noqa: E402
+from boneage_tpu.data import crop as crop_lib  # noqa: E402
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_FLAGFILE = "configs/rsna_cpu.flags"
@@ -78,6 +82,10 @@ CURVE_POINTS = 10  # validations per run when --eval_every is derived from --tra
 INTERVAL = 0.9  # the conformal intervals' level evaluated when the run fitted them
 TTA = "rotflip"  # Deeplasia's views: -10, -5, 0, 5, 10 degrees x flip
 LOAD_LIMIT = 0.5  # the 1-minute load average above which timings are refused (--allow_load)
+# The recipes store images 1.25x their training size (160 px for 128): the zoom and rotation
+# augmentation then resamples real pixels rather than upsampling.
+STORE_MARGIN = 1.25
+NO_CROP = ("none", 0.0)  # (crop, margin) as schema.manifest_crop gives it for uncropped data
 
 
 class BenchError(Error):
@@ -375,9 +383,17 @@ def run_command(
     return lines
 
 
-def manifest_matches(data_dir: pathlib.Path, labels: str, image_size: int, split_name: str) -> bool:
+def manifest_matches(
+    data_dir: pathlib.Path,
+    labels: str,
+    image_size: int,
+    split_name: str,
+    crop: tuple[str, float] = NO_CROP,
+) -> bool:
     """Whether data_dir holds a finished conversion of `labels` with these options."""
     import hashlib
+
+    from boneage_tpu.core import schema
 
     if not has_manifest(data_dir):
         return False
@@ -388,8 +404,10 @@ def manifest_matches(data_dir: pathlib.Path, labels: str, image_size: int, split
     wanted = {"image_size": image_size, "split_name": split_name}
     if not split_name:
         wanted["val_fraction"] = VAL_FRACTION
-    return manifest.get("source_csv_sha256") == csv_sha and all(
-        options.get(k) == v for k, v in wanted.items()
+    return (
+        manifest.get("source_csv_sha256") == csv_sha
+        and all(options.get(k) == v for k, v in wanted.items())
+        and schema.same_crop(schema.manifest_crop(manifest), crop)
     )
 
 
@@ -402,13 +420,20 @@ def convert(
     commands: list[str],
     split_name: str = "",
     log_name: str = "data",
+    crop: tuple[str, float] = NO_CROP,
 ) -> float:
-    """Converts (or reuses a matching conversion); returns the conversion's wall minutes (0 reused)."""
-    if manifest_matches(output, labels, image_size, split_name):
+    """Converts (or reuses a matching conversion); returns the conversion's wall minutes (0 reused).
+
+    `crop` is (crop, margin) as `schema.manifest_crop` returns it: the shifted and test sets
+    are cropped as the training data was, or evaluate refuses them.
+    """
+    if manifest_matches(output, labels, image_size, split_name, crop):
         print(f"reusing the conversion in {output} (its manifest matches)", flush=True)
         return 0.0
     args = ["-m", "boneage_tpu.convert", "--labels", labels, "--images", images]
     args += ["--output", str(output), "--image_size", str(image_size), "--quiet"]
+    if crop[0] != "none":
+        args += ["--crop", crop[0], "--crop_margin", f"{crop[1]:g}"]
     args += ["--split_name", split_name] if split_name else ["--val_fraction", str(VAL_FRACTION)]
     began = time.monotonic()
     run_command(args, logs / f"convert-{log_name}.log", commands)
@@ -553,7 +578,7 @@ def evaluate_existing(
     test_dir = out / "test-data"
     convert(
         config.test_labels, config.test_images, test_dir, derived.data_image_size, out / "logs",
-        commands, "test", "test",
+        commands, "test", "test", (derived.data_crop, derived.data_crop_margin),
     )  # fmt: skip
     # Into OUTPUT, not the run's folder: evaluating must not write into the model directory.
     result = evaluate_test_set(
@@ -630,10 +655,26 @@ class BenchConfig:
     )
     json: str = option("", "JSON output (default OUTPUT/benchmark_real.json).")
     seed: int = option(0, "Training seed.", min=0, max=2**31 - 1)
-    image_size: int = option(
-        0, "Conversion and training size (0: the flagfile's).", min=0, max=4096
+    image_size: int = option(0, "Training size (0: the flagfile's).", min=0, max=4096)
+    data_image_size: int = option(
+        0,
+        f"Conversion size (0: {STORE_MARGIN:g} x the training size, as the recipes' data: "
+        "160 px for 128, 200 px for 160).",
+        min=0,
+        max=4096,
     )
     data: str = option("", "Converted data folder (default OUTPUT/data).")
+    crop: str = option(
+        "none",
+        "The conversion's crop (boneage_tpu.convert --crop): none | hand.",
+        choices=crop_lib.CROPS,
+    )
+    crop_margin: float = option(
+        crop_lib.DEFAULT_MARGIN,
+        "With --crop hand: the hand box's enlargement (--crop_margin).",
+        min=1.0,
+        max=4.0,
+    )
     skip_convert: bool = option(False, "Use --data (or OUTPUT/data) as it is.")
     eval_every: int = option(
         0,
@@ -665,6 +706,8 @@ class BenchConfig:
 
 def run(config: BenchConfig) -> dict[str, Any]:
     """Runs the benchmark with checked settings (see `check_config`); returns the JSON object."""
+    from boneage_tpu.core import schema
+
     out = pathlib.Path(config.output).resolve()
     logs = out / "logs"
     commands: list[str] = []
@@ -680,6 +723,7 @@ def run(config: BenchConfig) -> dict[str, Any]:
     # converts them (timed, into a fresh folder) and trains on the conversion.
     images = config.seed_images or config.images
     image_size = config.image_size or recipe_values["image_size"].value
+    data_image_size = config.data_image_size or round(image_size * STORE_MARGIN)
     model_dir = out / f"model-seed{config.seed}"
     if model_dir.exists() and any(model_dir.iterdir()):
         raise BenchError(f"{model_dir} exists: remove it or use another --output (no resuming)")
@@ -698,9 +742,20 @@ def run(config: BenchConfig) -> dict[str, Any]:
             raise BenchError(f"--skip_convert: {data_dir} has no manifest.json")
         notes.append(f"data used as converted: {data_dir} (conversion time not measured)")
     else:
-        convert_minutes = convert(config.labels, images, data_dir, image_size, logs, commands)
-    # Shifted and test sets are stored like the training data, so that only the shift differs.
+        convert_minutes = convert(
+            config.labels, images, data_dir, data_image_size, logs, commands,
+            crop=(config.crop, config.crop_margin if config.crop != "none" else 0.0),
+        )  # fmt: skip
+    # Shifted and test sets are stored (and cropped) like the training data, so that only the
+    # shift differs.
     stored_size = int(read_manifest(data_dir)["image_size"])
+    stored_crop = schema.manifest_crop(read_manifest(data_dir))
+    if config.crop != "none" and not schema.same_crop(
+        stored_crop, (config.crop, config.crop_margin)
+    ):
+        raise BenchError(
+            f"--crop {config.crop}: {data_dir} was converted with {schema.crop_flags(*stored_crop)}"
+        )
 
     # The same recipe for our trainer and the seed pipeline: flagfile, then these overrides.
     recipe = ["--flagfile", config.flagfile, "--data", str(data_dir)]
@@ -769,7 +824,10 @@ def run(config: BenchConfig) -> dict[str, Any]:
         folder = out / "robustness" / name
         labels, images_dir = write_transformed(val_rows, paths, folder, name)
         shifted = folder / "data"
-        convert(str(labels), str(images_dir), shifted, stored_size, logs, commands, "val", name)
+        convert(
+            str(labels), str(images_dir), shifted, stored_size, logs, commands, "val", name,
+            stored_crop,
+        )  # fmt: skip
         values = evaluate(model_dir, shifted, "val", "none", evals / f"val-{name}", commands, level)
         ratio = _ratio(plain_mae(values), plain_mae(plain))
         robustness[name] = {
@@ -813,6 +871,7 @@ def run(config: BenchConfig) -> dict[str, Any]:
         "seed_images": config.seed_images or None,
         "image_size": image_size,
         "data_image_size": stored_size,
+        "data_crop": schema.crop_flags(*stored_crop),
         "flagfile": config.flagfile,
         "seed": config.seed,
         "model_dir": str(model_dir),
@@ -831,7 +890,7 @@ def run(config: BenchConfig) -> dict[str, Any]:
         test_dir = out / "test-data"
         convert(
             config.test_labels, config.test_images, test_dir, stored_size, logs, commands,
-            "test", "test",
+            "test", "test", stored_crop,
         )  # fmt: skip
         result.update(evaluate_test_set(model_dir, test_dir, evals, commands, level))
     if config.compare_seed:
@@ -991,6 +1050,10 @@ def check_config(config: BenchConfig) -> BenchConfig:
         raise UsageError(f"--minutes must be > 0, got {config.minutes:g}")
     if bool(config.test_labels) != bool(config.test_images):
         raise UsageError("--test_labels and --test_images go together")
+    if config.crop != "none" and config.compare_seed:
+        # The seed's ImageDataGenerator reads the source images whole: the duel would compare
+        # two inputs, not two pipelines.
+        raise UsageError("--crop hand with --compare_seed: the seed's pipeline does not crop")
     if config.model_dir:
         if not config.test_labels:
             raise UsageError(
