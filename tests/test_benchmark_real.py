@@ -377,17 +377,25 @@ def _fake_subprocesses(monkeypatch, tmp_path, val_ids):
     return calls
 
 
-def test_json_has_the_keys_and_the_ratios(tmp_path, monkeypatch, capsys):
+def _source_inputs(tmp_path, ids: list[str]) -> tuple[pathlib.Path, pathlib.Path, pathlib.Path]:
+    """Random grey JPEGs, their labels (ages 100, 101, ..., male, female, ...) and TINY_FLAGS."""
     images = tmp_path / "images"
     images.mkdir()
-    ids = ["1", "2", "3"]
-    for i in ids:
+    rows = ["id,boneage,male"]
+    for k, i in enumerate(ids):
         pixels = np.random.default_rng(int(i)).integers(0, 256, (30, 20)).astype(np.uint8)
         Image.fromarray(pixels, mode="L").save(images / f"{i}.jpg")
+        rows.append(f"{i},{100 + k},{k % 2 == 0}")
     labels = tmp_path / "labels.csv"
-    labels.write_text("id,boneage,male\n1,100,True\n2,101,False\n3,102,True\n")
+    labels.write_text("\n".join(rows) + "\n")
     flagfile = tmp_path / "r.flags"
-    flagfile.write_text(TINY_FLAGS)
+    flagfile.write_text(TINY_FLAGS)  # --image_size=40
+    return images, labels, flagfile
+
+
+def test_json_has_the_keys_and_the_ratios(tmp_path, monkeypatch, capsys):
+    ids = ["1", "2", "3"]
+    images, labels, flagfile = _source_inputs(tmp_path, ids)
     calls = _fake_subprocesses(monkeypatch, tmp_path, ids)
     json_path = tmp_path / "result.json"
     argv = ["benchmark_real", "--labels", str(labels), "--images", str(images)]
@@ -450,16 +458,8 @@ def test_json_has_the_keys_and_the_ratios(tmp_path, monkeypatch, capsys):
 def test_a_hand_crop_reaches_every_conversion_and_the_stored_size_is_the_margin(
     tmp_path, monkeypatch, capsys
 ):
-    images = tmp_path / "images"
-    images.mkdir()
     ids = ["1", "2"]
-    for i in ids:
-        pixels = np.random.default_rng(int(i)).integers(0, 256, (30, 20)).astype(np.uint8)
-        Image.fromarray(pixels, mode="L").save(images / f"{i}.jpg")
-    labels = tmp_path / "labels.csv"
-    labels.write_text("id,boneage,male\n1,100,True\n2,101,False\n")
-    flagfile = tmp_path / "r.flags"
-    flagfile.write_text(TINY_FLAGS)  # --image_size=40
+    images, labels, flagfile = _source_inputs(tmp_path, ids)
     calls = _fake_subprocesses(monkeypatch, tmp_path, ids)
     argv = ["benchmark_real", "--labels", str(labels), "--images", str(images)]
     argv += ["--output", str(tmp_path / "out"), "--flagfile", str(flagfile), "--minutes", "0.2"]
